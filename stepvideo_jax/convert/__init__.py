@@ -1,0 +1,1 @@
+"""Official PyTorch release -> Orbax checkpoints: readers, per-component key maps, the CLI."""

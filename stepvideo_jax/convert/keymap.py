@@ -1,0 +1,120 @@
+"""Key maps as data: official tensor name -> our NNX state path, with a transform per entry.
+
+A component's map is a list of `Rule`s. Patterns may contain `{i}` (a layer index), expanded with
+`expand(rules, num_layers=...)`. `convert_tensors` applies a map to a `TensorSource` strictly: every
+official key must be consumed (or explicitly ignored), every target must be produced, shapes must
+match the model's abstract state; it yields one converted tensor at a time so memory stays at about
+one tensor.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Callable, Iterable, Iterator, Mapping
+
+import numpy as np
+
+from stepvideo_jax.convert.safetensors_io import CheckpointError
+
+Transform = Callable[[np.ndarray], np.ndarray]
+
+
+def identity(x: np.ndarray) -> np.ndarray:
+    return x
+
+
+def transpose(x: np.ndarray) -> np.ndarray:
+    """torch `nn.Linear.weight` (out, in) -> our kernel (in, out)."""
+    return np.ascontiguousarray(x.T)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """`src` (official key) -> `dst` (our state path, '/'-separated) through `transform`."""
+
+    src: str
+    dst: str
+    transform: Transform = identity
+
+
+def expand(rules: Iterable[Rule], num_layers: int | Mapping[str, int] = 0) -> list[Rule]:
+    """Expand `{i}` in patterns over `range(num_layers)`; other rules pass through unchanged."""
+    out = []
+    for r in rules:
+        if "{i}" in r.src:
+            n = num_layers if isinstance(num_layers, int) else num_layers[r.src.split("{i}")[0]]
+            out.extend(Rule(r.src.replace("{i}", str(i)), r.dst.replace("{i}", str(i)), r.transform)
+                       for i in range(n))
+        else:
+            out.append(r)
+    return out
+
+
+def convert_tensors(source, rules: Iterable[Rule], target_shapes: Mapping[str, tuple[int, ...]],
+                    *, dtype=None, ignore: Iterable[str] = (), label: str = "checkpoint"
+                    ) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield `(dst_path, array)` for every rule, after strict key and shape accounting.
+
+    `source` has `keys()`, `shape(k)`, `read(k)` (see `safetensors_io.TensorSource`).
+    `target_shapes`: our state path -> expected shape (from `nnx.eval_shape` of the model).
+    `ignore`: regexes of official keys that are dropped on purpose.
+    `dtype`: cast every output (e.g. float32 or bfloat16); None keeps the source dtype.
+    All key errors are raised before any tensor is read.
+    """
+    rules = list(rules)
+    ignore_res = [re.compile(p) for p in ignore]
+    have = set(source.keys())
+    wanted = {r.src for r in rules}
+    missing = sorted(wanted - have)
+    unexpected = sorted(k for k in have - wanted if not any(p.fullmatch(k) for p in ignore_res))
+    produced = {r.dst for r in rules}
+    unmapped = sorted(set(target_shapes) - produced)
+    extra = sorted(produced - set(target_shapes))
+    problems = []
+    if missing:
+        problems.append(f"missing keys ({len(missing)}): {_preview(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys ({len(unexpected)}): {_preview(unexpected)}")
+    if unmapped or extra:
+        problems.append(f"key map does not cover the model: unmapped params {_preview(unmapped)}, "
+                        f"targets not in the model {_preview(extra)}")
+    if problems:
+        raise CheckpointError(f"{label}: " + "; ".join(problems))
+    for r in rules:
+        arr = r.transform(source.read(r.src))
+        want = tuple(target_shapes[r.dst])
+        if tuple(arr.shape) != want:
+            raise CheckpointError(
+                f"{label}: {r.src!r} has shape {tuple(source.shape(r.src))}, which maps to {tuple(arr.shape)}"
+                f" for {r.dst!r}; the model expects {want}")
+        if dtype is not None:
+            arr = arr.astype(dtype)
+        yield r.dst, arr
+
+
+def _preview(keys: list[str], n: int = 8) -> str:
+    return ", ".join(keys[:n]) + (f", ... (+{len(keys) - n})" if len(keys) > n else "")
+
+
+def flat_shapes(abstract_state) -> dict[str, tuple[int, ...]]:
+    """'/'-joined path -> shape for every variable of an (abstract) NNX state."""
+    from flax import nnx
+
+    flat = nnx.to_flat_state(abstract_state) if hasattr(nnx, "to_flat_state") else abstract_state.flat_state()
+    out = {}
+    for path, v in flat:
+        value = v.value if hasattr(v, "value") else v
+        out["/".join(str(p) for p in path)] = tuple(value.shape)
+    return out
+
+
+def unflatten(flat: Mapping[str, np.ndarray]) -> dict:
+    """'/'-joined paths -> nested dict (integer-looking keys become ints, as NNX lists use)."""
+    tree: dict = {}
+    for path, value in flat.items():
+        node = tree
+        parts = [int(p) if p.isdigit() else p for p in path.split("/")]
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return tree

@@ -1,0 +1,1 @@
+"""Meshes, the logical-axis rules table, sequence parallelism."""

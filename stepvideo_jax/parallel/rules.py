@@ -1,0 +1,102 @@
+"""The one table that maps logical axis names to mesh axes (MaxText style).
+
+Model code annotates parameters (`nnx.Param(..., axes=("embed", "mlp"))`) and activations
+(`constrain(x, ("batch", "length", "embed"))`) with logical names only. This module alone knows
+which mesh axis shards which logical axis. A logical axis maps to a mesh axis, a tuple of mesh axes,
+or None (replicated). Mesh axes absent from the current mesh (or of size 1) are dropped, so the same
+rules serve a single device, an FSDP-only mesh and a full (data, fsdp, sequence, tensor) mesh.
+
+Mesh axes: `data` (replicas, CFG branches), `fsdp` (parameters + batch), `sequence` (video
+tokens), `tensor` (heads / MLP width).
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+Rules = tuple[tuple[str, Any], ...]
+
+LOGICAL_RULES: Rules = (
+    # activations
+    ("batch", ("data", "fsdp")),
+    ("length", "sequence"),        # video tokens (f h w) of self-attention
+    ("kv_length", None),           # text keys of cross-attention; full self-attn keys
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("frames", None),
+    # parameters
+    ("embed", "fsdp"),             # model width d
+    ("heads", "tensor"),           # fused (heads * head_dim) projections
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),             # feed-forward width
+    ("head_dim", None),
+    ("vocab", "tensor"),
+    ("caption", "fsdp"),           # text-encoder width feeding the caption projection
+    ("modulation", "tensor"),      # 6*d AdaLN outputs
+    ("conv_in", None),
+    ("conv_out", "fsdp"),
+    ("layers", None),              # stacked (scanned) blocks
+    ("norm", None),
+)
+
+
+def logical_to_spec(axes: Sequence[str | None] | None, mesh: Mesh | jax.sharding.AbstractMesh,
+                    rules: Rules = LOGICAL_RULES) -> PartitionSpec:
+    """PartitionSpec for logical `axes` on `mesh`; a mesh axis is used at most once."""
+    if axes is None:
+        return PartitionSpec()
+    table = dict(rules)
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes)) if mesh.axis_names else {}
+    used: set[str] = set()
+    spec = []
+    for name in axes:
+        if name is None:
+            spec.append(None)
+            continue
+        if name not in table:
+            raise KeyError(f"logical axis {name!r} has no rule; known: {sorted(table)}")
+        target = table[name]
+        targets = (target,) if isinstance(target, str) else tuple(target or ())
+        kept = tuple(a for a in targets if sizes.get(a, 1) > 1 and a not in used)
+        used.update(kept)
+        spec.append(kept[0] if len(kept) == 1 else (kept or None))
+    return PartitionSpec(*spec)
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None], rules: Rules = LOGICAL_RULES) -> jax.Array:
+    """Sharding constraint on an activation by logical axes, under the ambient mesh.
+
+    A no-op outside a mesh context (`jax.set_mesh`), so model code runs unchanged on one device.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, mesh, rules))
+
+
+def _is_variable(x) -> bool:
+    from flax import nnx
+
+    return isinstance(x, nnx.Variable)
+
+
+def state_specs(state, mesh, rules: Rules = LOGICAL_RULES):
+    """PartitionSpec tree for an NNX state whose variables carry `axes` metadata."""
+
+    def spec(v):
+        axes = v.get_metadata().get("axes") if _is_variable(v) else None
+        ndim = len(getattr(v, "shape", ()) if not _is_variable(v) else v.value.shape)
+        if axes is not None and len(axes) != ndim:
+            raise ValueError(f"axes {axes} do not match a variable of rank {ndim}")
+        return logical_to_spec(axes, mesh, rules)
+
+    return jax.tree.map(spec, state, is_leaf=_is_variable)
+
+
+def state_shardings(state, mesh: Mesh, rules: Rules = LOGICAL_RULES):
+    """NamedSharding tree for an NNX state (see `state_specs`)."""
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), state_specs(state, mesh, rules),
+                        is_leaf=lambda x: isinstance(x, PartitionSpec))
