@@ -80,8 +80,11 @@ def convert_tensors(source, rules: Iterable[Rule], target_shapes: Mapping[str, t
                         f"targets not in the model {_preview(extra)}")
     if problems:
         raise CheckpointError(f"{label}: " + "; ".join(problems))
-    for r in rules:
-        arr = r.transform(source.read(r.src))
+    last_src, raw = None, None
+    for r in rules:  # consecutive rules sharing a source (fused tensors) read it once
+        if r.src != last_src:
+            last_src, raw = r.src, source.read(r.src)
+        arr = r.transform(raw)
         want = tuple(target_shapes[r.dst])
         if tuple(arr.shape) != want:
             raise CheckpointError(
@@ -118,3 +121,23 @@ def unflatten(flat: Mapping[str, np.ndarray]) -> dict:
             node = node.setdefault(p, {})
         node[parts[-1]] = value
     return tree
+
+
+def fill_model(abstract_model, flat: Mapping[str, np.ndarray]):
+    """Fill an abstract (`nnx.eval_shape`) model with arrays keyed by '/'-joined state paths."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    graphdef, state = nnx.split(abstract_model)
+    nnx.replace_by_pure_dict(state, unflatten({k: jnp.asarray(v) for k, v in flat.items()}))
+    return nnx.merge(graphdef, state)
+
+
+def convert_model(abstract_model, source, rules: Iterable[Rule], *, dtype=None, ignore: Iterable[str] = (),
+                  label: str = "checkpoint"):
+    """In-memory conversion: strict `convert_tensors` into a concrete copy of `abstract_model`."""
+    from flax import nnx
+
+    flat = dict(convert_tensors(source, rules, flat_shapes(nnx.state(abstract_model)), dtype=dtype,
+                                ignore=ignore, label=label))
+    return fill_model(abstract_model, flat)
