@@ -1,0 +1,1 @@
+"""Sampling: the flow-matching sampler, the prompt -> video pipeline, video files."""
