@@ -1,0 +1,1 @@
+"""Data: grain pipelines, the precompute job, synthetic sets."""

@@ -1,0 +1,1 @@
+"""Evaluation tools: scoring generated videos against their prompts."""
