@@ -3,12 +3,14 @@
 Every setting, index and shape is read from the fixture's config.json and arrays.
 """
 import contextlib
+import pathlib
 import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from stepvideo_jax.sampling import flow_matching as fm
 from tests.fixtures import assert_close, load_json, load_npz
@@ -241,3 +243,38 @@ def test_guidance_at_most_one_skips_the_uncond_branch(guidance):
 def test_bad_settings(kwargs, message):
     with pytest.raises(ValueError, match=message):
         fm.SamplerSettings(**kwargs)
+
+
+def test_trace_through_the_projects_dit():
+    """The 3-step CFG trace with the project's DiT on the `dit` fixture weights, float32, 1e-4."""
+    import hashlib
+
+    from stepvideo_jax.convert import dit as dit_convert
+    from stepvideo_jax.convert.safetensors_io import TensorSource
+    from stepvideo_jax.sampling import pipeline
+    from tests.fixtures import fixture_dir
+
+    cfg = load_json(FIXTURE)["trace"]
+    weights = fixture_dir("dit") / pathlib.Path(cfg["dit_weights"]["path"]).name
+    assert hashlib.sha256(weights.read_bytes()).hexdigest() == cfg["dit_weights"]["sha256"], (
+        f"{weights} is not the DiT the trace was made with")
+    model = dit_convert.convert(dit_convert.config_from_dict(cfg["transformer_config"]),
+                                TensorSource.single(weights), label="fixture dit")
+    call = cfg["call_args"]
+    tr, n, _, _ = _trace_arrays()
+    graphdef, state = nnx.split(model)
+    text = dict(y=jnp.asarray(tr["prompt_embeds"]), y_mask=jnp.asarray(tr["prompt_attention_mask"]),
+                clip=jnp.asarray(tr["prompt_embeds_2"]))
+    sampler = fm.FlowMatchSampler(pipeline.dit_velocity_fn(graphdef))
+    settings = fm.SamplerSettings(call["num_inference_steps"], call["guidance_scale"], call["time_shift"])
+    steps = {}
+    final = sampler.sample(state, jnp.asarray(tr["initial_latents"]), text, settings,
+                           on_step=lambda i, lat: steps.__setitem__(i, np.array(lat)))
+    for i in range(n):
+        assert_close(steps[i], tr[f"step{i}_latents"], atol=1e-4, rtol=1e-4, name=f"step{i}_latents")
+    assert_close(final, tr["final_latents"], atol=1e-4, rtol=1e-4, name="final_latents")
+    # the DiT call of every step on the recorded inputs
+    velocity = jax.jit(pipeline.dit_velocity_fn(graphdef))
+    for i in range(n):
+        raw = velocity(state, jnp.asarray(tr[f"step{i}_model_in"]), jnp.asarray(tr[f"step{i}_timestep_in"]), text)
+        assert_close(raw, tr[f"step{i}_noise_pred_raw"], atol=1e-4, rtol=1e-4, name=f"step{i}_noise_pred_raw")

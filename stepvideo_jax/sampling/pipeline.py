@@ -1,0 +1,223 @@
+"""Prompt -> video, as the official `StepVideoPipeline` (caption server + DiT + VAE server) does it.
+
+1. Prompts: row i of the CFG batch is `prompt_i + pos_magic` (no separator); with guidance > 1 the
+   uncond rows are `neg_magic` alone, placed after all cond rows ([cond..., uncond...]).
+2. Text: Step-LLM states y (n, 320, d_llm), y_mask (n, 77 + 320) with 77 leading ones, CLIP states
+   (n, 77, d_clip) — any `TextEncoder` returning that dict.
+3. Noise (b, f, c, h, w), one PRNG stream per prompt from its own seed (so a prompt's video does
+   not depend on the rest of the batch), rounded to bfloat16 values as the official
+   `prepare_latents` draws it.
+4. Flow-matching CFG sampling (`flow_matching.FlowMatchSampler`), float32 latents.
+5. VAE decode of the final latents as they are (no scaling, no shift): video (b, F, 3, H, W).
+6. Post-processing (official `VideoProcessor.postprocess_video`): clamp to [-1, 1], (x + 1) * 127.5,
+   batch rows stacked along the height, clamp to [0, 255], truncating uint8 cast, (F, b*H, W, 3),
+   then `crop_540p`. Done in float32 here; the official server runs it on a bf16 video.
+
+Sizes: each 17 video frames are 3 latent frames and 16 x 16 pixels one latent pixel. The official
+code silently floors other sizes; here they are rejected before anything is compiled, naming the
+nearest valid values.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable, Mapping, Protocol, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from stepvideo_jax.sampling.flow_matching import FlowMatchSampler, SamplerSettings, VelocityFn
+
+FRAMES_PER_CHUNK = 17          # video frames decoded from one chunk of latents
+LATENT_FRAMES_PER_CHUNK = 3
+SPATIAL_FACTOR = 16            # pixels per latent pixel along height and width
+
+# Defaults of the official CLI (`stepvideo/config.py`), used by `run_parallel.py`.
+POS_MAGIC = ("超高清、HDR 视频、环境光、杜比全景声、画面稳定、流畅动作、逼真的细节、专业级构图、超现实主义、"
+             "自然、生动、超细节、清晰。")
+NEG_MAGIC = "画面暗、低分辨率、不良手、文本、缺少手指、多余的手指、裁剪、低质量、颗粒状、签名、水印、用户名、模糊。"
+
+
+def _nearest_multiples(value: int, step: int) -> str:
+    low = (value // step) * step
+    options = [v for v in (low, low + step) if v >= step]
+    return " or ".join(str(v) for v in dict.fromkeys(options))
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoSize:
+    """Requested video size: frames a multiple of 17, height and width multiples of 16."""
+
+    num_frames: int
+    height: int
+    width: int
+
+    def __post_init__(self):
+        problems = []
+        for name, value, step, why in (
+                ("num_frames", self.num_frames, FRAMES_PER_CHUNK,
+                 f"the VAE decodes each {LATENT_FRAMES_PER_CHUNK} latent frames into {FRAMES_PER_CHUNK} video frames"),
+                ("height", self.height, SPATIAL_FACTOR, "one latent pixel is 16 x 16 pixels"),
+                ("width", self.width, SPATIAL_FACTOR, "one latent pixel is 16 x 16 pixels")):
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+                problems.append(f"{name}={value!r} must be an integer")
+            elif value < step or value % step:
+                problems.append(f"{name}={value} must be a positive multiple of {step} ({why}); "
+                                f"nearest valid: {_nearest_multiples(max(int(value), 0), step)}")
+        if problems:
+            raise ValueError("invalid video size: " + "; ".join(problems))
+
+    def latent_shape(self, batch: int, channels: int) -> tuple[int, int, int, int, int]:
+        """(b, f, c, h, w) of the latents that decode to this size."""
+        return (batch, self.num_frames // FRAMES_PER_CHUNK * LATENT_FRAMES_PER_CHUNK, channels,
+                self.height // SPATIAL_FACTOR, self.width // SPATIAL_FACTOR)
+
+
+def initial_noise(seeds: Sequence[int], shape: tuple[int, ...]) -> jax.Array:
+    """(b, f, c, h, w) float32 standard normal noise with bfloat16 values, row i from `seeds[i]`."""
+    if len(seeds) != shape[0]:
+        raise ValueError(f"{len(seeds)} seeds for a batch of {shape[0]}")
+    rows = [jax.random.normal(jax.random.key(int(s)), (1, *shape[1:]), jnp.float32) for s in seeds]
+    return jnp.concatenate(rows).astype(jnp.bfloat16).astype(jnp.float32)
+
+
+def postprocess(video: np.ndarray) -> np.ndarray:
+    """Decoded video (b, F, 3, H, W) in about [-1, 1] -> uint8 frames (F, b*H, W, 3), uncropped.
+
+    Official order and rounding: clamp(-1, 1), (x + 1) * 127.5, rows stacked along the height,
+    clamp(0, 255), truncating cast (rounding instead would change ~44 % of the values).
+    """
+    video = np.asarray(video, np.float32)
+    if video.ndim != 5 or video.shape[2] != 3:
+        raise ValueError(f"video must be (b, f, 3, h, w), got {video.shape}")
+    x = (np.clip(video, -1, 1) + np.float32(1)) * np.float32(127.5)
+    x = np.concatenate(list(x), axis=2)                      # (F, 3, b*H, W)
+    return np.clip(x, 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+
+
+def crop_540p(frames: np.ndarray) -> np.ndarray:
+    """Center crop of (F, H, W, 3) frames to at most 540 x 960 (landscape) or 960 x 540 (portrait).
+
+    The official `crop2standard540p` takes `[c - 270 : c + 270]` around the integer centres with
+    half-sizes 270/480 (landscape: w//2 > h//2; portrait: w//2 < h//2; square frames unchanged).
+    Where its start index is >= 0 this is the same crop (544 x 992 -> 540 x 960, 2 rows top and
+    bottom, 16 columns left and right). Where the start is negative, Python slicing makes the
+    official result depend on how negative: between -side and 0 it wraps around (e.g. 480 x 848 ->
+    30 x 56), at or below -side it keeps the whole side. Here the bounds are clamped to the frame
+    instead, which keeps the whole side in both cases: identical to the official crop for every
+    size it crops sensibly, and a no-op where it would return a sliver.
+    """
+    _, h, w, _ = frames.shape
+    hc, wc = h // 2, w // 2
+    if wc == hc:
+        return frames
+    half_h, half_w = (270, 480) if wc > hc else (480, 270)
+    return frames[:, max(hc - half_h, 0):hc + half_h, max(wc - half_w, 0):wc + half_w]
+
+
+def dit_velocity_fn(graphdef: nnx.GraphDef, *, backend: str | None = None) -> VelocityFn:
+    """Velocity function over the DiT's state: cond = {"y", "y_mask", "clip"} with the batch of x."""
+
+    def velocity(state, x, t, cond):
+        model = nnx.merge(graphdef, state)
+        return model(x, t, cond["y"], cond["y_mask"], cond["clip"], backend=backend)
+
+    return velocity
+
+
+class TextEncoder(Protocol):
+    """prompts (n,) -> {"y": (n, l_text, d_llm), "y_mask": (n, l_clip + l_text), "clip": (n, l_clip, d_clip)}."""
+
+    def __call__(self, prompts: Sequence[str]) -> Mapping[str, jax.Array]: ...
+
+
+VideoDecoder = Callable[[jax.Array], jax.Array]   # latents (b, f, c, h, w) -> video (b, F, 3, H, W)
+
+
+def caption_prompts(prompts: Sequence[str], *, pos_magic: str, neg_magic: str, cfg: bool) -> list[str]:
+    """What the official pipeline sends the caption server: [p + pos_magic ...] (+ [neg_magic] * b)."""
+    rows = [p + pos_magic for p in prompts]
+    return rows + [neg_magic] * len(prompts) if cfg else rows
+
+
+def check_prompts(prompts: Sequence[str]) -> list[str]:
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("no prompt given: pass at least one non-empty prompt")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str) or not p.strip():
+            raise ValueError(f"prompt {i} is empty ({p!r}): every prompt needs some text")
+    return prompts
+
+
+@dataclasses.dataclass
+class Generation:
+    """Result of one batch: final latents (b, f, c, h, w) float32, decoded video (b, F, 3, H, W)
+    float32, per-prompt uint8 frames (F, H', W', 3) after post-processing, seconds per phase."""
+
+    latents: np.ndarray
+    video: np.ndarray
+    frames: list[np.ndarray]
+    timings: dict[str, float]
+
+
+class TextToVideo:
+    """The main job's library entry: text encoder + DiT + VAE decoder -> videos.
+
+    `dit` is the `StepVideoDiT` (its state is split once; the sampler's step compiles once per
+    shape); `encode_text` and `decode` are callables (see `TextEncoder`, `VideoDecoder`) that jit
+    themselves. `dtype` is the DiT compute dtype the latents and t are cast to.
+    """
+
+    def __init__(self, *, encode_text: TextEncoder, dit: nnx.Module, decode: VideoDecoder,
+                 dtype=jnp.float32, attention_backend: str | None = None):
+        graphdef, self.dit_state = nnx.split(dit)
+        self.latent_channels = dit.cfg.in_channels
+        self.encode_text = encode_text
+        self.decode = decode
+        self.sampler = FlowMatchSampler(dit_velocity_fn(graphdef, backend=attention_backend),
+                                        model_dtype=dtype)
+
+    def conditioning(self, prompts: Sequence[str], *, pos_magic: str, neg_magic: str, cfg: bool):
+        return self.encode_text(caption_prompts(prompts, pos_magic=pos_magic, neg_magic=neg_magic, cfg=cfg))
+
+    def __call__(self, prompts: Sequence[str], *, size: VideoSize, settings: SamplerSettings,
+                 seeds: Sequence[int], pos_magic: str = POS_MAGIC, neg_magic: str = NEG_MAGIC,
+                 crop: bool = True, noise: jax.Array | None = None, progress: bool = False,
+                 on_step: Callable[[int, jax.Array], None] | None = None) -> Generation:
+        """Generate one video per prompt. `noise` (b, f, c, h, w) replaces the seeded noise."""
+        prompts = check_prompts(prompts)
+        if len(seeds) != len(prompts):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts: give one seed per prompt")
+        shape = size.latent_shape(len(prompts), self.latent_channels)
+        if noise is not None and tuple(noise.shape) != shape:
+            raise ValueError(f"noise {tuple(noise.shape)} does not match the latent shape {shape} of {size}")
+        timings = {}
+        start = time.perf_counter()
+        cond = jax.block_until_ready(self.conditioning(prompts, pos_magic=pos_magic, neg_magic=neg_magic,
+                                                       cfg=settings.cfg))
+        timings["tokenize+encode"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        if noise is None:
+            noise = initial_noise(seeds, shape)
+        latents = self.sampler.sample(self.dit_state, noise, cond, settings, progress=progress,
+                                      on_step=on_step)
+        latents = np.asarray(latents)
+        timings["denoise"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        video = np.asarray(jax.block_until_ready(self.decode(jnp.asarray(latents))), np.float32)
+        expected = (len(prompts), size.num_frames, 3, size.height, size.width)
+        if video.shape != expected:
+            raise ValueError(f"the VAE decoded {video.shape}, expected {expected}: the VAE and the "
+                             "frame/size arithmetic of this pipeline disagree")
+        frames = [postprocess(v[None]) for v in video]
+        if crop:
+            frames = [crop_540p(f) for f in frames]
+        timings["decode"] = time.perf_counter() - start
+        return Generation(latents=latents, video=video, frames=frames, timings=timings)
