@@ -23,6 +23,7 @@ LOGICAL_RULES: Rules = (
     ("batch", ("data", "fsdp")),
     ("length", "sequence"),        # video tokens (f h w) of self-attention
     ("kv_length", None),           # text keys of cross-attention; full self-attn keys
+    ("text_length", None),         # text-encoder tokens (Step-LLM, CLIP): short, replicated
     ("act_embed", None),
     ("act_heads", "tensor"),
     ("act_mlp", "tensor"),
