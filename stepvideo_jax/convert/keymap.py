@@ -81,7 +81,7 @@ def convert_tensors(source, rules: Iterable[Rule], target_shapes: Mapping[str, t
     if problems:
         raise CheckpointError(f"{label}: " + "; ".join(problems))
     last_src, raw = None, None
-    for r in rules:  # consecutive rules sharing a source (fused tensors) read it once
+    for n, r in enumerate(rules):  # consecutive rules sharing a source (fused tensors) read it once
         if r.src != last_src:
             last_src, raw = r.src, source.read(r.src)
         arr = r.transform(raw)
@@ -91,8 +91,11 @@ def convert_tensors(source, rules: Iterable[Rule], target_shapes: Mapping[str, t
                 f"{label}: {r.src!r} has shape {tuple(source.shape(r.src))}, which maps to {tuple(arr.shape)}"
                 f" for {r.dst!r}; the model expects {want}")
         if dtype is not None:
-            arr = arr.astype(dtype)
+            arr = arr.astype(dtype, copy=False)
+        if n + 1 == len(rules) or rules[n + 1].src != r.src:  # peak memory: one source + one output
+            last_src, raw = None, None
         yield r.dst, arr
+        del arr
 
 
 def _preview(keys: list[str], n: int = 8) -> str:
