@@ -1,0 +1,134 @@
+"""The pure flow-matching train step and the held-out evaluation, functions of (state, batch).
+
+Batch layout (a dict; arrays are the global batch, leading axis b):
+  `mean`, `logvar`   (b, f, c, h, w)  VAE posterior moments; a fresh latent is drawn every step
+  `y`                (b, l_text, caption_channels[0])  Step-LLM states
+  `y_mask`           (b, l_clip + l_text)  1 = valid, CLIP positions first
+  `clip`             (b, l_clip, caption_channels[1])  CLIP states
+`negative` holds `y`, `y_mask`, `clip` of the encoded negative/empty prompt with batch 1; with
+probability `cond_dropout` a row's conditioning is replaced by it (classifier-free guidance).
+
+Gradient accumulation splits the batch into `accum_steps` micro-batches, scanned in order, and
+averages their gradients (equal to the full-batch gradient of the mean loss).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from stepvideo_jax.training import flow_loss
+from stepvideo_jax.training.train_state import TrainState, ema_update
+
+COND_KEYS = ("y", "y_mask", "clip")
+
+# Named rematerialisation policies for one DiT block ("none" = no remat, keep every activation).
+REMAT_POLICIES: dict[str, Optional[Callable]] = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def remat_policy(name: str):
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {name!r}; choose one of {sorted(REMAT_POLICIES)}")
+    return REMAT_POLICIES[name]
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSettings:
+    """Static settings of the step (hashable; part of the compiled function)."""
+
+    timestep_distribution: str = "uniform"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    timestep_shift: float = 1.0
+    cond_dropout: float = 0.0
+    accum_steps: int = 1
+    ema_decay: float = 0.0          # used when the state holds an EMA
+    remat: str = "none"
+    attention_backend: Optional[str] = None
+
+
+def _model_loss(graphdef, params, batch, key, settings: StepSettings, negative):
+    k_latent, k_noise, k_t, k_drop = jax.random.split(key, 4)
+    x = flow_loss.sample_posterior(k_latent, batch["mean"], batch["logvar"])
+    noise = jax.random.normal(k_noise, x.shape, jnp.float32)
+    t = flow_loss.sample_timesteps(k_t, x.shape[0], settings.timestep_distribution,
+                                   logit_mean=settings.logit_mean, logit_std=settings.logit_std,
+                                   shift=settings.timestep_shift)
+    cond = {k: batch[k] for k in COND_KEYS}
+    if settings.cond_dropout > 0:
+        cond = flow_loss.drop_conditioning(k_drop, cond, negative, settings.cond_dropout)
+    model = nnx.merge(graphdef, params)
+    policy = remat_policy(settings.remat)
+
+    def velocity(xt, tt):
+        return model(xt, tt, cond["y"], cond["y_mask"], cond["clip"], backend=settings.attention_backend,
+                     remat_policy=policy)
+
+    return flow_loss.flow_matching_loss(velocity, x, noise, t)
+
+
+def loss_and_grads(graphdef, params: nnx.State, batch: dict, key: jax.Array, settings: StepSettings,
+                   negative: Optional[dict] = None) -> tuple[jax.Array, nnx.State]:
+    """Mean loss and float32 gradients over the batch (accumulated over micro-batches)."""
+    n = settings.accum_steps
+    b = batch["mean"].shape[0]
+    if n < 1 or b % n:
+        raise ValueError(f"accum_steps {n} must be >= 1 and divide the batch size {b}")
+    grad_fn = jax.value_and_grad(lambda p, mb, k: _model_loss(graphdef, p, mb, k, settings, negative))
+    if n == 1:
+        return grad_fn(params, batch, key)
+    micro = jax.tree.map(lambda a: a.reshape((n, b // n) + a.shape[1:]), batch)
+    keys = jax.random.split(key, n)
+
+    def body(carry, xs):
+        loss_sum, grad_sum = carry
+        loss, grads = grad_fn(params, *xs)
+        return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    (loss_sum, grad_sum), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), (micro, keys))
+    return loss_sum / n, jax.tree.map(lambda g: g / n, grad_sum)
+
+
+def make_train_step(graphdef, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
+                    settings: StepSettings):
+    """`train_step(state, batch, negative) -> (state, metrics)`; pure, jit and donate at the edge.
+
+    metrics: `loss`, `grad_norm` (before clipping), `learning_rate` (of this update), `finite`.
+    """
+
+    def train_step(state: TrainState, batch: dict, negative: Optional[dict] = None):
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
+        loss, grads = loss_and_grads(graphdef, state.params, batch, key, settings, negative)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema = state.ema
+        if ema is not None:
+            ema = ema_update(ema, params, settings.ema_decay)
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+                   "learning_rate": jnp.asarray(schedule(state.step), jnp.float32),
+                   "finite": jnp.isfinite(loss)}
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema), metrics
+
+    return train_step
+
+
+def heldout_loss(graphdef, params: nnx.State, heldout: dict, *, backend: Optional[str] = None) -> jax.Array:
+    """Deterministic loss on a fixed set: `heldout` holds `x` (b f c h w), `noise`, `t` (b,) and the
+    conditioning (`y`, `y_mask`, `clip`)."""
+    model = nnx.merge(graphdef, params)
+
+    def velocity(xt, t):
+        return model(xt, t, heldout["y"], heldout["y_mask"], heldout["clip"], backend=backend)
+
+    return flow_loss.flow_matching_loss(velocity, heldout["x"], heldout["noise"], heldout["t"])
+
