@@ -25,17 +25,21 @@ import jax.numpy as jnp
 
 BiasFn = Callable[[jax.Array, jax.Array], jax.Array]
 BACKENDS = ("xla", "blockwise", "cudnn", "splash")
+SEQUENCE_PARALLEL_BACKENDS = ("ulysses", "ring", "ulysses_ring")  # parallel/sequence_parallel.py
 _NEG = -1e30  # finite "minus infinity": keeps fully masked blocks NaN-free
 
 
 def attention(q, k, v, *, key_mask=None, causal: bool = False, bias_fn: Optional[BiasFn] = None,
-              scale: Optional[float] = None, backend: Optional[str] = None,
-              block_q: int = 512, block_k: int = 512, interpret: bool = False):
+              scale: Optional[float] = None, backend=None,
+              block_q: int = 512, block_k: int = 512, interpret: bool = False, cross: bool = False):
     """Scaled dot-product attention; see the module docstring for layouts and backends.
 
     key_mask: (b, sk) bool, True where a key may be attended. causal: query i sees keys j <= i.
     bias_fn(q_pos, k_pos) -> float32 bias broadcastable to (h, len(q_pos), len(k_pos)), evaluated per
     block (e.g. ALiBi), never as a full (h, sq, sk) tensor.
+    backend may also be a sequence-parallel mode ("ulysses", "ring", "ulysses_ring") or a
+    `parallel.sequence_parallel.SequenceParallel`; `cross=True` tells it that k/v are a separate,
+    unsharded sequence (e.g. text keys), so only the queries are split.
     """
     b, sq, h, d = q.shape
     if k.shape != v.shape or k.shape[0] != b or k.shape[3] != d or h % k.shape[2]:
@@ -44,9 +48,15 @@ def attention(q, k, v, *, key_mask=None, causal: bool = False, bias_fn: Optional
     if key_mask is not None and key_mask.shape != (b, k.shape[1]):
         raise ValueError(f"attention: key_mask {key_mask.shape} should be (b, sk) = {(b, k.shape[1])}")
     scale = 1.0 / math.sqrt(d) if scale is None else scale
+    if not isinstance(backend, (str, type(None))) or backend in SEQUENCE_PARALLEL_BACKENDS:
+        from stepvideo_jax.parallel.sequence_parallel import sequence_parallel_attention
+
+        return sequence_parallel_attention(q, k, v, backend, key_mask=key_mask, causal=causal,
+                                           bias_fn=bias_fn, scale=scale, cross=cross)
     backend = backend or default_backend(q.dtype, bias_fn)
     if backend not in BACKENDS:
-        raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of "
+                         f"{BACKENDS + SEQUENCE_PARALLEL_BACKENDS}")
     if backend == "xla":
         return _xla(q, k, v, key_mask, causal, bias_fn, scale)
     if backend == "blockwise":

@@ -116,7 +116,7 @@ class CrossAttention(nnx.Module):
         k = self.k_norm(self.k(tokens).reshape(b, l, n, hd))
         v = self.v(tokens).reshape(b, l, n, hd)
         _sow(self, capture, q_normed=q, k_normed=k)
-        o = attention(q, k, v, key_mask=key_mask, backend=backend)
+        o = attention(q, k, v, key_mask=key_mask, backend=backend, cross=True)
         return self.o(o.reshape(b, s, -1))
 
 
