@@ -3,11 +3,16 @@
 q (b, sq, h, d), k/v (b, sk, hkv, d) -> (b, sq, h, d). Sequences are padded to the kernel's block
 size; padded and masked keys get segment id 0, queries segment id 1, so they are never attended.
 With `interpret=True` the same kernel runs on CPU (slowly), which is how the tests check it.
+
+Under an ambient mesh the kernel runs per device inside `shard_map` (Mosaic kernels cannot be
+partitioned automatically): batch and heads are split as the logical rules say (`batch`,
+`act_heads`), query tokens as `length` unless causal, and keys/values are gathered whole.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
@@ -18,6 +23,43 @@ def _round_up(n: int, m: int) -> int:
 
 def splash_attention(q, k, v, *, key_mask=None, causal=False, scale, block: int = 512,
                      interpret: bool = False):
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and any(t != jax.sharding.AxisType.Manual and n > 1
+                              for t, n in zip(mesh.axis_types, mesh.axis_sizes)):
+        return _over_mesh(mesh, q, k, v, key_mask=key_mask, causal=causal, scale=scale, block=block,
+                          interpret=interpret)
+    return _splash_local(q, k, v, key_mask=key_mask, causal=causal, scale=scale, block=block,
+                         interpret=interpret)
+
+
+def _over_mesh(mesh, q, k, v, *, key_mask, causal, **kw):
+    """`_splash_local` per device; a mesh axis that does not divide its dimension is not used."""
+    from stepvideo_jax.parallel.rules import logical_to_spec
+
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+
+    def fit(entry, *dims):
+        names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+        n = 1
+        for a in names:
+            n *= sizes[a]
+        return entry if all(dim % n == 0 for dim in dims) else None
+
+    b, sq, h, _ = q.shape
+    batch_ax, len_ax, head_ax, _ = logical_to_spec(("batch", "length", "act_heads", None), mesh)
+    batch_ax = fit(batch_ax, b)
+    head_ax = fit(head_ax, h, k.shape[2])
+    len_ax = None if causal else fit(len_ax, sq)
+    q_spec = P(batch_ax, len_ax, head_ax, None)
+    kv_spec = P(batch_ax, None, head_ax, None)
+    key_mask = jnp.ones(k.shape[:2], bool) if key_mask is None else key_mask
+    local = lambda q, k, v, m: _splash_local(q, k, v, key_mask=m, causal=causal, **kw)
+    return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, P(batch_ax, None)),
+                         out_specs=q_spec, check_vma=False)(q, k, v, key_mask)
+
+
+def _splash_local(q, k, v, *, key_mask=None, causal=False, scale, block: int = 512,
+                  interpret: bool = False):
     b, sq, h, d = q.shape
     sk_len, hkv = k.shape[1], k.shape[2]
     bq = min(block, _round_up(sq, 128))
