@@ -206,3 +206,17 @@ def test_config_matches_fixture_derived_sizes():
 def test_bad_input_rank_is_rejected():
     with pytest.raises(ValueError, match="batch, length"):
         fixture_model()(jnp.zeros((4,), jnp.int32))
+
+
+def test_bfloat16_deployment_dtype():
+    """bf16 params and compute (the official deployment) stay within 2x the official bf16 error."""
+    c = cases()
+    observed = load_json("step_llm")["_fixture"]["tolerance_observed"]
+    d = fixture_dir("step_llm")
+    model = llm_convert.load(d, weights=d / "weights.safetensors", dtype=jnp.bfloat16)
+    for b in ("a", "b"):
+        y, _ = run(model, c[f"{b}_input_ids"], capture=False)
+        assert y.dtype == jnp.bfloat16
+        err = float(np.abs(y.astype(np.float32) - c[f"{b}_y_fp64"]).max())
+        official = observed[f"batch_{b}"]["bf16_vs_fp64_everywhere"]["max_abs"]
+        assert err <= 2 * official, f"{b}: bf16 max abs err {err:.3g}, official bf16 {official:.3g}"

@@ -37,7 +37,6 @@ class TokenBatch(NamedTuple):
 
 def import_tensorflow_text():
     """(tensorflow, tensorflow_text), with GPUs hidden from TensorFlow before it initialises them."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
 
     try:
