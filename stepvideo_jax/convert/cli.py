@@ -1,0 +1,274 @@
+"""`python -m stepvideo_jax.convert`: the official release directory -> Orbax checkpoints.
+
+    python -m stepvideo_jax.convert --release stepvideo-t2v/ --out ckpt/ \
+        [--components transformer,vae,step_llm,hunyuan_clip] [--dtype float32|bfloat16] [--overwrite]
+
+Output (`<out>/`): `conversion.json` (what was converted, from where, in which dtype) and one
+directory per component, `<out>/<component>/`, laid out as `orbax_io` describes (manifest, Orbax
+parameter groups) plus the release files generation needs besides the weights (config JSON,
+tokenizer files), at the same relative paths as in the release.
+
+Every component is checked (config, index, shard headers, key accounting, source dtypes) before
+any tensor is converted. Everything is written into a temporary sibling of `<out>` and renamed into
+place only when all components are complete; on any error the temporary directory is removed, so
+`<out>` either does not exist or is the previous, untouched conversion. An existing `<out>` is
+replaced only with `--overwrite`, and only after the new one is complete.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import logging
+import os
+import pathlib
+import shutil
+import sys
+import uuid
+from typing import Any, Mapping, Sequence
+
+import jax.numpy as jnp
+from flax import nnx
+
+from stepvideo_jax.convert import orbax_io
+from stepvideo_jax.convert.keymap import convert_tensors, flat_shapes
+from stepvideo_jax.convert.safetensors_io import DTYPES, CheckpointError, TensorSource
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Component:
+    """How one release folder is converted.
+
+    `module` exposes `read_config(dir)`, `tensor_source(dir)`, `rules(cfg)`, `IGNORE`,
+    `build(cfg, *, dtype, param_dtype, rngs)`. `files`: paths relative to the release folder
+    (files or folders) copied to the output when present: what generation needs besides weights.
+    """
+
+    module: str
+    files: tuple[str, ...] = ()
+
+
+COMPONENTS: Mapping[str, Component] = {
+    "transformer": Component("stepvideo_jax.convert.dit", ("config.json",)),
+    "vae": Component("stepvideo_jax.convert.vae"),
+    "step_llm": Component("stepvideo_jax.convert.step_llm", ("config.json", "step1_chat_tokenizer.model")),
+    "hunyuan_clip": Component("stepvideo_jax.convert.hunyuan_clip", ("clip_text_encoder/config.json", "tokenizer")),
+}
+
+OUTPUT_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+SUMMARY = "conversion.json"
+
+
+def converter(name: str):
+    """The converter module of component `name`."""
+    if name not in COMPONENTS:
+        raise CheckpointError(f"unknown component {name!r}; choose from {sorted(COMPONENTS)}")
+    return importlib.import_module(COMPONENTS[name].module)
+
+
+def abstract_model(module, cfg, param_dtype):
+    """The component's model as shapes only (`nnx.eval_shape`), parameters in `param_dtype`."""
+    return nnx.eval_shape(lambda: module.build(cfg, dtype=param_dtype, param_dtype=param_dtype,
+                                               rngs=nnx.Rngs(0)))
+
+
+class _AccountingPassed(Exception):
+    """Raised by `_KeysOnly.read`: `convert_tensors` reads only after its key checks succeed."""
+
+
+class _KeysOnly:
+    """A tensor source that answers names and shapes but refuses to read data."""
+
+    def __init__(self, source):
+        self._source = source
+
+    def keys(self):
+        return self._source.keys()
+
+    def shape(self, key):
+        return self._source.shape(key)
+
+    def read(self, key):
+        raise _AccountingPassed
+
+
+@dataclasses.dataclass
+class _Plan:
+    name: str
+    folder: pathlib.Path
+    module: Any
+    config: Any
+    source: Any
+    rules: list
+    targets: dict
+
+
+def _plan(release: pathlib.Path, name: str, dtype) -> _Plan:
+    """Everything about one component that can be checked without converting a tensor."""
+    module = converter(name)
+    folder = release / name
+    if not folder.is_dir():
+        raise CheckpointError(f"{release}: has no {name}/ folder (component {name!r})")
+    cfg = module.read_config(folder)
+    source = module.tensor_source(folder)
+    rules = module.rules(cfg)
+    targets = flat_shapes(nnx.state(abstract_model(module, cfg, dtype)))
+    try:
+        for _ in convert_tensors(_KeysOnly(source), rules, targets, ignore=module.IGNORE, label=str(folder)):
+            break
+    except _AccountingPassed:
+        pass
+    if isinstance(source, TensorSource):
+        bad = sorted(f"{k} ({source.dtype(k)})" for k in {r.src for r in rules} if source.dtype(k) not in DTYPES)
+        if bad:
+            raise CheckpointError(f"{folder}: unsupported tensor dtypes: {', '.join(bad[:8])}; "
+                                  f"supported: {sorted(DTYPES)}")
+    return _Plan(name, folder, module, cfg, source, rules, targets)
+
+
+def _config_record(cfg) -> dict:
+    cls = type(cfg)
+    return {"class": f"{cls.__module__}:{cls.__qualname__}", "values": dataclasses.asdict(cfg)}
+
+
+def _tuples(x):
+    return tuple(_tuples(v) for v in x) if isinstance(x, list) else x
+
+
+def config_from_record(record: Mapping) -> Any:
+    """Rebuild the model config stored in a component manifest (lists become tuples)."""
+    module_name, _, qualname = record["class"].partition(":")
+    cls = importlib.import_module(module_name)
+    for part in qualname.split("."):
+        cls = getattr(cls, part)
+    return cls(**{k: _tuples(v) for k, v in record["values"].items()})
+
+
+def _copy(src: pathlib.Path, dst: pathlib.Path) -> None:
+    """Copy a file or folder's contents only (not its permissions: a read-only release must not
+    make the output undeletable)."""
+    if src.is_dir():
+        dst.mkdir(parents=True, exist_ok=True)
+        for child in sorted(src.iterdir()):
+            _copy(child, dst / child.name)
+    else:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dst)
+
+
+def _convert_component(plan: _Plan, out: pathlib.Path, dtype_name: str, group_bytes: int) -> dict:
+    dst = out / plan.name
+    dst.mkdir(parents=True)
+    tensors = convert_tensors(plan.source, plan.rules, plan.targets, dtype=OUTPUT_DTYPES[dtype_name],
+                              ignore=plan.module.IGNORE, label=str(plan.folder))
+    groups = orbax_io.write_params(dst, tensors, group_bytes=group_bytes, log=log.info)
+    copied = []
+    for rel in COMPONENTS[plan.name].files:
+        if (plan.folder / rel).exists():
+            _copy(plan.folder / rel, dst / rel)
+            copied.append(rel)
+    manifest = orbax_io.write_manifest(dst, component=plan.name, dtype=dtype_name, groups=groups,
+                                       config=_config_record(plan.config), files=copied,
+                                       source=str(plan.folder.resolve()))
+    log.info("%s: %d tensors, %d parameters in %d groups", plan.name, len(plan.targets),
+             manifest["num_params"], len(groups))
+    return manifest
+
+
+def convert_release(release: str | os.PathLike, out: str | os.PathLike, *,
+                    components: Sequence[str] | None = None, dtype: str = "float32",
+                    overwrite: bool = False, group_bytes: int = orbax_io.GROUP_BYTES) -> pathlib.Path:
+    """Convert `components` of the release directory `release` into `out` (atomically).
+
+    `components=None` converts every registered component whose folder the release has.
+    """
+    release, out = pathlib.Path(release), pathlib.Path(out)
+    if dtype not in OUTPUT_DTYPES:
+        raise CheckpointError(f"unsupported output dtype {dtype!r}; choose from {sorted(OUTPUT_DTYPES)}")
+    if not release.is_dir():
+        raise CheckpointError(f"release directory {release} not found")
+    if components is None:
+        components = [c for c in COMPONENTS if (release / c).is_dir()]
+        if not components:
+            raise CheckpointError(f"{release}: holds none of the component folders {sorted(COMPONENTS)}")
+    components = list(dict.fromkeys(components))
+    unknown = [c for c in components if c not in COMPONENTS]
+    if unknown:
+        raise CheckpointError(f"unknown components {unknown}; choose from {sorted(COMPONENTS)}")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a directory; it is never replaced")
+
+    plans = [_plan(release, c, OUTPUT_DTYPES[dtype]) for c in components]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.mkdir()
+        manifests = {p.name: _convert_component(p, tmp, dtype, group_bytes) for p in plans}
+        summary = {"release": str(release.resolve()), "dtype": dtype, "components": {
+            name: {"num_params": m["num_params"], "groups": len(m["groups"]), "files": m["files"]}
+            for name, m in manifests.items()}}
+        (tmp / SUMMARY).write_text(json.dumps(summary, indent=1) + "\n")
+        _replace(tmp, out, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _replace(tmp: pathlib.Path, out: pathlib.Path, overwrite: bool) -> None:
+    """Rename the complete `tmp` to `out`; an existing `out` is moved aside first, then deleted."""
+    if not out.exists():
+        tmp.rename(out)
+        return
+    if not overwrite:
+        raise FileExistsError(f"{out} appeared during the conversion; pass --overwrite to replace it")
+    old = out.parent / f".{out.name}.replaced-{uuid.uuid4().hex[:8]}"
+    out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old)
+
+
+def load_converted(root: str | os.PathLike, component: str, *, param_dtype=None, mesh=None, shardings=None):
+    """The model of `<root>/<component>` (a `convert_release` output) restored into its shardings.
+
+    Parameters take `param_dtype` (default: the stored dtype); `mesh` / `shardings` as in
+    `orbax_io.restore`.
+    """
+    folder = pathlib.Path(root) / component
+    manifest = orbax_io.read_manifest(folder)
+    dtype = OUTPUT_DTYPES[manifest["dtype"]] if param_dtype is None else param_dtype
+    model = abstract_model(converter(component), config_from_record(manifest["config"]), dtype)
+    return orbax_io.restore(folder, model, shardings=shardings, mesh=mesh)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m stepvideo_jax.convert", description=__doc__.split("\n")[0])
+    p.add_argument("--release", required=True, help="the official release directory (e.g. stepvideo-t2v/)")
+    p.add_argument("--out", required=True, help="destination directory (must not exist unless --overwrite)")
+    p.add_argument("--components", default=None,
+                   help=f"comma-separated subset of {','.join(COMPONENTS)} (default: all the release has)")
+    p.add_argument("--dtype", default="float32", choices=sorted(OUTPUT_DTYPES), help="stored parameter dtype")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out once the new one is complete")
+    p.add_argument("--group-mb", type=int, default=orbax_io.GROUP_BYTES // 2**20,
+                   help="size of one Orbax parameter group in MiB (bounds host memory while writing)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", force=True)
+    logging.getLogger("stepvideo_jax").setLevel(logging.INFO)
+    components = None if args.components is None else [c.strip() for c in args.components.split(",") if c.strip()]
+    try:
+        out = convert_release(args.release, args.out, components=components, dtype=args.dtype,
+                              overwrite=args.overwrite, group_bytes=args.group_mb * 2**20)
+    except (CheckpointError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(out)
+    return 0

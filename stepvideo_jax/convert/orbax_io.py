@@ -1,0 +1,203 @@
+"""Converted checkpoints on disk: streamed, size-bounded Orbax writes and sharded restores.
+
+Layout of one component directory (`<dest>/<component>/`):
+
+    manifest.json        format, version, component, dtype, parameter count, and `groups`:
+                         [{"dir": "params/00000", "params": {state path: shape}}, ...]
+    params/00000/ ...    one Orbax PyTree checkpoint per group: a nested dict of arrays keyed by the
+                         state path ('blocks/0/attn1/q/kernel' -> blocks.0.attn1.q.kernel)
+    <config files>       copied from the release (see `stepvideo_jax.convert.cli`)
+
+Why groups: Orbax writes a pytree in one call and holds the whole of it while writing, so a 30B
+model written as one pytree needs its full size in host RAM. Tensors arrive one at a time from
+`keymap.convert_tensors`; a group is written as soon as it reaches `group_bytes`, and a tensor at
+least that large is written on its own, so peak memory is about one large tensor plus its encoded
+copy (Orbax's NumPy handler is used without its defensive deep copy: the group is not touched while
+it is written). Restoring reads each group straight into the target shardings; large tensors are
+stored in chunks of at most `chunk_bytes` so a device's shard reads only the chunks it overlaps.
+"""
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+from typing import Iterable, Iterator, Mapping
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+from orbax.checkpoint import type_handlers
+
+from stepvideo_jax.convert.keymap import unflatten
+from stepvideo_jax.convert.safetensors_io import CheckpointError
+
+FORMAT = "stepvideo-jax/orbax-groups"
+VERSION = 1
+MANIFEST = "manifest.json"
+PARAMS = "params"
+GROUP_BYTES = 256 * 2**20
+CHUNK_BYTES = 64 * 2**20
+
+
+def _nested(flat: Mapping[str, object]) -> dict:
+    """'/'-joined paths -> nested dict with string keys (Orbax's tree keys)."""
+    tree: dict = {}
+    for path, value in flat.items():
+        node = tree
+        *parents, leaf = path.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return tree
+
+
+def _flat(tree: Mapping, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        path = f"{prefix}{k}"
+        out.update(_flat(v, path + "/") if isinstance(v, Mapping) else {path: v})
+    return out
+
+
+def _checkpointer() -> ocp.Checkpointer:
+    registry = type_handlers.create_type_handler_registry(
+        (np.ndarray, type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
+        (jax.Array, type_handlers.ArrayHandler()))
+    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry))
+
+
+def _save_args(arr: np.ndarray, chunk_bytes: int) -> ocp.SaveArgs:
+    return ocp.SaveArgs(chunk_byte_size=chunk_bytes) if arr.nbytes > chunk_bytes else ocp.SaveArgs()
+
+
+def write_params(component_dir: str | pathlib.Path, tensors: Iterable[tuple[str, np.ndarray]], *,
+                 group_bytes: int = GROUP_BYTES, chunk_bytes: int = CHUNK_BYTES,
+                 log=None) -> list[dict]:
+    """Write `(state path, array)` pairs as size-bounded Orbax groups under `component_dir/params/`.
+
+    Consumes `tensors` lazily; holds at most one group (< `group_bytes`) plus one tensor.
+    Returns the manifest's `groups` list.
+    """
+    root = pathlib.Path(component_dir)
+    (root / PARAMS).mkdir(parents=True, exist_ok=True)
+    groups: list[dict] = []
+    pending: dict[str, np.ndarray] = {}
+    pending_bytes = 0
+
+    with _checkpointer() as ckpt:
+        def flush():
+            nonlocal pending, pending_bytes
+            if not pending:
+                return
+            rel = f"{PARAMS}/{len(groups):05d}"
+            tree = _nested(pending)
+            args = _nested({k: _save_args(v, chunk_bytes) for k, v in pending.items()})
+            ckpt.save(root / rel, args=ocp.args.PyTreeSave(tree, save_args=args))
+            groups.append({"dir": rel, "params": {k: list(v.shape) for k, v in pending.items()}})
+            if log:
+                log(f"{root.name}: wrote {rel} ({len(pending)} tensors, {pending_bytes / 2**20:.1f} MiB)")
+            pending, pending_bytes = {}, 0
+
+        for path, arr in tensors:
+            arr = np.asarray(arr)
+            if pending and pending_bytes + arr.nbytes > group_bytes:
+                flush()
+            pending[path] = arr
+            pending_bytes += arr.nbytes
+            del arr
+            if pending_bytes >= group_bytes:
+                flush()
+        flush()
+    return groups
+
+
+def write_manifest(component_dir: str | pathlib.Path, *, component: str, dtype: str, groups: list[dict],
+                   config: dict, files: list[str], source: str) -> dict:
+    """`manifest.json`: `groups` from `write_params`, the model `config` record, copied `files`."""
+    count = sum(math.prod(s) for g in groups for s in g["params"].values())
+    manifest = {"format": FORMAT, "version": VERSION, "component": component, "dtype": dtype,
+                "num_params": count, "config": config, "files": files, "source": source, "groups": groups}
+    (pathlib.Path(component_dir) / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    return manifest
+
+
+def read_manifest(component_dir: str | pathlib.Path) -> dict:
+    path = pathlib.Path(component_dir) / MANIFEST
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not found; {component_dir} is not a converted component directory "
+                              "(write one with `python -m stepvideo_jax.convert`)")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        raise CheckpointError(f"{path}: format {manifest.get('format')!r} version {manifest.get('version')!r}; "
+                              f"this code reads {FORMAT!r} version {VERSION}")
+    return manifest
+
+
+def _flat_state(tree) -> dict[str, object]:
+    """'/'-joined path -> leaf (Variable or sharding) of an NNX state-like tree."""
+    if isinstance(tree, nnx.State):
+        return {"/".join(str(p) for p in path): v for path, v in nnx.to_flat_state(tree)}
+    return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): v
+            for path, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def restore_arrays(component_dir: str | pathlib.Path, targets: Mapping[str, jax.ShapeDtypeStruct]
+                   ) -> Iterator[tuple[str, jax.Array]]:
+    """Yield `(state path, array)` for every stored tensor, read into `targets[path]`'s dtype and
+    sharding (a `jax.ShapeDtypeStruct` with `sharding`), one group at a time.
+
+    Raises if the stored tensors and `targets` differ in keys or shapes.
+    """
+    root = pathlib.Path(component_dir)
+    manifest = read_manifest(root)
+    stored = {k: tuple(s) for g in manifest["groups"] for k, s in g["params"].items()}
+    missing, unexpected = sorted(set(targets) - set(stored)), sorted(set(stored) - set(targets))
+    wrong = sorted(f"{k}: stored {stored[k]}, model {tuple(targets[k].shape)}"
+                   for k in set(stored) & set(targets) if stored[k] != tuple(targets[k].shape))
+    if missing or unexpected or wrong:
+        raise CheckpointError(
+            f"{root}: checkpoint does not match the model: missing {_preview(missing)}; "
+            f"unexpected {_preview(unexpected)}; wrong shapes {_preview(wrong)}")
+    with ocp.StandardCheckpointer() as ckpt:
+        for group in manifest["groups"]:
+            target = _nested({k: targets[k] for k in group["params"]})
+            yield from _flat(ckpt.restore(root / group["dir"], target)).items()
+
+
+def _preview(items: list[str], n: int = 6) -> str:
+    if not items:
+        return "none"
+    return ", ".join(items[:n]) + (f", ... (+{len(items) - n})" if len(items) > n else "")
+
+
+def restore(component_dir: str | pathlib.Path, abstract_model, *, shardings=None, mesh=None):
+    """The model of `abstract_model` (from `nnx.eval_shape`) with the weights of `component_dir`.
+
+    Each array lands directly in its target sharding: `shardings` (a tree shaped like
+    `nnx.state(abstract_model)` with `jax.sharding.Sharding` leaves), or, given `mesh`, the logical
+    axis rules' `parallel.rules.state_shardings(nnx.state(abstract_model), mesh)`; with neither, on
+    the default device. Arrays are cast to the abstract model's dtypes.
+    """
+    graphdef, state = nnx.split(abstract_model)
+    if shardings is None and mesh is not None:
+        from stepvideo_jax.parallel.rules import state_shardings
+
+        shardings = state_shardings(state, mesh)
+    variables = _flat_state(state)
+    if shardings is None:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        placement = {k: device for k in variables}
+    else:
+        placement = _flat_state(shardings)
+        if set(placement) != set(variables):
+            raise ValueError(f"shardings do not match the model state: missing "
+                             f"{_preview(sorted(set(variables) - set(placement)))}, unexpected "
+                             f"{_preview(sorted(set(placement) - set(variables)))}")
+    targets = {k: jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype, sharding=placement[k])
+               for k, v in variables.items()}
+    nnx.replace_by_pure_dict(state, unflatten(dict(restore_arrays(component_dir, targets))))
+    return nnx.merge(graphdef, state)
