@@ -96,6 +96,8 @@ def test_config_reading(tmp_path):
     with pytest.warns(UserWarning, match="fancy_option"):
         tok = WordPieceTokenizer.from_dir(tmp_path)
     assert tok.encode("Hellos HELLO") == [5, 6, 5]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**raw, "never_split": ["hellos"]}))
+    assert WordPieceTokenizer.from_dir(tmp_path).encode("hellos hello") == [1, 5]  # kept whole: [UNK]
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({**raw, "tokenizer_class": "GPT2Tokenizer"}))
     with pytest.raises(ValueError, match="not a WordPiece BERT tokenizer"):
         WordPieceTokenizer.from_dir(tmp_path)

@@ -237,7 +237,8 @@ class WordPieceTokenizer:
                 continue
             words = self._basic_tokenize(part) if self.config.do_basic_tokenize else part.split()
             for word in words:
-                out.extend(self._wordpiece(word))
+                # `never_split` words skip WordPiece: kept whole, `[UNK]` if not in the vocabulary.
+                out.extend([word] if word in self.config.never_split else self._wordpiece(word))
         return out
 
     def encode(self, text: str) -> list[int]:
