@@ -261,7 +261,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", force=True)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("stepvideo_jax").setLevel(logging.INFO)
     components = None if args.components is None else [c.strip() for c in args.components.split(",") if c.strip()]
     try:
