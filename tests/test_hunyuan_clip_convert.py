@@ -91,7 +91,8 @@ def test_strict_key_and_shape_errors(tmp_path, release_tensors):
     name = "bert.encoder.layer.0.attention.self.query.weight"
     cases = {
         "missing": ({k: v for k, v in release_tensors.items() if k != name}, rf"missing keys \(1\): {name}"),
-        "unexpected": ({**release_tensors, "bert.encoder.layer.0.attention.self.rotary.weight": np.ones(2, np.float32)},
+        "unexpected": ({**release_tensors, "bert.encoder.layer.0.attention.self.rotary.weight":
+                        np.ones(2, np.float32)},
                        r"unexpected keys \(1\): bert.encoder.layer.0.attention.self.rotary.weight"),
         "extra_layer": ({**release_tensors, "bert.encoder.layer.99.output.dense.bias": np.ones(2, np.float32)},
                         "unexpected keys"),
@@ -128,7 +129,8 @@ def test_safetensors_copy_converts_the_same(tmp_path):
     """`clip_text_encoder/model.safetensors` (the fixture's `weights.safetensors`) is accepted too."""
     (tmp_path / "clip_text_encoder").mkdir()
     shutil.copy(_release_dir() / convert_clip.CONFIG_FILE, tmp_path / convert_clip.CONFIG_FILE)
-    shutil.copy(fixture_dir("hunyuan_clip") / "weights.safetensors", tmp_path / "clip_text_encoder" / "model.safetensors")
+    shutil.copy(fixture_dir("hunyuan_clip") / "weights.safetensors",
+                tmp_path / "clip_text_encoder" / "model.safetensors")
     a, b = _flat_params(convert_clip.load(tmp_path)), _flat_params(convert_clip.load(_release_dir()))
     assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
 

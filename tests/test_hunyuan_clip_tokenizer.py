@@ -126,7 +126,7 @@ def test_tensorflow_text_cannot_reproduce_official_ids(released):
     def tf_text(texts, lower_case):
         bert = tft.BertTokenizer(table, token_out_type=tf.int64, unknown_token="[UNK]", lower_case=lower_case)
         if not lower_case:
-            texts = [wp.strip_accents(unicodedata.normalize("NFC", wp.clean_text(wp._lower_each(t))))
+            texts = [wp.strip_accents(unicodedata.normalize("NFC", wp.clean_text(wp.lower_per_character(t))))
                      for t in texts]
         return [[int(i) for i in row] for row in bert.tokenize(tf.constant(texts)).merge_dims(-2, -1).to_list()]
 

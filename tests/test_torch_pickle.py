@@ -190,15 +190,18 @@ def test_corrupt_storage_bytes_fail_the_crc(tmp_path):
 
 def test_missing_or_short_storage(tmp_path):
     entries = {"a": ("0", "FloatStorage", 6, 0, (2, 3), (3, 1)), "b": ("7", "FloatStorage", 4, 0, (4,), (1,))}
-    path = write_torch_zip(tmp_path / "m.bin", {"a": np.zeros(6, np.float32)}, pickle_bytes=state_dict_pickle(entries))
+    path = write_torch_zip(tmp_path / "m.bin", {"a": np.zeros(6, np.float32)},
+                           pickle_bytes=state_dict_pickle(entries))
     with pytest.raises(CheckpointError, match=r"storage '7' is missing"):
         TorchPickleFile(path)
     entries = {"a": ("0", "FloatStorage", 60, 0, (60,), (1,))}
-    path = write_torch_zip(tmp_path / "s.bin", {"a": np.zeros(6, np.float32)}, pickle_bytes=state_dict_pickle(entries))
+    path = write_torch_zip(tmp_path / "s.bin", {"a": np.zeros(6, np.float32)},
+                           pickle_bytes=state_dict_pickle(entries))
     with pytest.raises(CheckpointError, match="should hold 60"):
         TorchPickleFile(path)
     entries = {"a": ("0", "FloatStorage", 6, 4, (2, 3), (3, 1))}
-    path = write_torch_zip(tmp_path / "v.bin", {"a": np.zeros(6, np.float32)}, pickle_bytes=state_dict_pickle(entries))
+    path = write_torch_zip(tmp_path / "v.bin", {"a": np.zeros(6, np.float32)},
+                           pickle_bytes=state_dict_pickle(entries))
     with pytest.raises(CheckpointError, match="reaches past its storage"):
         TorchPickleFile(path)
 

@@ -65,8 +65,8 @@ _RULES = (
     Rule("bert.embeddings.token_type_embeddings.weight", "embeddings/token_type_embeddings"),
     Rule("bert.embeddings.LayerNorm.weight", "embeddings/layer_norm/weight"),
     Rule("bert.embeddings.LayerNorm.bias", "embeddings/layer_norm/bias"),
-    *(Rule(f"bert.encoder.layer.{{i}}.attention.self.{n}.weight", f"layers/{{i}}/attention/{n}/kernel", transpose)
-      for n in ("query", "key", "value")),
+    *(Rule(f"bert.encoder.layer.{{i}}.attention.self.{n}.weight", f"layers/{{i}}/attention/{n}/kernel",
+           transpose) for n in ("query", "key", "value")),
     *(Rule(f"bert.encoder.layer.{{i}}.attention.self.{n}.bias", f"layers/{{i}}/attention/{n}/bias")
       for n in ("query", "key", "value")),
     Rule("bert.encoder.layer.{i}.attention.output.dense.weight", "layers/{i}/attention/out/kernel", transpose),
@@ -97,7 +97,8 @@ def config_from_dict(raw: Mapping[str, Any], *, label: str = "config") -> Hunyua
     kwargs = {field: raw.get(key, default_eps) if key == "layer_norm_eps" else raw[key]
               for key, field in _CONFIG_KEYS.items()}
     try:
-        return HunyuanClipConfig(**{k: (float(v) if k == "layer_norm_eps" else int(v)) for k, v in kwargs.items()})
+        return HunyuanClipConfig(**{k: (float(v) if k == "layer_norm_eps" else int(v))
+                                    for k, v in kwargs.items()})
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{label}: invalid BertConfig ({e})") from None
 
@@ -155,7 +156,8 @@ def convert(config: HunyuanClipConfig, source, *, dtype=jnp.float32, param_dtype
     """The model with weights from any tensor source holding the official `bert.*` keys."""
     skipped = ignored_keys(source)
     if skipped:
-        log.info("%s: ignoring %d tensors outside the BERT text tower (e.g. %s)", label, len(skipped), skipped[0])
+        log.info("%s: ignoring %d tensors outside the BERT text tower (e.g. %s)", label, len(skipped),
+                 skipped[0])
     model = nnx.eval_shape(lambda: build(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0),
                                          attention_backend=attention_backend))
     return convert_model(model, source, rules(config), dtype=param_dtype, ignore=IGNORE, label=label)
