@@ -243,7 +243,7 @@ class TorchPickleFile:
             return np.zeros(t.shape, t.storage.dtype)
         view = np.lib.stride_tricks.as_strided(
             storage[t.offset:], shape=t.shape, strides=tuple(s * dtype.itemsize for s in t.stride))
-        return np.ascontiguousarray(view, dtype=t.storage.dtype)
+        return np.array(view, dtype=t.storage.dtype, order="C")
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.tensors)
