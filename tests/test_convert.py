@@ -4,6 +4,7 @@ import json
 import pathlib
 
 import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
@@ -68,6 +69,17 @@ def test_bf16_release_equals_rounded_f32_release(tmp_path):
             for v in ("stepvideo-t2v", "stepvideo-t2v-bf16"))
     for k in a:
         assert np.array_equal(bits(a[k]), bits(b[k])), k
+
+
+def test_restore_casts_to_the_requested_dtype(tmp_path):
+    """A float32 conversion restored with bfloat16 parameters equals the bfloat16 conversion."""
+    for dtype in ("float32", "bfloat16"):
+        assert run("--release", release(), "--out", tmp_path / dtype, "--components", "transformer",
+                   "--dtype", dtype) == 0
+    cast = flat_params(cli.load_converted(tmp_path / "float32", "transformer", param_dtype=jnp.bfloat16))
+    stored = flat_params(cli.load_converted(tmp_path / "bfloat16", "transformer"))
+    for k in stored:
+        assert cast[k].dtype == jnp.bfloat16 and np.array_equal(bits(cast[k]), bits(stored[k])), k
 
 
 def test_sharded_restore_on_8_devices(tmp_path):

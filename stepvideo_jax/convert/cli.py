@@ -69,10 +69,12 @@ def converter(name: str):
     return importlib.import_module(COMPONENTS[name].module)
 
 
-def abstract_model(module, cfg, param_dtype):
-    """The component's model as shapes only (`nnx.eval_shape`), parameters in `param_dtype`."""
-    return nnx.eval_shape(lambda: module.build(cfg, dtype=param_dtype, param_dtype=param_dtype,
-                                               rngs=nnx.Rngs(0)))
+def abstract_model(module, cfg, param_dtype, dtype=None, **build_kwargs):
+    """The component's model as shapes only (`nnx.eval_shape`): parameters in `param_dtype`,
+    computation in `dtype` (default `param_dtype`)."""
+    dtype = param_dtype if dtype is None else dtype
+    return nnx.eval_shape(lambda: module.build(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0),
+                                               **build_kwargs))
 
 
 class _AccountingPassed(Exception):
@@ -233,16 +235,19 @@ def _replace(tmp: pathlib.Path, out: pathlib.Path, overwrite: bool) -> None:
     shutil.rmtree(old)
 
 
-def load_converted(root: str | os.PathLike, component: str, *, param_dtype=None, mesh=None, shardings=None):
+def load_converted(root: str | os.PathLike, component: str, *, dtype=None, param_dtype=None, mesh=None,
+                   shardings=None, **build_kwargs):
     """The model of `<root>/<component>` (a `convert_release` output) restored into its shardings.
 
-    Parameters take `param_dtype` (default: the stored dtype); `mesh` / `shardings` as in
-    `orbax_io.restore`.
+    Parameters take `param_dtype` (default: the stored dtype), computation `dtype` (default:
+    `param_dtype`); `mesh` / `shardings` as in `orbax_io.restore`; `build_kwargs` go to the
+    component's `build` (e.g. `attention_backend`).
     """
     folder = pathlib.Path(root) / component
     manifest = orbax_io.read_manifest(folder)
-    dtype = OUTPUT_DTYPES[manifest["dtype"]] if param_dtype is None else param_dtype
-    model = abstract_model(converter(component), config_from_record(manifest["config"]), dtype)
+    param_dtype = OUTPUT_DTYPES[manifest["dtype"]] if param_dtype is None else param_dtype
+    model = abstract_model(converter(component), config_from_record(manifest["config"]), param_dtype, dtype,
+                           **build_kwargs)
     return orbax_io.restore(folder, model, shardings=shardings, mesh=mesh)
 
 
