@@ -8,6 +8,15 @@ velocity (data - noise), (b, f, c_out, h, w).
 Tokens are ordered `(f h w)`; activations are (b, s, d). Cross-attention keeps every text key (static
 shapes, no recompilation per prompt) and masks the invalid ones, where the official code truncates
 to the longest valid length of the batch: the results are equal.
+
+bf16 inference (`dtype=param_dtype=bfloat16`, as the released weights) reproduces the official bf16
+casts: the timestep is cast to the compute dtype and multiplied by 1000 there (0.75 -> 752;
+`timestep_in_compute_dtype`), the sinusoid is float32; RoPE angles are rounded to the token dtype
+before cos/sin; RMSNorm normalises in float32 and casts back before the weight multiply; LayerNorm
+statistics and the attention softmax are float32; with `mask_sum_in_compute_dtype` the text-mask
+length is rounded to the compute dtype (397 -> 396). These two roundings are pinned with
+`reduce_precision`: XLA otherwise keeps excess precision (0.75 would give 750). Error against the
+float32 fixture: `tests/test_dit_bf16.py`.
 """
 from __future__ import annotations
 
@@ -46,6 +55,9 @@ class DiTConfig:
     # Reproduce the official bf16 pipeline's text-mask sum in the compute dtype (sums above 256 round
     # to even: 397 valid keys -> 396). Off by default: the exact count is used.
     mask_sum_in_compute_dtype: bool = False
+    # Reproduce the official pipeline's timestep rounding: t cast to the compute dtype and x1000 there
+    # (in bf16 0.75 -> 752, not 750). Off: x1000 in float32 (exact timestep, any compute dtype).
+    timestep_in_compute_dtype: bool = True
 
     @property
     def dim(self) -> int:
@@ -56,6 +68,19 @@ class DiTConfig:
         return cls()
 
 
+def rounded(x: jax.Array, dtype) -> jax.Array:
+    """x cast to `dtype` and rounded to its precision even where XLA keeps excess precision.
+
+    XLA may compute bf16 arithmetic in float32 and skip the rounding of intermediates
+    (`xla_allow_excess_precision`); `reduce_precision` pins the official per-op bf16 rounding.
+    """
+    x = x.astype(dtype)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        return x
+    info = jnp.finfo(dtype)
+    return jax.lax.reduce_precision(x, exponent_bits=info.nexp, mantissa_bits=info.nmant)
+
+
 def timestep_sinusoid(t: jax.Array, dim: int, scale: float, dtype) -> jax.Array:
     """(b,) -> (b, dim) `[cos(a), sin(a)]`, a = (t*scale) * exp(-ln(1e4) j / (dim/2)), float32 math.
 
@@ -63,7 +88,7 @@ def timestep_sinusoid(t: jax.Array, dim: int, scale: float, dtype) -> jax.Array:
     t = 0.9923 -> 992.0); the sinusoid is then computed in float32.
     """
     half = dim // 2
-    t = (t.astype(dtype) * jnp.asarray(scale, dtype)).astype(jnp.float32)
+    t = rounded(rounded(t, dtype) * jnp.asarray(scale, dtype), dtype).astype(jnp.float32)
     freqs = jnp.exp(-math.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / half)
     a = t[:, None] * freqs[None, :]
     return jnp.concatenate([jnp.cos(a), jnp.sin(a)], axis=-1)
@@ -190,7 +215,8 @@ class StepVideoDiT(nnx.Module):
 
     def embed_timestep(self, t, *, capture=False):
         """(b,) -> modulation (b, 6, d), embedded timestep (b, d)."""
-        sin = timestep_sinusoid(t, self.cfg.timestep_dim, self.cfg.timestep_scale, self.dtype)
+        t_dtype = self.dtype if self.cfg.timestep_in_compute_dtype else jnp.float32
+        sin = timestep_sinusoid(t, self.cfg.timestep_dim, self.cfg.timestep_scale, t_dtype)
         emb = self.time_linear_2(jax.nn.silu(self.time_linear_1(sin.astype(self.dtype))))
         mod = self.adaln(jax.nn.silu(emb))
         _sow(self, capture, timestep_proj=sin, embedded_timestep=emb, adaln_modulation=mod)
@@ -205,8 +231,10 @@ class StepVideoDiT(nnx.Module):
         total = tokens.shape[1]
         if y_mask.shape != tokens.shape[:2]:
             raise ValueError(f"y_mask {y_mask.shape} should be (b, l_clip + l_text) = {tokens.shape[:2]}")
-        sum_dtype = self.dtype if self.cfg.mask_sum_in_compute_dtype else jnp.float32
-        kv_len = jnp.sum(y_mask.astype(sum_dtype), axis=-1).astype(jnp.int32)
+        kv_len = jnp.sum(y_mask.astype(jnp.float32), axis=-1)
+        if self.cfg.mask_sum_in_compute_dtype:
+            kv_len = rounded(kv_len, self.dtype)
+        kv_len = kv_len.astype(jnp.int32)
         key_mask = jnp.arange(total)[None, :] < kv_len[:, None]
         _sow(self, capture, caption_projection_out=text, clip_projection_out=clip_tokens,
              caption_tokens_full=tokens, key_mask=key_mask)
