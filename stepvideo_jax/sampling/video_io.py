@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import pathlib
 import tempfile
+import warnings
 
 import numpy as np
 
@@ -62,7 +63,10 @@ def write_mp4(path, frames: np.ndarray, *, fps: int = FPS, denoise: bool = True,
             tmp, (frames.shape[2], frames.shape[1]), fps=fps, codec="libx264", quality=quality,
             pix_fmt_out="yuv420p", macro_block_size=1, ffmpeg_log_level="error",
             output_params=["-vf", DENOISE_FILTER] if denoise else None)
-        writer.send(None)
+        with warnings.catch_warnings():
+            # JAX warns on any fork; the fork here is subprocess's fork+exec of ffmpeg, which is safe
+            warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
+            writer.send(None)
         for frame in frames:
             writer.send(np.ascontiguousarray(frame))
         writer.close()

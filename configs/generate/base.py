@@ -1,0 +1,37 @@
+r"""Step-Video-T2V (base model), the official recommended settings: 50 steps, CFG 9, time shift 13.
+
+    python -m stepvideo_jax.generate --config configs/generate/base.py \
+        --config.checkpoint_dir=/path/to/stepvideo-t2v --config.prompt="..."
+
+`checkpoint_dir` is a release directory as published (`transformer/`, `vae/`, `step_llm/`,
+`hunyuan_clip/`); 204 frames at 544 x 992, cropped to 540 x 960 as the official pipeline does.
+"""
+import ml_collections
+
+
+def get_config():
+    c = ml_collections.ConfigDict()
+    c.prompt = ""
+    c.prompts = ()                 # a batch: overrides `prompt` when not empty
+    c.seed = 1234                  # prompt i of a batch uses seed + i
+    c.num_frames = 204             # multiple of 17
+    c.height = 544                 # multiple of 16
+    c.width = 992                  # multiple of 16
+    c.num_steps = 50
+    c.guidance_scale = 9.0         # <= 1 turns classifier-free guidance off
+    c.time_shift = 13.0
+    c.pos_magic = "超高清、HDR 视频、环境光、杜比全景声、画面稳定、流畅动作、逼真的细节、专业级构图、超现实主义、自然、生动、超细节、清晰。"
+    c.neg_magic = "画面暗、低分辨率、不良手、文本、缺少手指、多余的手指、裁剪、低质量、颗粒状、签名、水印、用户名、模糊。"
+
+    c.checkpoint_dir = ""          # required: the release directory
+    c.dtypes = ml_collections.ConfigDict(dict(dit="bfloat16", vae="bfloat16", step_llm="bfloat16",
+                                              clip="float32"))   # the official deployment's
+    c.attention_backend = ""       # "": the platform default (see models/attention.py)
+    c.bf16_mask_sum = False        # reproduce the official bf16 text-mask rounding
+
+    c.output = "outputs/stepvideo.mp4"   # a batch writes <stem>_<i>.mp4
+    c.save_latents = False         # also write <stem>.npy with the final latents (1, f, c, h, w)
+    c.crop_540p = True             # the official crop2standard540p
+    c.denoise_filter = True        # the official ffmpeg atadenoise filter
+    c.progress = True
+    return c

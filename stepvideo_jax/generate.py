@@ -1,0 +1,154 @@
+r"""The main job: prompts in, H.264 mp4 files out.
+
+    python -m stepvideo_jax.generate --config.prompt="A red panda climbs a snowy pine tree."
+    python -m stepvideo_jax.generate --config configs/generate/base.py \
+        --config.checkpoint_dir=/path/to/stepvideo-t2v --config.prompt="..."
+
+Without `--config` the embedded tiny random configuration (`configs/generate/tiny.py`) runs. Every
+config field can be overridden with `--config.<field>=...`. All input is checked before any model is
+built or compiled. Prints the resolved config, a progress bar over the denoising steps, and the time
+of each phase at the end.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import sys
+import time
+
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from stepvideo_jax.sampling import components, video_io
+from stepvideo_jax.sampling.flow_matching import SamplerSettings
+from stepvideo_jax.sampling.pipeline import TextToVideo, VideoSize, check_prompts
+
+DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "generate" / "tiny.py"
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """A checked config: everything the run needs, validated before anything compiles."""
+
+    prompts: list[str]
+    seeds: list[int]
+    size: VideoSize
+    settings: SamplerSettings
+    outputs: list[pathlib.Path]
+    checkpoint_dir: pathlib.Path | None
+    dtypes: dict
+
+
+def resolve(config: ml_collections.ConfigDict) -> Job:
+    """Validate a config; every problem raises a ValueError naming the value and the valid choices."""
+    prompts = check_prompts(list(config.prompts) if config.prompts else [config.prompt])
+    seeds = [int(config.seed) + i for i in range(len(prompts))]
+    size = VideoSize(config.num_frames, config.height, config.width)
+    settings = SamplerSettings(config.num_steps, float(config.guidance_scale), float(config.time_shift))
+    dtypes = {}
+    for name, value in config.dtypes.items():
+        if value not in DTYPES:
+            raise ValueError(f"dtypes.{name}={value!r}: choose one of {sorted(DTYPES)}")
+        dtypes[name] = DTYPES[value]
+    checkpoint_dir = None
+    if config.checkpoint_dir:
+        checkpoint_dir = components.check_checkpoint_dir(config.checkpoint_dir)
+    elif "tiny" not in config:
+        raise ValueError("this config has no tiny random models: set --config.checkpoint_dir to a release "
+                         "directory (transformer/, vae/, step_llm/, hunyuan_clip/) or its converted checkpoint")
+    output = pathlib.Path(config.output)
+    if output.suffix.lower() != ".mp4":
+        raise ValueError(f"output {output} must end in .mp4")
+    outputs = [output] if len(prompts) == 1 else [
+        output.with_name(f"{output.stem}_{i}{output.suffix}") for i in range(len(prompts))]
+    for path in outputs:
+        video_io.check_writable(path)
+    return Job(prompts=prompts, seeds=seeds, size=size, settings=settings, outputs=outputs,
+               checkpoint_dir=checkpoint_dir, dtypes=dtypes)
+
+
+def build_models(config: ml_collections.ConfigDict, job: Job) -> components.Models:
+    backend = config.attention_backend or None
+    kw = dict(dit_dtype=job.dtypes["dit"], vae_dtype=job.dtypes["vae"], llm_dtype=job.dtypes["step_llm"],
+              clip_dtype=job.dtypes["clip"], attention_backend=backend, bf16_mask_sum=config.bf16_mask_sum)
+    if job.checkpoint_dir is not None:
+        return components.from_checkpoint(job.checkpoint_dir, **kw)
+    return components.tiny_random(config.tiny.to_dict(), seed=config.tiny.seed, **kw)
+
+
+def build_pipeline(config: ml_collections.ConfigDict, job: Job) -> TextToVideo:
+    models = build_models(config, job)
+    return TextToVideo(encode_text=models.text, dit=models.dit, decode=components.vae_decoder(models.vae),
+                       dtype=job.dtypes["dit"], attention_backend=config.attention_backend or None)
+
+
+def generate(config: ml_collections.ConfigDict, job: Job, pipe: TextToVideo) -> dict:
+    """Run one batch and write its files; returns {"files", "latents", "timings"}."""
+    result = pipe(job.prompts, size=job.size, settings=job.settings, seeds=job.seeds,
+                  pos_magic=config.pos_magic, neg_magic=config.neg_magic, crop=config.crop_540p,
+                  progress=config.progress)
+    start = time.perf_counter()
+    latent_files = []
+    for path, frames, latents in zip(job.outputs, result.frames, result.latents):
+        video_io.write_mp4(path, frames, denoise=config.denoise_filter)
+        if config.save_latents:
+            latent_files.append(_save_npy(path.with_suffix(".npy"), latents[None]))
+    timings = dict(result.timings, write=time.perf_counter() - start)
+    return {"files": [str(p) for p in job.outputs], "latents": latent_files, "timings": timings}
+
+
+def _save_npy(path: pathlib.Path, array: np.ndarray) -> str:
+    tmp = path.with_name(f".{path.name}.partial")
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+    tmp.replace(path)
+    return str(path)
+
+
+def format_timings(timings: dict) -> str:
+    width = max(len(k) for k in timings)
+    rows = [f"  {k:<{width}}  {v:8.2f} s" for k, v in timings.items()]
+    return "\n".join(["time per phase:", *rows, f"  {'total':<{width}}  {sum(timings.values()):8.2f} s"])
+
+
+def run(config: ml_collections.ConfigDict) -> dict:
+    job = resolve(config)
+    print("resolved config:\n" + str(config), flush=True)
+    start = time.perf_counter()
+    pipe = build_pipeline(config, job)
+    load = time.perf_counter() - start
+    summary = generate(config, job, pipe)
+    summary["timings"] = {"load": load, **summary["timings"]}
+    for path in summary["files"] + summary["latents"]:
+        print(f"wrote {path}")
+    print(format_timings(summary["timings"]), flush=True)
+    return summary
+
+
+def main(argv=None):
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flag = config_flags.DEFINE_config_file("config", str(DEFAULT_CONFIG), "generation config file")
+    flags.DEFINE_string("summary_json", "", "also write the files and timings of the run to this JSON file")
+
+    def _main(args):
+        if len(args) > 1:
+            raise app.UsageError(f"unexpected arguments {args[1:]}; settings go through --config.<field>=...")
+        try:
+            summary = run(config_flag.value)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        if flags.FLAGS.summary_json:
+            pathlib.Path(flags.FLAGS.summary_json).write_text(json.dumps(summary, indent=1))
+        return 0
+
+    app.run(_main, argv=argv)
+
+
+if __name__ == "__main__":
+    main()
