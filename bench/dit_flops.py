@@ -1,0 +1,132 @@
+"""Analytic FLOPs of the Step-Video DiT, cross-checked against XLA's `cost_analysis()`.
+
+    python -m bench.dit_flops                      # full size, 204x544x992 px, 397 text keys
+    python -m bench.dit_flops --check-layers 2     # + the cross-check on a small unrolled model
+
+Per block (S video tokens, L text keys, width d; a multiply-add = 2 FLOPs):
+    self-attention projections q, k, v, o    8 S d^2
+    self-attention scores and values         4 S^2 d
+    cross-attention q, o                     4 S d^2
+    cross-attention k, v (text tokens)       4 L d^2
+    cross-attention scores and values        4 S L d
+    feed-forward d -> 4d -> d               16 S d^2
+  = 28 S d^2 + 4 S^2 d + 4 L d^2 + 4 S L d. Per forward: layers x block + patch embedding, timestep
+MLP and AdaLN, caption and CLIP projections, final projection. Norms, RoPE, softmax and modulation
+(O(S d) each) are left out.
+
+`cost_analysis()` counts a loop body once and cannot see inside Pallas kernels, so the cross-check
+compiles a small model with the blocks unrolled (the Python loop of `StepVideoDiT`) and plain "xla"
+attention, on CPU; its count also includes the elementwise work, hence a ratio slightly below 1. The
+same model with "blockwise" attention (a loop over key blocks) shows the undercount once S exceeds
+one block.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from stepvideo_jax.models.dit import DiTConfig
+
+
+def block_flops(cfg: DiTConfig, s: int, l: int) -> dict[str, float]:
+    d = cfg.dim
+    return {"self_attn_proj": 8 * s * d * d, "self_attn_core": 4 * s * s * d,
+            "cross_attn_proj": 4 * s * d * d + 4 * l * d * d, "cross_attn_core": 4 * s * l * d,
+            "ffn": 16 * s * d * d}
+
+
+def forward_flops(cfg: DiTConfig, *, batch: int, s: int, l_text: int, l_clip: int) -> dict[str, float]:
+    """FLOPs of one forward by part; `s` video tokens after patching, keys l_clip + l_text."""
+    d, p = cfg.dim, cfg.patch_size
+    c_text, c_clip = cfg.caption_channels
+    blocks = sum(block_flops(cfg, s, l_clip + l_text).values())
+    parts = {
+        "blocks": cfg.num_layers * blocks,
+        "patch_embed": 2 * s * cfg.in_channels * p * p * d,
+        "timestep": 2 * (cfg.timestep_dim * d + d * d + d * 6 * d),
+        "caption": 2 * l_text * (c_text * d + d * d) + 2 * l_clip * c_clip * d,
+        "proj_out": 2 * s * d * p * p * cfg.out_channels,
+    }
+    return {k: batch * v for k, v in parts.items()}
+
+
+def xla_flops(cfg: DiTConfig, *, batch: int, frames: int, height: int, width: int, l_text: int,
+              l_clip: int, backend: str) -> float:
+    """`cost_analysis()["flops"]` of the jitted forward on this machine (abstract inputs)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from stepvideo_jax.models.dit import StepVideoDiT
+
+    model = nnx.eval_shape(lambda: StepVideoDiT(cfg, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(model)
+    f32 = jnp.float32
+    args = (jax.ShapeDtypeStruct((batch, frames, cfg.in_channels, height, width), f32),
+            jax.ShapeDtypeStruct((batch,), f32),
+            jax.ShapeDtypeStruct((batch, l_text, cfg.caption_channels[0]), f32),
+            jax.ShapeDtypeStruct((batch, l_clip + l_text), f32),
+            jax.ShapeDtypeStruct((batch, l_clip, cfg.caption_channels[1]), f32))
+
+    def forward(state, *a):
+        return nnx.merge(graphdef, state)(*a, backend=backend)
+
+    cost = jax.jit(forward).lower(state, *args).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost["flops"])
+
+
+def _fmt(x: float) -> str:
+    for unit, scale in (("EFLOP", 1e18), ("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
+        if x >= scale:
+            return f"{x / scale:8.3f} {unit}"
+    return f"{x:8.0f} FLOP"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--frames", type=int, default=36, help="latent frames")
+    p.add_argument("--height", type=int, default=34, help="latent height")
+    p.add_argument("--width", type=int, default=62, help="latent width")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--text-len", type=int, default=320)
+    p.add_argument("--clip-len", type=int, default=77)
+    p.add_argument("--steps", type=int, default=50, help="sampling steps (x2 for classifier-free guidance)")
+    p.add_argument("--check-layers", type=int, default=2, help="layers of the cross-check model (0: skip)")
+    p.add_argument("--check-heads", type=int, default=4)
+    p.add_argument("--check-grid", default="4,16,16", help="frames,height,width of the cross-check model")
+    a = p.parse_args(argv)
+
+    cfg = DiTConfig.full()
+    s = a.frames * (a.height // cfg.patch_size) * (a.width // cfg.patch_size)
+    l = a.text_len + a.clip_len
+    print(f"full size: d {cfg.dim}, {cfg.num_layers} layers, S {s} video tokens, L {l} text keys, batch {a.batch}")
+    for name, v in block_flops(cfg, s, l).items():
+        print(f"  block {name:16s} {_fmt(a.batch * v)}")
+    per_block = a.batch * sum(block_flops(cfg, s, l).values())
+    print(f"  block total            {_fmt(per_block)}   (28 S d^2 = {_fmt(a.batch * 28 * s * cfg.dim ** 2)}, "
+          f"4 S^2 d = {_fmt(a.batch * 4 * s * s * cfg.dim)})")
+    fwd = forward_flops(cfg, batch=a.batch, s=s, l_text=a.text_len, l_clip=a.clip_len)
+    for name, v in fwd.items():
+        print(f"  forward {name:14s} {_fmt(v)}")
+    total = sum(fwd.values())
+    print(f"  forward total          {_fmt(total)}")
+    print(f"  sampling ({a.steps} steps x 2 CFG) {_fmt(2 * a.steps * total)}")
+
+    if a.check_layers:
+        f, h, w = (int(x) for x in a.check_grid.split(","))
+        small = dataclasses.replace(cfg, num_layers=a.check_layers, num_heads=a.check_heads,
+                                    caption_channels=(256, 128))
+        l_text, l_clip = 24, 8
+        ana = sum(forward_flops(small, batch=1, s=f * h * w, l_text=l_text, l_clip=l_clip).values())
+        print(f"cross-check: {small.num_layers} layers, d {small.dim}, grid {f}x{h}x{w} (S {f * h * w}), "
+              f"L {l_text + l_clip}")
+        for backend in ("xla", "blockwise"):
+            xla = xla_flops(small, batch=1, frames=f, height=h, width=w, l_text=l_text, l_clip=l_clip,
+                            backend=backend)
+            print(f"  attention {backend:9s}: analytic {_fmt(ana)}, cost_analysis {_fmt(xla)}, "
+                  f"analytic / cost_analysis = {ana / xla:.4f}")
+
+
+if __name__ == "__main__":
+    main()
