@@ -41,6 +41,8 @@ LOGICAL_RULES: Rules = (
     ("conv_out", "fsdp"),
     ("layers", None),              # stacked (scanned) blocks
     ("norm", None),
+    ("conv_window", None),         # convolution taps (t, h, w)
+    ("vae_channels", None),        # Video-VAE channels: replicated (0.5B params; one chip per chunk)
 )
 
 
