@@ -76,7 +76,7 @@ def xla_flops(cfg: DiTConfig, *, batch: int, frames: int, height: int, width: in
     return float(cost["flops"])
 
 
-def _fmt(x: float) -> str:
+def fmt_flops(x: float) -> str:
     for unit, scale in (("EFLOP", 1e18), ("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
         if x >= scale:
             return f"{x / scale:8.3f} {unit}"
@@ -102,16 +102,16 @@ def main(argv=None):
     l = a.text_len + a.clip_len
     print(f"full size: d {cfg.dim}, {cfg.num_layers} layers, S {s} video tokens, L {l} text keys, batch {a.batch}")
     for name, v in block_flops(cfg, s, l).items():
-        print(f"  block {name:16s} {_fmt(a.batch * v)}")
+        print(f"  block {name:16s} {fmt_flops(a.batch * v)}")
     per_block = a.batch * sum(block_flops(cfg, s, l).values())
-    print(f"  block total            {_fmt(per_block)}   (28 S d^2 = {_fmt(a.batch * 28 * s * cfg.dim ** 2)}, "
-          f"4 S^2 d = {_fmt(a.batch * 4 * s * s * cfg.dim)})")
+    print(f"  block total            {fmt_flops(per_block)}   (28 S d^2 = {fmt_flops(a.batch * 28 * s * cfg.dim ** 2)}, "
+          f"4 S^2 d = {fmt_flops(a.batch * 4 * s * s * cfg.dim)})")
     fwd = forward_flops(cfg, batch=a.batch, s=s, l_text=a.text_len, l_clip=a.clip_len)
     for name, v in fwd.items():
-        print(f"  forward {name:14s} {_fmt(v)}")
+        print(f"  forward {name:14s} {fmt_flops(v)}")
     total = sum(fwd.values())
-    print(f"  forward total          {_fmt(total)}")
-    print(f"  sampling ({a.steps} steps x 2 CFG) {_fmt(2 * a.steps * total)}")
+    print(f"  forward total          {fmt_flops(total)}")
+    print(f"  sampling ({a.steps} steps x 2 CFG) {fmt_flops(2 * a.steps * total)}")
 
     if a.check_layers:
         f, h, w = (int(x) for x in a.check_grid.split(","))
@@ -124,7 +124,7 @@ def main(argv=None):
         for backend in ("xla", "blockwise"):
             xla = xla_flops(small, batch=1, frames=f, height=h, width=w, l_text=l_text, l_clip=l_clip,
                             backend=backend)
-            print(f"  attention {backend:9s}: analytic {_fmt(ana)}, cost_analysis {_fmt(xla)}, "
+            print(f"  attention {backend:9s}: analytic {fmt_flops(ana)}, cost_analysis {fmt_flops(xla)}, "
                   f"analytic / cost_analysis = {ana / xla:.4f}")
 
 
