@@ -224,6 +224,8 @@ def test_unknown_component_and_missing_folder(tmp_path, capsys):
     assert "no vae/ folder" in err
     err = convert_fails(tmp_path, capsys, release=tmp_path / "nowhere")
     assert "not found" in err
+    err = convert_fails(tmp_path, capsys, components=",")
+    assert "no components selected" in err
 
 
 def test_failed_overwrite_keeps_the_old_destination(tmp_path, capsys):

@@ -197,6 +197,8 @@ def convert_release(release: str | os.PathLike, out: str | os.PathLike, *,
         if not components:
             raise CheckpointError(f"{release}: holds none of the component folders {sorted(COMPONENTS)}")
     components = list(dict.fromkeys(components))
+    if not components:
+        raise CheckpointError(f"no components selected; choose from {sorted(COMPONENTS)}")
     unknown = [c for c in components if c not in COMPONENTS]
     if unknown:
         raise CheckpointError(f"unknown components {unknown}; choose from {sorted(COMPONENTS)}")
