@@ -175,11 +175,11 @@ class TextToVideo:
 
     def __init__(self, *, encode_text: TextEncoder, dit: nnx.Module, decode: VideoDecoder,
                  dtype=jnp.float32, attention_backend: str | None = None):
-        graphdef, self.dit_state = nnx.split(dit)
+        self.dit_graphdef, self.dit_state = nnx.split(dit)
         self.latent_channels = dit.cfg.in_channels
         self.encode_text = encode_text
         self.decode = decode
-        self.sampler = FlowMatchSampler(dit_velocity_fn(graphdef, backend=attention_backend),
+        self.sampler = FlowMatchSampler(dit_velocity_fn(self.dit_graphdef, backend=attention_backend),
                                         model_dtype=dtype)
 
     def conditioning(self, prompts: Sequence[str], *, pos_magic: str, neg_magic: str, cfg: bool):
