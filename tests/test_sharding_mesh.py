@@ -1,0 +1,78 @@
+"""Meshes from configs, parameter placement by the rules table, multi-process detection."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from stepvideo_jax.models.layers import Linear
+from stepvideo_jax.parallel.mesh import (MESH_AXES, MeshConfig, initialize_distributed, make_mesh,
+                                         multi_process_env, shard_model)
+
+
+def test_sizes_fill_the_rest():
+    assert MeshConfig(sequence=2, tensor=2).resolve(8) == {"data": 1, "fsdp": 2, "sequence": 2, "tensor": 2}
+    assert MeshConfig.from_string("sequence=8").resolve(8)["fsdp"] == 1
+    assert MeshConfig.from_string("data=2,sequence=-1").resolve(8) == {
+        "data": 2, "fsdp": 1, "sequence": 4, "tensor": 1}
+    assert MeshConfig.from_mapping({"tensor": 4}).resolve(8)["fsdp"] == 2
+
+
+@pytest.mark.parametrize("config, match", [
+    (MeshConfig(fsdp=3), "use 3 devices"),
+    (MeshConfig(data=-1, fsdp=-1), "at most one"),
+    (MeshConfig(tensor=3), "do not divide"),
+    (MeshConfig(tensor=0), "positive"),
+])
+def test_bad_sizes(config, match):
+    with pytest.raises(ValueError, match=match):
+        config.resolve(8)
+
+
+def test_bad_strings():
+    with pytest.raises(ValueError, match="axis in"):
+        MeshConfig.from_string("pipeline=2")
+    with pytest.raises(ValueError, match="integer"):
+        MeshConfig.from_string("fsdp=two")
+    with pytest.raises(ValueError, match="unknown mesh axes"):
+        MeshConfig.from_mapping({"model": 2})
+
+
+def test_mesh_axes_and_devices():
+    mesh = make_mesh(MeshConfig.from_string("fsdp=2,sequence=2,tensor=2"))
+    assert mesh.axis_names == MESH_AXES
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 2, "sequence": 2, "tensor": 2}
+    assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in jax.devices())
+
+
+def test_shard_model_follows_rules():
+    layer = Linear(16, 32, axes=("embed", "mlp"), rngs=nnx.Rngs(0))
+    before = np.asarray(layer.kernel.value)
+    mesh = make_mesh(MeshConfig.from_string("fsdp=4,tensor=2"))
+    shard_model(layer, mesh)
+    assert layer.kernel.value.sharding.spec == P("fsdp", "tensor")
+    assert layer.kernel.value.addressable_shards[0].data.shape == (4, 16)
+    assert layer.bias.value.sharding.spec == P("tensor")
+    np.testing.assert_array_equal(np.asarray(layer.kernel.value), before)
+    with jax.set_mesh(mesh):
+        y = jax.jit(lambda m, x: m(x))(layer, jnp.ones((8, 16)))
+    np.testing.assert_allclose(y, jnp.ones((8, 16)) @ before + np.asarray(layer.bias.value), rtol=1e-5,
+                               atol=1e-5)
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({}, None),
+    ({"SLURM_NTASKS": "1"}, None),
+    ({"SLURM_NTASKS": "16"}, "SLURM_NTASKS"),
+    ({"OMPI_COMM_WORLD_SIZE": "2"}, "OMPI_COMM_WORLD_SIZE"),
+    ({"TPU_WORKER_HOSTNAMES": "localhost"}, None),
+    ({"TPU_WORKER_HOSTNAMES": "10.0.0.2,10.0.0.3"}, "TPU_WORKER_HOSTNAMES"),
+    ({"JAX_COORDINATOR_ADDRESS": "10.0.0.2:1234"}, "JAX_COORDINATOR_ADDRESS"),
+])
+def test_multi_process_detection(env, expected):
+    assert multi_process_env(env) == expected
+
+
+def test_single_process_does_not_initialize():
+    assert initialize_distributed(environ={}) is False
