@@ -1,1 +1,1 @@
-"""Data: grain pipelines, the precompute job, synthetic sets."""
+"""Training data: the on-disk format of pre-encoded samples, the grain pipeline, the precompute job."""

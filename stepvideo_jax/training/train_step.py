@@ -56,24 +56,31 @@ class StepSettings:
     attention_backend: Optional[str] = None
 
 
-def _model_loss(graphdef, params, batch, key, settings: StepSettings, negative):
+def draw_inputs(key: jax.Array, batch: dict, settings: StepSettings, negative: Optional[dict] = None) -> dict:
+    """The step's random draws for the whole batch: latent sample `x`, `noise`, `t`, and the
+    conditioning after dropout. Drawn before any micro-batching, so accumulation does not change them."""
     k_latent, k_noise, k_t, k_drop = jax.random.split(key, 4)
     x = flow_loss.sample_posterior(k_latent, batch["mean"], batch["logvar"])
-    noise = jax.random.normal(k_noise, x.shape, jnp.float32)
     t = flow_loss.sample_timesteps(k_t, x.shape[0], settings.timestep_distribution,
                                    logit_mean=settings.logit_mean, logit_std=settings.logit_std,
                                    shift=settings.timestep_shift)
     cond = {k: batch[k] for k in COND_KEYS}
     if settings.cond_dropout > 0:
+        if negative is None:
+            raise ValueError("cond_dropout > 0 needs the negative prompt's conditioning")
         cond = flow_loss.drop_conditioning(k_drop, cond, negative, settings.cond_dropout)
+    return {"x": x, "noise": jax.random.normal(k_noise, x.shape, jnp.float32), "t": t, **cond}
+
+
+def _loss(graphdef, params, inputs: dict, settings: StepSettings):
     model = nnx.merge(graphdef, params)
     policy = remat_policy(settings.remat)
 
-    def velocity(xt, tt):
-        return model(xt, tt, cond["y"], cond["y_mask"], cond["clip"], backend=settings.attention_backend,
+    def velocity(xt, t):
+        return model(xt, t, inputs["y"], inputs["y_mask"], inputs["clip"], backend=settings.attention_backend,
                      remat_policy=policy)
 
-    return flow_loss.flow_matching_loss(velocity, x, noise, t)
+    return flow_loss.flow_matching_loss(velocity, inputs["x"], inputs["noise"], inputs["t"])
 
 
 def loss_and_grads(graphdef, params: nnx.State, batch: dict, key: jax.Array, settings: StepSettings,
@@ -83,19 +90,19 @@ def loss_and_grads(graphdef, params: nnx.State, batch: dict, key: jax.Array, set
     b = batch["mean"].shape[0]
     if n < 1 or b % n:
         raise ValueError(f"accum_steps {n} must be >= 1 and divide the batch size {b}")
-    grad_fn = jax.value_and_grad(lambda p, mb, k: _model_loss(graphdef, p, mb, k, settings, negative))
+    inputs = draw_inputs(key, batch, settings, negative)
+    grad_fn = jax.value_and_grad(lambda p, mb: _loss(graphdef, p, mb, settings))
     if n == 1:
-        return grad_fn(params, batch, key)
-    micro = jax.tree.map(lambda a: a.reshape((n, b // n) + a.shape[1:]), batch)
-    keys = jax.random.split(key, n)
+        return grad_fn(params, inputs)
+    micro = jax.tree.map(lambda a: a.reshape((n, b // n) + a.shape[1:]), inputs)
 
-    def body(carry, xs):
+    def body(carry, mb):
         loss_sum, grad_sum = carry
-        loss, grads = grad_fn(params, *xs)
+        loss, grads = grad_fn(params, mb)
         return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
 
     zeros = jax.tree.map(jnp.zeros_like, params)
-    (loss_sum, grad_sum), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), (micro, keys))
+    (loss_sum, grad_sum), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), micro)
     return loss_sum / n, jax.tree.map(lambda g: g / n, grad_sum)
 
 

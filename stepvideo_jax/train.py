@@ -1,0 +1,32 @@
+"""Train the DiT with flow matching: `python -m stepvideo_jax.train --config configs/train/<name>.py`.
+
+Config fields can be overridden on the command line (`--config.total_steps=100`); `--workdir`
+overrides `config.workdir`. Re-running the same command resumes from the last complete checkpoint.
+On a pod or cluster pass `--multihost` on every host (calls `jax.distributed.initialize()`, which
+reads the coordinator from the TPU/SLURM environment).
+"""
+from __future__ import annotations
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "training config file (configs/train/*.py)",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics); default config.workdir")
+_MULTIHOST = flags.DEFINE_bool("multihost", False, "initialise jax.distributed (one process per host)")
+
+
+def main(argv) -> None:
+    del argv
+    import jax
+
+    from stepvideo_jax.training.loop import train
+
+    if _MULTIHOST.value:
+        jax.distributed.initialize()
+    train(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["config"])
+    app.run(main)

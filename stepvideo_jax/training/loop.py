@@ -1,0 +1,274 @@
+"""The training loop: config -> mesh, model, state, data, jitted step, metrics, checkpoints.
+
+`train(config, workdir)` runs (or resumes) a run described by an ml_collections config (see
+`configs/train/`). The step is jitted once per bucket shape with explicit shardings from the
+logical-axis rules, the state donated. The loop checks the loss of every step on the host before
+anything else happens, so a NaN/inf stops the run before a bad state can be saved.
+
+Workdir layout: `checkpoints/<step>/`, `metrics.jsonl`, `tensorboard/`, `dit_config.json` (the
+model config, read back by `load_dit` and the exporter), `synthetic_data/` (tiny configs only).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+import time
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from stepvideo_jax.data import format as data_format
+from stepvideo_jax.data import pipeline, synthetic
+from stepvideo_jax.models.dit import DiTConfig, StepVideoDiT
+from stepvideo_jax.parallel.rules import logical_to_spec, state_shardings
+from stepvideo_jax.training import optimizer as optim
+from stepvideo_jax.training import train_state
+from stepvideo_jax.training.checkpoint import Checkpointer, abstract_with_shardings
+from stepvideo_jax.training.metrics import MetricsWriter, peak_flops_per_device, train_flops
+from stepvideo_jax.training.train_step import StepSettings, heldout_loss, make_train_step
+
+MESH_AXES = ("data", "fsdp", "sequence", "tensor")
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+@dataclasses.dataclass
+class TrainResult:
+    state: train_state.TrainState
+    history: list[dict]                  # per step: step, loss, grad_norm, learning_rate
+    heldout: list[tuple[int, float]]     # (step, held-out loss), step 0 = before training
+
+
+def build_mesh(sizes, devices=None) -> Mesh:
+    """(data, fsdp, sequence, tensor) mesh; one size may be -1 (the remaining devices). Sizes whose
+    product is below the device count use the first devices (e.g. a one-device run on a host with 8)."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = {a: int(sizes.get(a, 1)) for a in MESH_AXES}
+    unknown = [a for a, v in sizes.items() if v == -1]
+    known = math.prod(v for v in sizes.values() if v != -1)
+    if len(unknown) > 1 or (unknown and len(devices) % known) or (not unknown and len(devices) % known):
+        raise ValueError(f"mesh sizes {sizes} do not fit {len(devices)} devices (at most one may be -1; "
+                         "the product must divide the device count)")
+    for a in unknown:
+        sizes[a] = len(devices) // known
+    devices = devices[: math.prod(sizes.values())]
+    return Mesh(np.asarray(devices, dtype=object).reshape([sizes[a] for a in MESH_AXES]), MESH_AXES)
+
+
+def dit_config(model_cfg) -> DiTConfig:
+    """DiTConfig from `config.model` (fields of DiTConfig; `preset="full"` for the official size)."""
+    raw = dict(model_cfg)
+    raw.pop("init_from", None)
+    base = DiTConfig.full() if raw.pop("preset", "") == "full" else DiTConfig()
+    fields = {f.name for f in dataclasses.fields(DiTConfig)}
+    unknown = sorted(set(raw) - fields)
+    if unknown:
+        raise ValueError(f"config.model has unknown keys {unknown}; DiTConfig fields are {sorted(fields)}")
+    raw = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
+    return dataclasses.replace(base, **raw)
+
+
+def step_settings(config) -> StepSettings:
+    return StepSettings(**dict(config.step))
+
+
+def optimizer_of(config):
+    o = config.optim
+    schedule = optim.learning_rate_schedule(o.learning_rate, warmup_steps=o.warmup_steps,
+                                            total_steps=config.total_steps, kind=o.schedule,
+                                            end_fraction=o.end_fraction)
+    return schedule, optim.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+                                 clip_norm=o.clip_norm or None)
+
+
+def open_dataset(config, workdir: pathlib.Path) -> data_format.Dataset:
+    d = config.data
+    if d.get("synthetic"):
+        root = workdir / "synthetic_data"
+        if not (root / "meta.json").exists():
+            s = d.synthetic
+            synthetic.write(root, num_samples=s.num_samples, buckets=tuple(tuple(b) for b in s.buckets),
+                            channels=s.channels, text_length=s.text_length, clip_length=s.clip_length,
+                            caption_channels=tuple(s.caption_channels), seed=s.seed)
+        return data_format.Dataset(root)
+    if not d.get("path"):
+        raise ValueError("config.data needs `path` (a stepvideo-latents-v1 directory) or `synthetic`")
+    return data_format.Dataset(d.path)
+
+
+def batch_shardings(example: dict, mesh: Mesh) -> dict:
+    """Rows over the batch axes of the mesh, everything else replicated."""
+    return {k: NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (np.ndim(v) - 1), mesh))
+            for k, v in example.items()}
+
+
+def to_global(local: dict, shardings: dict) -> dict:
+    return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v)) for k, v in local.items()}
+
+
+def make_heldout(dataset: data_format.Dataset, size: int, seed: int) -> dict:
+    """A fixed evaluation set: posterior means of the first `size` samples of the largest bucket,
+    with fixed noise and t ~ U(0, 1) from `seed`."""
+    by_bucket: dict = {}
+    for i in range(len(dataset)):
+        by_bucket.setdefault(dataset.bucket(i), []).append(i)
+    idx = max(by_bucket.values(), key=len)[:size]
+    samples = [dataset.load(i) for i in idx]
+    out = {k: jnp.asarray(np.stack([s[k] for s in samples])) for k in ("y", "y_mask", "clip")}
+    out["x"] = jnp.asarray(np.stack([s["mean"] for s in samples]), jnp.float32)
+    k_noise, k_t = jax.random.split(jax.random.key(seed))
+    out["noise"] = jax.random.normal(k_noise, out["x"].shape, jnp.float32)
+    out["t"] = jax.random.uniform(k_t, (len(idx),), jnp.float32)
+    return out
+
+
+def train(config, workdir=None, *, printer: Optional[Callable[[str], Any]] = print) -> TrainResult:
+    """Run or resume the run of `config` in `workdir` (default `config.workdir`)."""
+    workdir = pathlib.Path(workdir or config.workdir).absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    mesh = build_mesh(dict(config.mesh))
+    init_from = config.model.get("init_from", "")
+    if init_from:
+        from stepvideo_jax.convert import dit as dit_convert
+
+        cfg = dit_convert.read_config(init_from)
+    else:
+        cfg = dit_config(config.model)
+    (workdir / "dit_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+    dtype = jnp.dtype(config.compute_dtype)
+    settings = step_settings(config)
+    schedule, optimizer = optimizer_of(config)
+    use_ema = settings.ema_decay > 0
+
+    def init_state():
+        model = StepVideoDiT(cfg, dtype=dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(config.seed))
+        return train_state.create(nnx.state(model), optimizer, seed=config.seed, use_ema=use_ema)
+
+    graphdef = nnx.graphdef(nnx.eval_shape(
+        lambda: StepVideoDiT(cfg, dtype=dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(0))))
+    abstract_state = jax.eval_shape(init_state)
+    state_sh = state_shardings(abstract_state, mesh)
+
+    dataset = open_dataset(config, workdir)
+    data_iter = pipeline.batches(dataset, config.data.global_batch, seed=config.data.seed,
+                                 process_index=jax.process_index(), process_count=jax.process_count(),
+                                 num_threads=config.data.num_threads, prefetch=config.data.prefetch)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    negative = jax.device_put({k: jnp.asarray(v) for k, v in dataset.negative().items()}, replicated)
+    example = dataset.load(0)
+    batch_sh = batch_shardings({k: v[None] for k, v in example.items()}, mesh)
+
+    ckpt = Checkpointer(workdir / "checkpoints", save_every=config.checkpoint.every,
+                        keep=config.checkpoint.keep, async_save=config.checkpoint.get("async_save", True))
+    writer = MetricsWriter(workdir, tensorboard=config.metrics.tensorboard, printer=printer)
+    step_fn = jax.jit(make_train_step(graphdef, optimizer, schedule, settings),
+                      in_shardings=(state_sh, batch_sh, replicated), out_shardings=(state_sh, replicated),
+                      donate_argnums=0)
+    eval_fn = jax.jit(lambda params, held: heldout_loss(graphdef, params, held,
+                                                        backend=settings.attention_backend))
+    peak = peak_flops_per_device(jax.devices()[0].device_kind, config.metrics.get("peak_flops"))
+    text_length, clip_length = dataset.meta["text_length"], dataset.meta["clip_length"]
+    history: list[dict] = []
+    heldout_curve: list[tuple[int, float]] = []
+    try:
+        with jax.set_mesh(mesh):
+            if ckpt.latest_step() is not None:
+                state, data_state = ckpt.restore(abstract_with_shardings(abstract_state, state_sh))
+                data_iter.set_state(data_state)
+                if printer:
+                    printer(f"resumed from {ckpt.directory}/{ckpt.latest_step()}")
+            else:
+                state = jax.jit(init_state, out_shardings=state_sh)()
+                if init_from:
+                    state = _with_release_weights(state, init_from, dtype, state_sh)
+            step = int(state.step)
+            heldout = make_heldout(dataset, config.eval_size, config.seed + 1) if config.eval_every else None
+            if heldout is not None and step == 0:
+                heldout_curve.append((0, float(eval_fn(state.params, heldout))))
+                writer.write(0, {"heldout_loss": heldout_curve[0][1]})
+            stop = min(config.total_steps, config.get("stop_at_step") or config.total_steps)
+            window = {"t0": time.perf_counter(), "samples": 0, "tokens": 0, "flops": 0.0, "steps": 0}
+            while step < stop:
+                local = next(data_iter)
+                state, metrics = step_fn(state, to_global(local, batch_sh), negative)
+                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                step += 1
+                if not m.pop("finite"):
+                    ckpt.wait()
+                    raise NonFiniteLoss(
+                        f"loss is {m['loss']} at step {step} (grad norm {m['grad_norm']}): stopping. The last "
+                        f"good checkpoint is step {ckpt.latest_step()} in {ckpt.directory}")
+                history.append({"step": step, **m})
+                f, _, h, w = local["mean"].shape[1:]
+                b = config.data.global_batch
+                window["samples"] += b
+                window["tokens"] += b * f * (h // cfg.patch_size) * (w // cfg.patch_size)
+                window["flops"] += b * train_flops(cfg, frames=f, height=h, width=w, text_length=text_length,
+                                                   clip_length=clip_length)
+                window["steps"] += 1
+                scalars = dict(m)
+                if heldout is not None and step % config.eval_every == 0:
+                    scalars["heldout_loss"] = float(eval_fn(state.params, heldout))
+                    heldout_curve.append((step, scalars["heldout_loss"]))
+                if step % config.log_every == 0 or step == stop:
+                    dt = time.perf_counter() - window["t0"]
+                    scalars.update(step_time_s=dt / window["steps"], samples_per_s=window["samples"] / dt,
+                                   tokens_per_s=window["tokens"] / dt)
+                    if peak:
+                        scalars["mfu"] = window["flops"] / dt / (peak * jax.device_count())
+                    writer.write(step, scalars)
+                    window = {"t0": time.perf_counter(), "samples": 0, "tokens": 0, "flops": 0.0, "steps": 0}
+                ckpt.save(step, state, data_iter.get_state())
+            ckpt.save(step, state, data_iter.get_state(), force=step not in ckpt.all_steps())
+            ckpt.wait()
+    finally:
+        ckpt.close()
+        writer.close()
+    return TrainResult(state=state, history=history, heldout=heldout_curve)
+
+
+def _with_release_weights(state, release_transformer_dir, dtype, state_sh):
+    from stepvideo_jax.convert import dit as dit_convert
+
+    params = nnx.state(dit_convert.load(release_transformer_dir, dtype=dtype, param_dtype=jnp.float32))
+    params = jax.device_put(params, state_sh.params)
+    ema = jax.tree.map(jnp.copy, params) if state.ema is not None else None
+    return state.replace(params=params, ema=ema)
+
+
+def load_dit(workdir, *, step: Optional[int] = None, ema: bool = False, dtype=jnp.float32) -> StepVideoDiT:
+    """The DiT of a training checkpoint (raw weights, or the EMA with `ema=True`), unsharded."""
+    workdir = pathlib.Path(workdir).absolute()
+    cfg = DiTConfig(**{k: tuple(v) if isinstance(v, list) else v
+                       for k, v in json.loads((workdir / "dit_config.json").read_text()).items()})
+    model = nnx.eval_shape(lambda: StepVideoDiT(cfg, dtype=dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(0)))
+    graphdef, abstract = nnx.split(model)
+    mngr = ocp.CheckpointManager(workdir / "checkpoints")
+    step = mngr.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no complete checkpoint in {workdir / 'checkpoints'}")
+    raw = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
+    mngr.close()
+    which = "ema" if ema else "params"
+    if raw.get(which) is None:
+        raise ValueError(f"checkpoint {step} holds no {which!r} weights (train with step.ema_decay > 0 for EMA)")
+    nnx.replace_by_pure_dict(abstract, _strip_value_level(raw[which]))
+    return nnx.merge(graphdef, abstract)
+
+
+def _strip_value_level(tree):
+    """Orbax restores an `nnx.Variable` without a target as `{"value": array}`; keep the array."""
+    if isinstance(tree, dict):
+        if set(tree) == {"value"}:
+            return jnp.asarray(tree["value"])
+        return {k: _strip_value_level(v) for k, v in tree.items()}
+    return jnp.asarray(tree)

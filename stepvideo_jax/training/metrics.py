@@ -1,0 +1,101 @@
+"""Training metrics: analytic DiT FLOPs, MFU, and a JSONL / TensorBoard writer.
+
+FLOPs are counted from the architecture (2 per multiply-add of every matmul, attention included),
+not from `cost_analysis`, which counts a scanned or rematerialised layer once or twice. A training
+step costs 3x the forward (forward + two backward matmuls per forward matmul); recomputation for
+remat is not counted, as MFU conventionally measures useful model FLOPs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from typing import Mapping, Optional
+
+from stepvideo_jax.models.dit import DiTConfig
+
+# Dense bf16 peak FLOP/s per chip, by the substring of `device.device_kind` (lower case).
+PEAK_FLOPS = {
+    "v6": 918e12, "v5p": 459e12, "v5 lite": 197e12, "v5e": 197e12, "v4": 275e12,
+    "h200": 989e12, "h100": 989e12, "a100": 312e12,
+}
+
+
+def dit_forward_flops(cfg: DiTConfig, *, frames: int, height: int, width: int, text_length: int,
+                      clip_length: int) -> float:
+    """Forward FLOPs of one sample: latent (frames, height, width), l_text + l_clip text tokens."""
+    p, d = cfg.patch_size, cfg.dim
+    s = frames * (height // p) * (width // p)
+    lk = text_length + clip_length
+    mm = lambda rows, din, dout: 2.0 * rows * din * dout
+    per_block = (4 * mm(s, d, d)                        # self-attention q, k, v, o
+                 + 2 * 2.0 * s * s * d                  # scores and weighted values
+                 + 2 * mm(s, d, d) + 2 * mm(lk, d, d)   # cross-attention q, o and k, v on text
+                 + 2 * 2.0 * s * lk * d
+                 + mm(s, d, 4 * d) + mm(s, 4 * d, d))   # feed-forward
+    embed = (mm(s, cfg.in_channels * p * p, d) + mm(s, d, p * p * cfg.out_channels)
+             + mm(text_length, cfg.caption_channels[0], d) + mm(text_length, d, d)
+             + mm(clip_length, cfg.caption_channels[1], d)
+             + mm(1, cfg.timestep_dim, d) + mm(1, d, d) + mm(1, d, 6 * d))
+    return cfg.num_layers * per_block + embed
+
+
+def train_flops(cfg: DiTConfig, **shape) -> float:
+    """Training FLOPs of one sample (3x the forward)."""
+    return 3.0 * dit_forward_flops(cfg, **shape)
+
+
+def peak_flops_per_device(device_kind: str, override: Optional[float] = None) -> Optional[float]:
+    """Peak bf16 FLOP/s of a chip (None when unknown, e.g. CPU: then no MFU is reported)."""
+    if override:
+        return float(override)
+    kind = device_kind.lower()
+    for key, value in PEAK_FLOPS.items():
+        if key in kind:
+            return value
+    return None
+
+
+class MetricsWriter:
+    """Appends one JSON object per logged step to `<workdir>/metrics.jsonl`, mirrors scalars to
+    TensorBoard event files under `<workdir>/tensorboard` when `tensorboard=True` (needs
+    tensorflow), and prints a one-line summary."""
+
+    def __init__(self, workdir: str | os.PathLike, *, tensorboard: bool = False, printer=print):
+        self.path = pathlib.Path(workdir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a")
+        self._tb = None
+        if tensorboard:
+            import tensorflow as tf
+
+            self._tf = tf
+            self._tb = tf.summary.create_file_writer(str(pathlib.Path(workdir) / "tensorboard"))
+        self.printer = printer
+
+    def write(self, step: int, scalars: Mapping[str, float]) -> None:
+        row = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            with self._tb.as_default():
+                for k, v in scalars.items():
+                    self._tf.summary.scalar(k, float(v), step=int(step))
+            self._tb.flush()
+        if self.printer is not None:
+            self.printer(f"step {step}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in scalars.items()))
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _fmt(v: float) -> str:
+    v = float(v)
+    return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.3e}"
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
