@@ -7,7 +7,8 @@ bf16 params and activations; 75,888 video tokens (204x544x992 px -> 36x34x62 lat
 q/k/v (b, s, h, d), and (2) the production `Block` forward, params sharded by `parallel/rules.py`, and
 prints `memory_analysis()`: per chip arguments / outputs / temporaries. "xla" materialises the
 (b, h, s, s) float32 scores and is expected to fail with RESOURCE_EXHAUSTED (~258 GiB per chip with
-heads over 4 chips); splash and blockwise keep O(block) temporaries.
+heads over 4 chips); splash and blockwise keep O(block) temporaries. With a `sequence` mesh axis,
+"ulysses:splash" / "ring:blockwise" run the sequence-parallel attention of `parallel/sequence_parallel.py`.
 """
 from __future__ import annotations
 
@@ -27,6 +28,16 @@ from stepvideo_jax.parallel import aot  # noqa: E402
 from stepvideo_jax.parallel.rules import state_shardings  # noqa: E402
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
+
+
+def parse_backend(text: str):
+    """"splash" / "blockwise" / "xla", or "mode:local" for sequence parallelism, e.g. "ulysses:splash"."""
+    if ":" not in text:
+        return text
+    from stepvideo_jax.parallel.sequence_parallel import SequenceParallel
+
+    mode, local = text.split(":", 1)
+    return SequenceParallel(mode=mode, local_backend=local or None)
 
 
 def compile_attention(cfg: DiTConfig, mesh, *, batch, seq, dtype, backend):
@@ -79,7 +90,8 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--text", type=int, default=397, help="cross-attention keys (CLIP + Step-LLM)")
     p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
-    p.add_argument("--backends", default="splash,blockwise,xla")
+    p.add_argument("--backends", default="splash,blockwise,xla",
+                   help="comma-separated; mode:local for sequence parallelism, e.g. ulysses:splash")
     p.add_argument("--parts", default="attention,block", help="attention, block or both")
     a = p.parse_args(argv)
 
@@ -90,12 +102,13 @@ def main(argv=None):
     print(f"{a.slice} ({mesh.devices.size} x {mesh.devices.flat[0].device_kind}), mesh {dict(mesh.shape)}; "
           f"{a.dtype}; batch {a.batch}, {seq} video tokens, {a.text} text keys, "
           f"{cfg.num_heads} heads x {cfg.head_dim}, d {cfg.dim}", flush=True)
-    for backend in a.backends.split(","):
+    for name in a.backends.split(","):
+        backend = parse_backend(name)
         if "attention" in a.parts:
-            report(f"self-attention [{backend}]", lambda: compile_attention(
+            report(f"self-attention [{name}]", lambda: compile_attention(
                 cfg, mesh, batch=a.batch, seq=seq, dtype=dtype, backend=backend))
         if "block" in a.parts:
-            report(f"block [{backend}]", lambda: compile_block(
+            report(f"block [{name}]", lambda: compile_block(
                 cfg, mesh, batch=a.batch, seq=seq, text=a.text, dtype=dtype, backend=backend))
 
 

@@ -11,6 +11,7 @@ pins) or `TPU_LIBRARY_PATH=/path/to/libtpu.so`.
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -41,6 +42,8 @@ def tpu_devices(slice_name: str = "v5p-8", *, num_slices: int = 1) -> list:
     if cloud_tpu_init.get_tpu_library_path() is None:
         raise RuntimeError("libtpu is not installed: `pip install libtpu==0.0.42.1` (pinned by "
                            "jax[tpu]==0.10.2) or set TPU_LIBRARY_PATH to a libtpu.so")
+    # Compile-only use: several processes may load libtpu at once (no chip is claimed).
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     name, chip_config, host_bounds = SLICES[slice_name]
     return list(topologies.get_topology_desc(
         platform="tpu", topology_name=name, chip_config_name=chip_config,
