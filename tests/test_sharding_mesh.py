@@ -69,6 +69,8 @@ def test_shard_model_follows_rules():
     ({"TPU_WORKER_HOSTNAMES": "localhost"}, None),
     ({"TPU_WORKER_HOSTNAMES": "10.0.0.2,10.0.0.3"}, "TPU_WORKER_HOSTNAMES"),
     ({"JAX_COORDINATOR_ADDRESS": "10.0.0.2:1234"}, "JAX_COORDINATOR_ADDRESS"),
+    ({"STEPVIDEO_DISTRIBUTED": "0"}, None),
+    ({"STEPVIDEO_DISTRIBUTED": "1"}, "STEPVIDEO_DISTRIBUTED"),
 ])
 def test_multi_process_detection(env, expected):
     assert multi_process_env(env) == expected

@@ -107,6 +107,7 @@ def model_shardings(model: nnx.Module, mesh: Mesh, rules: Rules = LOGICAL_RULES)
 
 # Environment variables that mean "this process is one of several" for the launchers we support.
 _MULTI_PROCESS_ENV = {
+    "STEPVIDEO_DISTRIBUTED": "flag",          # set by launch/ scripts (TPU VMs show no variable)
     "JAX_COORDINATOR_ADDRESS": None,          # explicit jax.distributed settings
     "SLURM_NTASKS": "count",                  # srun (SLURM GPU clusters)
     "OMPI_COMM_WORLD_SIZE": "count",          # mpirun
@@ -121,7 +122,7 @@ def multi_process_env(environ: Mapping[str, str] = os.environ) -> Optional[str]:
         value = environ.get(name)
         if not value:
             continue
-        if kind is None:
+        if kind is None or (kind == "flag" and value.lower() in ("1", "true", "yes")):
             return name
         if kind == "count" and value.isdigit() and int(value) > 1:
             return name
