@@ -42,9 +42,14 @@ class Job:
     dtypes: dict
 
 
-def resolve(config: ml_collections.ConfigDict) -> Job:
-    """Validate a config; every problem raises a ValueError naming the value and the valid choices."""
-    prompts = check_prompts(list(config.prompts) if config.prompts else [config.prompt])
+def resolve(config: ml_collections.ConfigDict, *, prompts=None, outputs=None) -> Job:
+    """Validate a config; every problem raises a ValueError naming the value and the valid choices.
+
+    `prompts` / `outputs` replace the config's prompts and the file names derived from `output`.
+    """
+    if prompts is None:
+        prompts = list(config.prompts) if config.prompts else [config.prompt]
+    prompts = check_prompts(prompts)
     seeds = [int(config.seed) + i for i in range(len(prompts))]
     size = VideoSize(config.num_frames, config.height, config.width)
     settings = SamplerSettings(config.num_steps, float(config.guidance_scale), float(config.time_shift))
@@ -59,12 +64,14 @@ def resolve(config: ml_collections.ConfigDict) -> Job:
     elif "tiny" not in config:
         raise ValueError("this config has no tiny random models: set --config.checkpoint_dir to a release "
                          "directory (transformer/, vae/, step_llm/, hunyuan_clip/) or its converted checkpoint")
-    output = pathlib.Path(config.output)
-    if output.suffix.lower() != ".mp4":
-        raise ValueError(f"output {output} must end in .mp4")
-    outputs = [output] if len(prompts) == 1 else [
-        output.with_name(f"{output.stem}_{i}{output.suffix}") for i in range(len(prompts))]
+    if outputs is None:
+        output = pathlib.Path(config.output)
+        outputs = [output] if len(prompts) == 1 else [
+            output.with_name(f"{output.stem}_{i}{output.suffix}") for i in range(len(prompts))]
+    outputs = [pathlib.Path(p) for p in outputs]
     for path in outputs:
+        if path.suffix.lower() != ".mp4":
+            raise ValueError(f"output {path} must end in .mp4")
         video_io.check_writable(path)
     return Job(prompts=prompts, seeds=seeds, size=size, settings=settings, outputs=outputs,
                checkpoint_dir=checkpoint_dir, dtypes=dtypes)

@@ -1,0 +1,194 @@
+"""The main job's CLIs: README's default command end to end, bad input, the eval runner.
+
+`test_default_command_writes_a_valid_mp4` runs README's command in a subprocess (tiny random models,
+no checkpoint, no ../shared); the rest run in-process, the eval runner on the toy pipeline of
+`test_pipeline` so that its bookkeeping (manifest, resume, atomic files) is tested in seconds.
+"""
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import ml_collections
+import numpy as np
+import pytest
+
+from stepvideo_jax import generate, generate_eval
+from stepvideo_jax.sampling import video_io
+from tests.fixtures import PROJECT_ROOT, fixture_dir
+from tests.test_flow_matching import count_compiles
+from tests.test_pipeline import SIZE as TOY_SIZE
+from tests.test_pipeline import toy_pipeline  # noqa: F401  (a fixture)
+
+
+def load_config(name="tiny"):
+    path = PROJECT_ROOT / "configs" / "generate" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"config_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def _cli(*args, timeout=600):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    env.pop("XLA_FLAGS", None)  # the CLI runs as a user runs it: one device
+    return subprocess.run([sys.executable, "-m", *args], cwd=PROJECT_ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_default_command_writes_a_valid_mp4(tmp_path):
+    out, summary = tmp_path / "video.mp4", tmp_path / "summary.json"
+    proc = _cli("stepvideo_jax.generate", "--config.prompt=A red panda climbs a snowy pine tree.",
+                f"--config.output={out}", "--config.save_latents=True", f"--summary_json={summary}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    config = load_config()
+    frames, fps = video_io.read_mp4(out)
+    assert frames.shape == (config.num_frames, config.height, config.width, 3) and fps == 25
+    assert frames.std() > 1, "the decoded video is flat"
+    latents = np.load(out.with_suffix(".npy"))
+    assert latents.shape == (1, config.num_frames // 17 * 3, config.tiny.vae.z_channels,
+                             config.height // 16, config.width // 16)
+    record = json.loads(summary.read_text())
+    assert set(record["timings"]) == {"load", "tokenize+encode", "denoise", "decode", "write"}
+    assert "resolved config:" in proc.stdout and "time per phase:" in proc.stdout
+    assert "denoise" in proc.stderr and f"{config.num_steps}/{config.num_steps}" in proc.stderr
+
+
+def test_bad_input_exits_with_a_message_before_loading_anything():
+    proc = _cli("stepvideo_jax.generate", "--config.prompt=   ", "--config.num_frames=30", timeout=120)
+    assert proc.returncode == 2
+    assert "error: prompt 0 is empty" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def _fake_release_without(tmp_path, missing):
+    root = tmp_path / "release"
+    src = fixture_dir("release_layout") / "stepvideo-t2v"
+    for path in src.rglob("*"):
+        rel = path.relative_to(src)
+        if path.is_file() and not str(rel).startswith(missing):
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / rel).symlink_to(path)
+    return root
+
+
+@pytest.mark.parametrize("override, message", [
+    (dict(prompt=""), "prompt 0 is empty"),
+    (dict(prompts=("a cat", " ")), "prompt 1 is empty"),
+    (dict(num_frames=30), "num_frames=30 must be a positive multiple of 17.*nearest valid: 17 or 34"),
+    (dict(height=70, width=100), "height=70 .*nearest valid: 64 or 80.*width=100 .*nearest valid: 96 or 112"),
+    (dict(num_steps=0), "num_steps must be a positive integer"),
+    (dict(time_shift=-1.0), "time shift must be a positive"),
+    (dict(output="/dev/null/video.mp4"), "/dev/null is not a directory"),
+    (dict(output="video.avi"), "must end in .mp4"),
+    (dict(checkpoint_dir="/nonexistent/stepvideo"), "is not a directory"),
+])
+def test_bad_inputs_are_rejected_before_any_compilation(override, message):
+    config = load_config()
+    config.update(override)
+    with count_compiles() as n, pytest.raises(ValueError, match=message):
+        generate.resolve(config)
+    assert n[0] == 0
+
+
+def test_bad_dtype_names_the_choices():
+    config = load_config()
+    config.dtypes.dit = "float16"
+    with pytest.raises(ValueError, match=r"dtypes.dit='float16': choose one of \['bfloat16', 'float32'\]"):
+        generate.resolve(config)
+
+
+@pytest.mark.parametrize("missing", ["vae", "step_llm/step1_chat_tokenizer.model", "hunyuan_clip/tokenizer"])
+def test_checkpoint_missing_a_component(tmp_path, missing):
+    config = load_config()
+    config.checkpoint_dir = str(_fake_release_without(tmp_path, missing))
+    with pytest.raises(ValueError, match=f"is missing component files: .*{missing.split('/')[0]}: "):
+        generate.resolve(config)
+
+
+@pytest.mark.parametrize("name, steps, guidance, shift", [("base", 50, 9.0, 13.0), ("turbo", 15, 5.0, 17.0)])
+def test_presets(name, steps, guidance, shift):
+    config = load_config(name)
+    assert (config.num_steps, config.guidance_scale, config.time_shift) == (steps, guidance, shift)
+    assert (config.num_frames, config.height, config.width) == (204, 544, 992)
+    config.prompt = "a cat"
+    with pytest.raises(ValueError, match="set --config.checkpoint_dir"):
+        generate.resolve(config)
+    config.checkpoint_dir = str(fixture_dir("release_layout") / "stepvideo-t2v")
+    config.output = "/tmp/stepvideo_preset_probe.mp4"
+    job = generate.resolve(config)
+    assert job.size.latent_shape(1, 64) == (1, 36, 64, 34, 62)
+
+
+def test_batch_outputs_and_seeds():
+    config = load_config()
+    config.prompts = ("a", "b", "c")
+    config.output = "/tmp/x/clip.mp4"
+    job = generate.resolve(config)
+    assert [p.name for p in job.outputs] == ["clip_0.mp4", "clip_1.mp4", "clip_2.mp4"]
+    assert job.seeds == [config.seed, config.seed + 1, config.seed + 2]
+
+
+# --- the eval runner ------------------------------------------------------------------------------
+
+
+def test_eval_prompt_list_is_shipped():
+    prompts = generate_eval.read_prompts()
+    assert len(prompts) == 128 and all(prompts)
+    e2e = __import__("tests.fixtures", fromlist=["load_npz"]).load_npz("release_layout", "e2e_cases.npz")
+    assert str(e2e["zh.prompt"]) in prompts
+
+
+@pytest.fixture()
+def eval_setup(tmp_path, toy_pipeline):
+    config = load_config()
+    config.update(dict(num_frames=TOY_SIZE.num_frames, height=TOY_SIZE.height, width=TOY_SIZE.width,
+                       num_steps=2, progress=False))
+    return config, toy_pipeline, tmp_path / "eval"
+
+
+def test_eval_writes_videos_and_manifest_then_resumes(eval_setup):
+    config, pipe, out = eval_setup
+    prompts = ["a cat", "a dog", "a bird"]
+    manifest = generate_eval.run_eval(config, prompts[:2], out, pipe=pipe)
+    assert sorted(os.listdir(out)) == ["000.mp4", "001.mp4", "manifest.json"]
+    assert json.loads((out / "manifest.json").read_text()) == manifest
+    assert manifest["videos"]["001.mp4"]["prompt"] == "a dog"
+    assert manifest["videos"]["001.mp4"]["seed"] == config.seed + 1
+    assert set(manifest["videos"]["000.mp4"]["timings"]) == {"tokenize+encode", "denoise", "decode", "write"}
+    before = (out / "000.mp4").stat().st_mtime_ns
+    calls = []
+    original = pipe.__call__
+
+    class Counting:
+        def __call__(self, prompts, **kw):
+            calls.append(list(prompts))
+            return original(prompts, **kw)
+
+    manifest = generate_eval.run_eval(config, prompts, out, pipe=Counting())
+    assert calls == [["a bird"]]
+    assert (out / "000.mp4").stat().st_mtime_ns == before
+    assert sorted(manifest["videos"]) == ["000.mp4", "001.mp4", "002.mp4"]
+
+
+def test_eval_refuses_a_folder_made_with_other_settings(eval_setup):
+    config, pipe, out = eval_setup
+    generate_eval.run_eval(config, ["a cat"], out, pipe=pipe)
+    config.num_steps = 3
+    with pytest.raises(ValueError, match="other settings \\(changed: num_steps\\)"):
+        generate_eval.run_eval(config, ["a cat"], out, pipe=pipe)
+
+
+def test_eval_interrupted_leaves_no_partial_file(eval_setup, monkeypatch):
+    config, pipe, out = eval_setup
+
+    def interrupt(path, frames, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(video_io, "write_mp4", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        generate_eval.run_eval(config, ["a cat"], out, pipe=pipe)
+    assert sorted(os.listdir(out)) == ["manifest.json"]
+    assert json.loads((out / "manifest.json").read_text())["videos"] == {}
