@@ -41,6 +41,33 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """The parts of `train` that depend on what is optimised; the defaults are flow matching.
+
+    - `open_dataset(config, workdir)`: a dataset (`len`, `bucket(i)`, `load(i)`, `meta`, `negative()`).
+    - `prepare(model)`: the module to train, made from the freshly built DiT (e.g. with adapters).
+    - `trainable`: nnx filter of the trained (optimised, checkpointed) variables of that module.
+    - `make_step(graphdef, optimizer, schedule, settings)` -> `step(state, batch, aux) -> (state,
+      metrics)`; metrics hold at least `loss`, `grad_norm`, `learning_rate`, `finite`; all are logged.
+    - `aux(config, dataset, mesh)` -> (aux, its shardings): the step's third argument, never donated
+      and never checkpointed (None: the negative prompt's conditioning, replicated).
+    - `init_params(config, state, state_shardings)` -> state with the trained variables of a fresh
+      run (None: `config.model.init_from` or the seed's init).
+    - `latents_key`: the batch array whose (f, h, w) sizes the FLOP count.
+    - `forwards_per_sample`: cost of one batch row in DiT forwards (3: forward + backward).
+    """
+
+    open_dataset: Optional[Callable] = None
+    prepare: Callable = lambda model: model
+    trainable: Any = nnx.Param
+    make_step: Callable = make_train_step
+    aux: Optional[Callable] = None
+    init_params: Optional[Callable] = None
+    latents_key: str = "mean"
+    forwards_per_sample: float = 3.0
+
+
 @dataclasses.dataclass
 class TrainResult:
     state: train_state.TrainState
@@ -131,8 +158,11 @@ def make_heldout(dataset: data_format.Dataset, size: int, seed: int) -> dict:
     return out
 
 
-def train(config, workdir=None, *, printer: Optional[Callable[[str], Any]] = print) -> TrainResult:
-    """Run or resume the run of `config` in `workdir` (default `config.workdir`)."""
+def train(config, workdir=None, *, printer: Optional[Callable[[str], Any]] = print,
+          objective: Optional[Objective] = None) -> TrainResult:
+    """Run or resume the run of `config` in `workdir` (default `config.workdir`); `objective`
+    replaces the flow-matching parts (see `Objective`)."""
+    objective = objective or Objective()
     workdir = pathlib.Path(workdir or config.workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = build_mesh(dict(config.mesh))
@@ -150,28 +180,34 @@ def train(config, workdir=None, *, printer: Optional[Callable[[str], Any]] = pri
     use_ema = settings.ema_decay > 0
 
     def init_state():
-        model = StepVideoDiT(cfg, dtype=dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(config.seed))
-        return train_state.create(nnx.state(model), optimizer, seed=config.seed, use_ema=use_ema)
+        model = objective.prepare(StepVideoDiT(cfg, dtype=dtype, param_dtype=jnp.float32,
+                                               rngs=nnx.Rngs(config.seed)))
+        return train_state.create(nnx.state(model, objective.trainable), optimizer, seed=config.seed,
+                                  use_ema=use_ema)
 
-    graphdef = nnx.graphdef(nnx.eval_shape(
-        lambda: StepVideoDiT(cfg, dtype=dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(0))))
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: objective.prepare(
+        StepVideoDiT(cfg, dtype=dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(0)))))
     abstract_state = jax.eval_shape(init_state)
     state_sh = state_shardings(abstract_state, mesh)
 
-    dataset = open_dataset(config, workdir)
+    dataset = (objective.open_dataset or open_dataset)(config, workdir)
     data_iter = pipeline.batches(dataset, config.data.global_batch, seed=config.data.seed,
                                  process_index=jax.process_index(), process_count=jax.process_count(),
                                  num_threads=config.data.num_threads, prefetch=config.data.prefetch)
     replicated = NamedSharding(mesh, PartitionSpec())
-    negative = jax.device_put({k: jnp.asarray(v) for k, v in dataset.negative().items()}, replicated)
+    if objective.aux is None:
+        aux_sh = replicated
+        aux = jax.device_put({k: jnp.asarray(v) for k, v in dataset.negative().items()}, replicated)
+    else:
+        aux, aux_sh = objective.aux(config, dataset, mesh)
     example = dataset.load(0)
     batch_sh = batch_shardings({k: v[None] for k, v in example.items()}, mesh)
 
     ckpt = Checkpointer(workdir / "checkpoints", save_every=config.checkpoint.every,
                         keep=config.checkpoint.keep, async_save=config.checkpoint.get("async_save", True))
     writer = MetricsWriter(workdir, tensorboard=config.metrics.tensorboard, printer=printer)
-    step_fn = jax.jit(make_train_step(graphdef, optimizer, schedule, settings),
-                      in_shardings=(state_sh, batch_sh, replicated), out_shardings=(state_sh, replicated),
+    step_fn = jax.jit(objective.make_step(graphdef, optimizer, schedule, settings),
+                      in_shardings=(state_sh, batch_sh, aux_sh), out_shardings=(state_sh, replicated),
                       donate_argnums=0)
     eval_fn = jax.jit(lambda params, held: heldout_loss(graphdef, params, held,
                                                         backend=settings.attention_backend))
@@ -188,7 +224,9 @@ def train(config, workdir=None, *, printer: Optional[Callable[[str], Any]] = pri
                     printer(f"resumed from {ckpt.directory}/{ckpt.latest_step()}")
             else:
                 state = jax.jit(init_state, out_shardings=state_sh)()
-                if init_from:
+                if objective.init_params is not None:
+                    state = objective.init_params(config, state, state_sh)
+                elif init_from:
                     state = _with_release_weights(state, init_from, dtype, state_sh)
             step = int(state.step)
             heldout = make_heldout(dataset, config.eval_size, config.seed + 1) if config.eval_every else None
@@ -199,7 +237,7 @@ def train(config, workdir=None, *, printer: Optional[Callable[[str], Any]] = pri
             window = {"t0": time.perf_counter(), "samples": 0, "tokens": 0, "flops": 0.0, "steps": 0}
             while step < stop:
                 local = next(data_iter)
-                state, metrics = step_fn(state, to_global(local, batch_sh), negative)
+                state, metrics = step_fn(state, to_global(local, batch_sh), aux)
                 m = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 step += 1
                 if not m.pop("finite"):
@@ -208,12 +246,12 @@ def train(config, workdir=None, *, printer: Optional[Callable[[str], Any]] = pri
                         f"loss is {m['loss']} at step {step} (grad norm {m['grad_norm']}): stopping. The last "
                         f"good checkpoint is step {ckpt.latest_step()} in {ckpt.directory}")
                 history.append({"step": step, **m})
-                f, _, h, w = local["mean"].shape[1:]
+                f, _, h, w = local[objective.latents_key].shape[1:]
                 b = config.data.global_batch
                 window["samples"] += b
                 window["tokens"] += b * f * (h // cfg.patch_size) * (w // cfg.patch_size)
-                window["flops"] += b * train_flops(cfg, frames=f, height=h, width=w, text_length=text_length,
-                                                   clip_length=clip_length)
+                window["flops"] += b * objective.forwards_per_sample / 3.0 * train_flops(
+                    cfg, frames=f, height=h, width=w, text_length=text_length, clip_length=clip_length)
                 window["steps"] += 1
                 scalars = dict(m)
                 if heldout is not None and step % config.eval_every == 0:
