@@ -112,3 +112,17 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, compile_cache):
     assert steps and max(steps) == bad_step - 1
     model = load_dit(tmp_path / "run")
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(__import__("flax").nnx.state(model)))
+
+
+def test_export_of_a_training_checkpoint_loads_back(straight, tmp_path):
+    from flax import nnx
+
+    from stepvideo_jax.convert import dit as dit_convert
+    from stepvideo_jax.convert import export_dit
+
+    workdir, result = straight
+    export_dit.main(["--workdir", str(workdir), "--out", str(tmp_path / "transformer"), "--dtype", "float32",
+                     "--ema"])
+    back = nnx.state(dit_convert.load(tmp_path / "transformer"))
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(result.state.ema)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -18,8 +18,8 @@ def get_config():
     c.mesh = dict(data=1, fsdp=1, sequence=1, tensor=1)
 
     c.model = ml_collections.ConfigDict(dict(
-        num_layers=2, num_heads=2, head_dim=32, in_channels=4, out_channels=4,
-        caption_channels=(32, 16), rope_splits=(16, 8, 8), init_from=""))
+        num_layers=2, num_heads=1, head_dim=128, in_channels=4, out_channels=4,
+        caption_channels=(32, 16), init_from=""))   # head_dim 128: the official RoPE split (64, 32, 32)
 
     c.data = ml_collections.ConfigDict()
     c.data.path = ""

@@ -1,0 +1,179 @@
+"""Export a DiT back to the official release layout: `transformer/` with safetensors shards + index.
+
+Writes `config.json` (diffusers-style `StepVideoModel`), `diffusion_pytorch_model-0000i-of-0000n
+.safetensors` and `diffusion_pytorch_model.safetensors.index.json` (`metadata.total_size`,
+`weight_map`), official key names, torch layouts (`nn.Linear.weight` (out, in), the patch-embed
+conv (d, c, p, p), the head-interleaved fused `attn1.wqkv` and `attn2.wkv`).
+
+The export is the exact inverse of the converter's own key map (`convert/dit.py: rules`): each
+official tensor's element positions are pushed through the rules' transforms as an index array,
+which tells where every converted element came from; scattering our values back through those
+positions inverts any transform that only moves elements (transpose, reshape, head
+de-interleaving). A transform that is not such a permutation is reported, never guessed.
+
+CLI: `python -m stepvideo_jax.convert.export_dit --workdir RUN --out DIR [--ema] [--step N]
+[--dtype bfloat16|float32] [--max_shard_gb 5]` (a training run's checkpoint), or `--transformer
+DIR` (re-export a converted release).
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import os
+import pathlib
+from typing import Iterator, Mapping
+
+import ml_dtypes
+import numpy as np
+from flax import nnx
+
+from stepvideo_jax.convert import dit as dit_convert
+from stepvideo_jax.convert.keymap import flat_shapes
+from stepvideo_jax.convert.safetensors_io import CheckpointError
+from stepvideo_jax.models.dit import DiTConfig
+
+DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
+
+
+def official_shapes(cfg: DiTConfig) -> dict[str, tuple[int, ...]]:
+    """Shape of every official tensor of `StepVideoModel` with config `cfg`."""
+    d, hd, p = cfg.dim, cfg.head_dim, cfg.patch_size
+    shapes = {
+        "pos_embed.proj.weight": (d, cfg.in_channels, p, p), "pos_embed.proj.bias": (d,),
+        "adaln_single.emb.timestep_embedder.linear_1.weight": (d, cfg.timestep_dim),
+        "adaln_single.emb.timestep_embedder.linear_1.bias": (d,),
+        "adaln_single.emb.timestep_embedder.linear_2.weight": (d, d),
+        "adaln_single.emb.timestep_embedder.linear_2.bias": (d,),
+        "adaln_single.linear.weight": (6 * d, d), "adaln_single.linear.bias": (6 * d,),
+        "caption_projection.linear_1.weight": (d, cfg.caption_channels[0]), "caption_projection.linear_1.bias": (d,),
+        "caption_projection.linear_2.weight": (d, d), "caption_projection.linear_2.bias": (d,),
+        "clip_projection.weight": (d, cfg.caption_channels[1]), "clip_projection.bias": (d,),
+        "scale_shift_table": (2, d),
+        "proj_out.weight": (p * p * cfg.out_channels, d), "proj_out.bias": (p * p * cfg.out_channels,),
+    }
+    block = {"norm1.weight": (d,), "norm1.bias": (d,), "attn1.wqkv.weight": (3 * d, d),
+             "attn1.q_norm.weight": (hd,), "attn1.k_norm.weight": (hd,), "attn1.wo.weight": (d, d),
+             "norm2.weight": (d,), "norm2.bias": (d,), "attn2.wq.weight": (d, d), "attn2.wkv.weight": (2 * d, d),
+             "attn2.q_norm.weight": (hd,), "attn2.k_norm.weight": (hd,), "attn2.wo.weight": (d, d),
+             "ff.net.0.proj.weight": (4 * d, d), "ff.net.2.weight": (d, 4 * d), "scale_shift_table": (6, d)}
+    for i in range(cfg.num_layers):
+        shapes.update({f"transformer_blocks.{i}.{k}": v for k, v in block.items()})
+    return shapes
+
+
+def release_config(cfg: DiTConfig) -> dict:
+    """`transformer/config.json` content for `cfg` (the release's keys and fixed values)."""
+    return {"_class_name": "StepVideoModel", "_diffusers_version": "0.31.0",
+            "attention_head_dim": cfg.head_dim, "attention_type": "parallel",
+            "caption_channels": list(cfg.caption_channels), "dropout": 0.0, "in_channels": cfg.in_channels,
+            "norm_elementwise_affine": False, "norm_eps": cfg.norm_eps, "norm_type": "ada_norm_single",
+            "num_attention_heads": cfg.num_heads, "num_layers": cfg.num_layers, "out_channels": cfg.out_channels,
+            "patch_size": cfg.patch_size, "use_additional_conditions": False}
+
+
+def official_tensors(cfg: DiTConfig, params: Mapping[str, np.ndarray]) -> Iterator[tuple[str, np.ndarray]]:
+    """(official key, tensor) for every official key, in key-map order; `params` maps our '/'-joined
+    state paths to arrays (any array type; read one at a time)."""
+    shapes = official_shapes(cfg)
+    by_src: dict[str, list] = collections.OrderedDict()
+    for rule in dit_convert.rules(cfg):
+        by_src.setdefault(rule.src, []).append(rule)
+    unknown = sorted(set(by_src) - set(shapes))
+    if unknown:
+        raise CheckpointError(f"key map has official keys without a known shape: {unknown[:8]}")
+    for src, rules in by_src.items():
+        shape = shapes[src]
+        positions = np.arange(int(np.prod(shape)), dtype=np.int64).reshape(shape)
+        out = np.empty(int(np.prod(shape)), np.float32)
+        hits = np.zeros(out.shape, np.int32)
+        for rule in rules:
+            where = np.asarray(rule.transform(positions))
+            value = np.asarray(params[rule.dst], np.float32)
+            if (where.shape != value.shape or where.dtype != np.int64
+                    or (where.size and (where.min() < 0 or where.max() >= out.size))):
+                raise CheckpointError(f"{src} -> {rule.dst}: the transform is not an element permutation "
+                                      f"(maps {shape} to {where.shape} {where.dtype}, model has {value.shape})")
+            out[where.ravel()] = value.ravel()
+            hits[where.ravel()] += 1
+        if not np.all(hits == 1):
+            raise CheckpointError(f"{src}: the key map covers {int(np.sum(hits > 0))} of {hits.size} elements "
+                                  f"({int(np.sum(hits > 1))} more than once); cannot invert it")
+        yield src, out.reshape(shape)
+
+
+def flat_params(model: nnx.Module) -> dict[str, object]:
+    """'/'-joined state path -> array (device arrays are fetched lazily by `official_tensors`)."""
+    flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
+    return {"/".join(str(p) for p in path): v.get_value() if hasattr(v, "get_value") else v.value
+            for path, v in flat}
+
+
+def export(model: nnx.Module, out_dir: str | os.PathLike, *, dtype: str = "bfloat16",
+           max_shard_bytes: int = 5 * 2**30) -> pathlib.Path:
+    """Write `model` (a `StepVideoDiT`) as an official `transformer/` directory; returns its path."""
+    from safetensors.numpy import save_file
+
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown export dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+    cfg = model.cfg
+    expressible = dit_convert.config_from_dict(release_config(cfg))
+    differ = [f"{f.name}={getattr(cfg, f.name)!r} (release: {getattr(expressible, f.name)!r})"
+              for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(expressible, f.name)]
+    if differ:
+        raise CheckpointError("the official StepVideoModel cannot express this DiT (its config.json fixes "
+                              f"these values): {', '.join(differ)}")
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    params = flat_params(model)
+    missing = sorted(set(flat_shapes(nnx.state(model, nnx.Param))) - set(params))
+    if missing:
+        raise CheckpointError(f"model state lacks {missing[:8]}")
+    shards: list[dict[str, np.ndarray]] = [{}]
+    sizes = [0]
+    for key, tensor in official_tensors(cfg, params):
+        tensor = tensor.astype(DTYPES[dtype])
+        if sizes[-1] and sizes[-1] + tensor.nbytes > max_shard_bytes:
+            shards.append({})
+            sizes.append(0)
+        shards[-1][key] = tensor
+        sizes[-1] += tensor.nbytes
+    n = len(shards)
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"diffusion_pytorch_model-{i + 1:05d}-of-{n:05d}.safetensors"
+        save_file(shard, str(out / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in shard})
+    index = {"metadata": {"total_size": int(sum(sizes))}, "weight_map": dict(sorted(weight_map.items()))}
+    (out / dit_convert.INDEX).write_text(json.dumps(index, indent=2))
+    (out / "config.json").write_text(json.dumps(release_config(cfg), indent=2))
+    return out
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    import jax.numpy as jnp
+
+    ap = argparse.ArgumentParser(description="Export a DiT to the official transformer/ layout.")
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--workdir", help="training run directory (its checkpoints/)")
+    src.add_argument("--transformer", help="an official transformer/ directory (re-export)")
+    ap.add_argument("--out", required=True, help="output directory (becomes transformer/)")
+    ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    ap.add_argument("--ema", action="store_true", help="export the EMA weights instead of the raw ones")
+    ap.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
+    ap.add_argument("--max_shard_gb", type=float, default=5.0)
+    args = ap.parse_args(argv)
+    if args.workdir:
+        from stepvideo_jax.training.loop import load_dit
+
+        model = load_dit(args.workdir, step=args.step, ema=args.ema, dtype=jnp.float32)
+    else:
+        model = dit_convert.load(args.transformer)
+    path = export(model, args.out, dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 2**30))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""convert -> export reproduces the release's transformer tensors exactly (fixture release_layout)."""
+import json
+
+import numpy as np
+import pytest
+
+from stepvideo_jax.convert import dit as dit_convert
+from stepvideo_jax.convert import export_dit
+from stepvideo_jax.convert.keymap import Rule
+from stepvideo_jax.convert.safetensors_io import CheckpointError, TensorSource
+from tests.fixtures import fixture_dir
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_convert_export_roundtrip_is_exact(tmp_path, dtype):
+    src_dir = fixture_dir("release_layout") / ("stepvideo-t2v" if dtype == "float32" else "stepvideo-t2v-bf16")
+    src_dir = src_dir / "transformer"
+    model = dit_convert.load(src_dir)
+    out = export_dit.export(model, tmp_path / "transformer", dtype=dtype, max_shard_bytes=2**20)
+    original, exported = dit_convert.tensor_source(src_dir), dit_convert.tensor_source(out)
+    assert sorted(exported.keys()) == sorted(original.keys())
+    for key in original.keys():
+        a, b = exported.read(key), original.read(key)
+        assert a.dtype == b.dtype and a.shape == b.shape, key
+        np.testing.assert_array_equal(a.view(np.uint16 if a.itemsize == 2 else np.uint32),
+                                      b.view(np.uint16 if b.itemsize == 2 else np.uint32), err_msg=key)
+    index = json.loads((out / dit_convert.INDEX).read_text())
+    assert len(set(index["weight_map"].values())) > 1  # sharded at 1 MiB
+    assert index["metadata"]["total_size"] == sum(exported.read(k).nbytes for k in exported.keys())
+    assert dit_convert.read_config(out) == dit_convert.read_config(src_dir)
+    assert json.loads((out / "config.json").read_text()).keys() == json.loads((src_dir / "config.json").read_text()).keys()
+
+
+def test_non_permutation_transform_is_refused(monkeypatch):
+    cfg = dit_convert.read_config(fixture_dir("release_layout") / "stepvideo-t2v" / "transformer")
+    params = {"scale_shift_table": np.zeros((2, cfg.dim))}
+    for bad in (lambda w: w * 2, lambda w: w.astype(np.float32) / 3, lambda w: np.zeros_like(w)):
+        monkeypatch.setattr(dit_convert, "rules", lambda c, bad=bad: [Rule("scale_shift_table", "scale_shift_table", bad)])
+        with pytest.raises(CheckpointError, match="permutation|cannot invert"):
+            list(export_dit.official_tensors(cfg, params))
+
+
+def test_config_the_release_cannot_express_is_refused(tmp_path):
+    import dataclasses
+
+    model = dit_convert.load(fixture_dir("release_layout") / "stepvideo-t2v" / "transformer")
+    model.cfg = dataclasses.replace(model.cfg, rope_theta=500.0)
+    with pytest.raises(CheckpointError, match="rope_theta"):
+        export_dit.export(model, tmp_path / "t")
