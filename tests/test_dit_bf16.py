@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from flax import nnx
 
 from stepvideo_jax.convert import dit as dit_convert
 from stepvideo_jax.convert.safetensors_io import TensorSource
@@ -38,7 +39,6 @@ from stepvideo_jax.models.dit import timestep_sinusoid
 from stepvideo_jax.models.layers import rms_norm
 from stepvideo_jax.models.rope import apply_rope, grid_positions
 from tests.fixtures import fixture_dir, load_json, load_npz
-from tests.test_dit import run
 
 MAX_REL = 0.03   # max abs error / max |reference|
 RMS_REL = 0.02   # rms error / rms(reference)
@@ -54,6 +54,26 @@ def bf16_model(*, official_timestep: bool = True, mask_sum_in_compute_dtype: boo
     source = TensorSource.single(fixture_dir("dit") / "weights.safetensors")
     return dit_convert.convert(cfg, source, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
                                label="fixture dit (bf16)")
+
+
+@functools.lru_cache(maxsize=None)
+def _forward(**flags):
+    """Jitted capturing forward of `bf16_model(**flags)`, compiled once for both cases."""
+    graphdef, state = nnx.split(bf16_model(**flags))
+
+    @jax.jit
+    def fwd(state, x, t, y, y_mask, clip):
+        m = nnx.merge(graphdef, state)
+        out = m(x, t, y, y_mask, clip, capture=True)
+        return out, nnx.pop(m, nnx.Intermediate)
+
+    return lambda case: fwd(state, case["hidden_states"], case["timestep"], case["encoder_hidden_states"],
+                            case["encoder_attention_mask"], case["encoder_hidden_states_2"])
+
+
+def run(case, **flags):
+    out, inter = _forward(**flags)(case)
+    return np.asarray(out), nnx.to_pure_dict(inter)
 
 
 def _leaf(node):
@@ -86,14 +106,14 @@ def _official_t(t):
 def exact_t_run(request):
     """bf16 model with the exact (float32) timestep: isolates the bf16 arithmetic error."""
     case = load_npz("dit", f"{request.param}.npz")
-    out, inter = run(bf16_model(official_timestep=False), case)
+    out, inter = run(case, official_timestep=False)
     return request.param, case, out, inter
 
 
 @pytest.fixture(scope="module", params=CASES)
 def official_run(request):
     case = load_npz("dit", f"{request.param}.npz")
-    out, inter = run(bf16_model(), case)
+    out, inter = run(case)
     return request.param, case, out, inter
 
 
