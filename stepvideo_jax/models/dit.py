@@ -94,8 +94,8 @@ def timestep_sinusoid(t: jax.Array, dim: int, scale: float, dtype) -> jax.Array:
     return jnp.concatenate([jnp.cos(a), jnp.sin(a)], axis=-1)
 
 
-class SelfAttention(nnx.Module):
-    """QK-RMSNorm, 3-D RoPE, unmasked attention over all video tokens."""
+class _Attention(nnx.Module):
+    """q/k/v/o projections (no biases) and per-head q/k RMSNorm, shared by both attentions."""
 
     def __init__(self, cfg: DiTConfig, *, dtype, param_dtype, rngs):
         d, kw = cfg.dim, dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -106,6 +106,10 @@ class SelfAttention(nnx.Module):
         self.q_norm = RMSNorm(cfg.head_dim, eps=cfg.norm_eps, param_dtype=param_dtype)
         self.k_norm = RMSNorm(cfg.head_dim, eps=cfg.norm_eps, param_dtype=param_dtype)
         self.o = Linear(d, d, axes=("heads", "embed"), **kw)
+
+
+class SelfAttention(_Attention):
+    """QK-RMSNorm, 3-D RoPE, unmasked attention over all video tokens."""
 
     def __call__(self, x, positions, *, backend, capture):
         b, s, _ = x.shape
@@ -120,18 +124,8 @@ class SelfAttention(nnx.Module):
         return self.o(o.reshape(b, s, -1))
 
 
-class CrossAttention(nnx.Module):
+class CrossAttention(_Attention):
     """Video queries attend to [clip; text] keys; QK-RMSNorm, no RoPE, key mask."""
-
-    def __init__(self, cfg: DiTConfig, *, dtype, param_dtype, rngs):
-        d, kw = cfg.dim, dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.cfg = cfg
-        self.q = Linear(d, d, axes=("embed", "heads"), **kw)
-        self.k = Linear(d, d, axes=("embed", "heads"), **kw)
-        self.v = Linear(d, d, axes=("embed", "heads"), **kw)
-        self.q_norm = RMSNorm(cfg.head_dim, eps=cfg.norm_eps, param_dtype=param_dtype)
-        self.k_norm = RMSNorm(cfg.head_dim, eps=cfg.norm_eps, param_dtype=param_dtype)
-        self.o = Linear(d, d, axes=("heads", "embed"), **kw)
 
     def __call__(self, x, tokens, key_mask, *, backend, capture):
         b, s, _ = x.shape
