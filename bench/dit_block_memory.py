@@ -5,7 +5,8 @@
 bf16 params and activations; 75,888 video tokens (204x544x992 px -> 36x34x62 latents) and 397 text keys
 (77 CLIP + 320 Step-LLM) by default. For each attention backend it compiles (1) the self-attention alone,
 q/k/v (b, s, h, d), and (2) the production `Block` forward, params sharded by `parallel/rules.py`, and
-prints `memory_analysis()`: per chip arguments / outputs / temporaries. "xla" materialises the
+prints `memory_analysis()`: per chip arguments / outputs / temporaries. The splash kernel alone, on
+inputs already in its (b, h, s, d) layout, shows how little scratch the kernel itself needs. "xla" materialises the
 (b, h, s, s) float32 scores and is expected to fail with RESOURCE_EXHAUSTED (~258 GiB per chip with
 heads over 4 chips); splash and blockwise keep O(block) temporaries. With a `sequence` mesh axis,
 "ulysses:splash" / "ring:blockwise" run the sequence-parallel attention of `parallel/sequence_parallel.py`.
@@ -44,6 +45,28 @@ def compile_attention(cfg: DiTConfig, mesh, *, batch, seq, dtype, backend):
     qkv = aot.abstract((batch, seq, cfg.num_heads, cfg.head_dim), dtype, mesh,
                        ("batch", "length", "act_heads", None))
     fn = lambda q, k, v: attention(q, k, v, backend=backend)
+    return aot.compile_aot(fn, (qkv,) * 3, in_shardings=(qkv.sharding,) * 3, out_shardings=qkv.sharding,
+                           mesh=mesh)
+
+
+def compile_splash_kernel(cfg: DiTConfig, mesh, *, batch, seq, dtype, block=512):
+    """The splash kernel alone on (b, h, s, d) inputs already padded to the block size, heads over
+    `tensor`: the kernel's own scratch, without the layout copies of the `attention` wrapper."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+    from jax.sharding import PartitionSpec as P
+
+    s_pad = -(-seq // block) * block
+    h_local = cfg.num_heads // mesh.shape.get("tensor", 1)
+    kernel = sk.make_splash_mha(sm.MultiHeadMask([sm.FullMask((s_pad, s_pad))] * h_local),
+                                block_sizes=sk.BlockSizes(block_q=block, block_kv=block,
+                                                          block_kv_compute=block),
+                                head_shards=1, q_seq_shards=1)
+    qkv = aot.abstract((batch, cfg.num_heads, s_pad, cfg.head_dim), dtype, mesh,
+                       ("batch", "act_heads", None, None))
+    spec = qkv.sharding.spec
+    fn = jax.shard_map(lambda q, k, v: jax.vmap(kernel)(q, k, v), mesh=mesh, in_specs=(spec,) * 3,
+                       out_specs=spec, check_vma=False)
     return aot.compile_aot(fn, (qkv,) * 3, in_shardings=(qkv.sharding,) * 3, out_shardings=qkv.sharding,
                            mesh=mesh)
 
@@ -92,7 +115,8 @@ def main(argv=None):
     p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     p.add_argument("--backends", default="splash,blockwise,xla",
                    help="comma-separated; mode:local for sequence parallelism, e.g. ulysses:splash")
-    p.add_argument("--parts", default="attention,block", help="attention, block or both")
+    p.add_argument("--parts", default="kernel,attention,block",
+                   help="any of kernel (splash alone), attention (entry point), block")
     a = p.parse_args(argv)
 
     cfg = DiTConfig.full()
@@ -102,6 +126,9 @@ def main(argv=None):
     print(f"{a.slice} ({mesh.devices.size} x {mesh.devices.flat[0].device_kind}), mesh {dict(mesh.shape)}; "
           f"{a.dtype}; batch {a.batch}, {seq} video tokens, {a.text} text keys, "
           f"{cfg.num_heads} heads x {cfg.head_dim}, d {cfg.dim}", flush=True)
+    if "kernel" in a.parts:
+        report("splash kernel alone (b h s d)", lambda: compile_splash_kernel(
+            cfg, mesh, batch=a.batch, seq=seq, dtype=dtype))
     for name in a.backends.split(","):
         backend = parse_backend(name)
         if "attention" in a.parts:
