@@ -4,7 +4,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
+import pytest
 from flax import nnx
 
 from stepvideo_jax.models.dit import DiTConfig, StepVideoDiT
@@ -48,17 +48,26 @@ def _leafwise_rel(a, b):
         lambda x, y: float(jnp.max(jnp.abs(x - y)) / (jnp.max(jnp.abs(y)) + 1e-30)), a, b)))
 
 
-def test_accumulation_and_remat_give_the_full_batch_gradient():
+SETTINGS = StepSettings(cond_dropout=0.5, attention_backend="xla")
+KEY = 5
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """Single-device loss and gradients of one batch (shared by the tests below)."""
     graphdef, params = _model()
-    batch, key = _batch(), jax.random.key(3)
-    s = StepSettings(cond_dropout=0.5, attention_backend="xla")
-    neg = _negative(batch)
-    run = jax.jit(lambda p, st: loss_and_grads(graphdef, p, batch, key, st, neg), static_argnums=1)
-    loss1, g1 = run(params, s)
-    loss2, g2 = run(params, dataclasses.replace(s, remat="full", accum_steps=2))
-    for loss, g in ((loss2, g2),):
-        np.testing.assert_allclose(float(loss), float(loss1), rtol=1e-5)
-        assert _leafwise_rel(g, g1) < 1e-4
+    batch = _batch(b=4, f=2, h=4, w=8)
+    fn = lambda p, bt, ng: loss_and_grads(graphdef, p, bt, jax.random.key(KEY), SETTINGS, ng)
+    loss, grads = jax.jit(fn)(params, batch, _negative(batch))
+    return graphdef, params, batch, loss, grads
+
+
+def test_accumulation_and_remat_give_the_full_batch_gradient(reference):
+    graphdef, params, batch, loss1, g1 = reference
+    s = dataclasses.replace(SETTINGS, remat="full", accum_steps=2)
+    loss2, g2 = jax.jit(lambda p: loss_and_grads(graphdef, p, batch, jax.random.key(KEY), s, _negative(batch)))(params)
+    np.testing.assert_allclose(float(loss2), float(loss1), rtol=1e-5)
+    assert _leafwise_rel(g2, g1) < 1e-4
 
 
 def test_step_updates_params_in_float32_with_bf16_compute_and_ema():
@@ -94,14 +103,11 @@ def test_learning_rate_schedules():
         raise AssertionError("unknown schedule accepted")
 
 
-def test_sharded_gradients_equal_single_device():
+def test_sharded_gradients_equal_single_device(reference):
     """8 host devices as (fsdp=4, sequence=2): gradients before the optimizer match one device."""
-    graphdef, params = _model()
-    batch, key = _batch(b=4, f=2, h=4, w=8), jax.random.key(5)
-    s = StepSettings(cond_dropout=0.5, attention_backend="xla")
+    graphdef, params, batch, loss_ref, g_ref = reference
     neg = _negative(batch)
-    fn = lambda p, bt, ng: loss_and_grads(graphdef, p, bt, key, s, ng)
-    loss_ref, g_ref = jax.jit(fn)(params, batch, neg)
+    fn = lambda p, bt, ng: loss_and_grads(graphdef, p, bt, jax.random.key(KEY), SETTINGS, ng)
     mesh = build_mesh({"fsdp": 4, "sequence": 2})
     p_sh = state_shardings(params, mesh)
     b_sh = batch_shardings(batch, mesh)
