@@ -17,10 +17,12 @@ import pathlib
 import sys
 import time
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from stepvideo_jax.parallel.mesh import MeshConfig, make_mesh
 from stepvideo_jax.sampling import components, video_io
 from stepvideo_jax.sampling.flow_matching import SamplerSettings
 from stepvideo_jax.sampling.pipeline import TextToVideo, VideoSize, check_prompts
@@ -40,6 +42,7 @@ class Job:
     outputs: list[pathlib.Path]
     checkpoint_dir: pathlib.Path | None
     dtypes: dict
+    mesh: MeshConfig | None
 
 
 def resolve(config: ml_collections.ConfigDict, *, prompts=None, outputs=None) -> Job:
@@ -58,9 +61,16 @@ def resolve(config: ml_collections.ConfigDict, *, prompts=None, outputs=None) ->
         if value not in DTYPES:
             raise ValueError(f"dtypes.{name}={value!r}: choose one of {sorted(DTYPES)}")
         dtypes[name] = DTYPES[value]
+    mesh = None
+    if config.mesh:
+        mesh = MeshConfig.from_string(config.mesh)
+        mesh.resolve(jax.device_count())
     checkpoint_dir = None
     if config.checkpoint_dir:
         checkpoint_dir = components.check_checkpoint_dir(config.checkpoint_dir)
+        if mesh is not None and not components.is_converted(checkpoint_dir):
+            raise ValueError(f"mesh={config.mesh!r} needs a converted checkpoint (python -m stepvideo_jax.convert); "
+                             f"{checkpoint_dir} is a release directory, which loads on one device")
     elif "tiny" not in config:
         raise ValueError("this config has no tiny random models: set --config.checkpoint_dir to a release "
                          "directory (transformer/, vae/, step_llm/, hunyuan_clip/) or its converted checkpoint")
@@ -74,12 +84,12 @@ def resolve(config: ml_collections.ConfigDict, *, prompts=None, outputs=None) ->
             raise ValueError(f"output {path} must end in .mp4")
         video_io.check_writable(path)
     return Job(prompts=prompts, seeds=seeds, size=size, settings=settings, outputs=outputs,
-               checkpoint_dir=checkpoint_dir, dtypes=dtypes)
+               checkpoint_dir=checkpoint_dir, dtypes=dtypes, mesh=mesh)
 
 
-def build_models(config: ml_collections.ConfigDict, job: Job) -> components.Models:
+def build_models(config: ml_collections.ConfigDict, job: Job, mesh=None) -> components.Models:
     backend = config.attention_backend or None
-    kw = dict(dit_dtype=job.dtypes["dit"], vae_dtype=job.dtypes["vae"], llm_dtype=job.dtypes["step_llm"],
+    kw = dict(mesh=mesh, dit_dtype=job.dtypes["dit"], vae_dtype=job.dtypes["vae"], llm_dtype=job.dtypes["step_llm"],
               clip_dtype=job.dtypes["clip"], attention_backend=backend, bf16_mask_sum=config.bf16_mask_sum)
     if job.checkpoint_dir is not None:
         return components.from_checkpoint(job.checkpoint_dir, **kw)
@@ -87,9 +97,10 @@ def build_models(config: ml_collections.ConfigDict, job: Job) -> components.Mode
 
 
 def build_pipeline(config: ml_collections.ConfigDict, job: Job) -> TextToVideo:
-    models = build_models(config, job)
+    mesh = make_mesh(job.mesh) if job.mesh is not None else None
+    models = build_models(config, job, mesh)
     return TextToVideo(encode_text=models.text, dit=models.dit, decode=components.vae_decoder(models.vae),
-                       dtype=job.dtypes["dit"], attention_backend=config.attention_backend or None)
+                       dtype=job.dtypes["dit"], attention_backend=config.attention_backend or None, mesh=mesh)
 
 
 def generate(config: ml_collections.ConfigDict, job: Job, pipe: TextToVideo) -> dict:

@@ -84,6 +84,8 @@ def _fake_release_without(tmp_path, missing):
     (dict(output="/dev/null/video.mp4"), "/dev/null is not a directory"),
     (dict(output="video.avi"), "must end in .mp4"),
     (dict(checkpoint_dir="/nonexistent/stepvideo"), "is not a directory"),
+    (dict(mesh="fsdp=3"), "use 3 devices but 8 are available"),
+    (dict(mesh="pipeline=2"), "is not <axis>=<size> with axis in"),
 ])
 def test_bad_inputs_are_rejected_before_any_compilation(override, message):
     config = load_config()
@@ -97,6 +99,14 @@ def test_bad_dtype_names_the_choices():
     config = load_config()
     config.dtypes.dit = "float16"
     with pytest.raises(ValueError, match=r"dtypes.dit='float16': choose one of \['bfloat16', 'float32'\]"):
+        generate.resolve(config)
+
+
+def test_mesh_needs_a_converted_checkpoint():
+    config = load_config()
+    config.checkpoint_dir = str(fixture_dir("release_layout") / "stepvideo-t2v")
+    config.mesh = "fsdp=-1"
+    with pytest.raises(ValueError, match="needs a converted checkpoint"):
         generate.resolve(config)
 
 

@@ -201,3 +201,17 @@ def test_bad_batch_inputs(toy_pipeline):
         toy_pipeline(["a"], size=SIZE, settings=SETTINGS, seeds=[1, 2])
     with pytest.raises(ValueError, match="does not match the latent shape"):
         toy_pipeline(["a"], size=SIZE, settings=SETTINGS, seeds=[1], noise=jnp.zeros((1, 3, 4, 1, 1)))
+
+
+def test_sharded_dit_under_a_mesh_matches_one_device(toy_pipeline):
+    """Parameters placed by the logical-axis rules on a (data 2, fsdp 2, tensor 2) mesh of fake CPU
+    devices; the pipeline runs under the mesh and gives the one-device latents."""
+    from stepvideo_jax.parallel.mesh import MeshConfig, make_mesh, shard_model
+
+    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2), jax.devices()[:8])
+    dit = shard_model(StepVideoDiT(TOY, rngs=nnx.Rngs(0)), mesh)
+    sharded = P.TextToVideo(encode_text=toy_text_encoder, dit=dit, decode=toy_decode, mesh=mesh)
+    assert any(len(x.sharding.device_set) == 8 for x in jax.tree.leaves(sharded.dit_state))
+    got = sharded(["a cat", "a dog"], size=SIZE, settings=SETTINGS, seeds=[1, 2])
+    want = toy_pipeline(["a cat", "a dog"], size=SIZE, settings=SETTINGS, seeds=[1, 2])
+    np.testing.assert_allclose(got.latents, want.latents, atol=5e-5, rtol=1e-5)

@@ -99,3 +99,24 @@ def test_a_new_prompt_of_the_same_shape_compiles_nothing():
     with count_compiles() as n:
         t2v(["an entirely different prompt, longer than the first one"], size=size, settings=settings, seeds=[1])
     assert n[0] == 0, f"{n[0]} compilation(s) for a new prompt of the same shape"
+
+
+def test_a_converted_checkpoint_holds_the_same_models(tmp_path):
+    """`python -m stepvideo_jax.convert` output restores to exactly the release directory's models."""
+    from flax import nnx
+
+    from stepvideo_jax.convert import cli
+
+    ckpt = cli.convert_release(fixture_dir(FIXTURE) / "stepvideo-t2v", tmp_path / "ckpt")
+    f32 = jnp.float32
+    converted = components.from_checkpoint(ckpt, dit_dtype=f32, vae_dtype=f32, llm_dtype=f32, clip_dtype=f32)
+    models, _ = pipe()
+    pairs = {"dit": (nnx.state(converted.dit), nnx.state(models.dit)),
+             "vae": (nnx.state(converted.vae), nnx.state(models.vae)),
+             "step_llm": (converted.text.llm_state, models.text.llm_state),
+             "clip": (converted.text.clip_state, models.text.clip_state)}
+    for name, (got, want) in pairs.items():
+        got, want = nnx.to_pure_dict(got), nnx.to_pure_dict(want)
+        assert jax.tree.structure(got) == jax.tree.structure(want), name
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)

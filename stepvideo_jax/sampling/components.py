@@ -147,12 +147,13 @@ def from_release(path, *, dit_dtype=jnp.bfloat16, vae_dtype=jnp.bfloat16, llm_dt
     return Models(text=text, dit=dit, vae=vae)
 
 
-def tiny_random(dims: Mapping, *, seed: int = 0, dit_dtype=jnp.float32, vae_dtype=jnp.float32,
+def tiny_random(dims: Mapping, *, seed: int = 0, mesh=None, dit_dtype=jnp.float32, vae_dtype=jnp.float32,
                 llm_dtype=jnp.float32, clip_dtype=jnp.float32, attention_backend: str | None = None,
                 bf16_mask_sum: bool = False) -> Models:
     """All four models at random init from `dims` (keys `dit`, `vae`, `step_llm`, `clip`, each a
     mapping of config fields), with the released tokenizers and their vocabulary sizes. The DiT's
-    caption and latent channels follow from the other three unless `dims` sets them."""
+    caption and latent channels follow from the other three unless `dims` sets them. With `mesh`
+    the parameters are placed by the logical-axis rules."""
     from stepvideo_jax.models.dit import DiTConfig, StepVideoDiT
     from stepvideo_jax.models.hunyuan_clip import HunyuanClip, HunyuanClipConfig
     from stepvideo_jax.models.step_llm import StepLLM, StepLLMConfig
@@ -173,12 +174,21 @@ def tiny_random(dims: Mapping, *, seed: int = 0, dit_dtype=jnp.float32, vae_dtyp
     # RBG keys: eager init compiles one sampler per parameter shape, several times faster than threefry
     rngs = nnx.Rngs(jax.random.key(seed, impl="rbg"))
     kw = lambda dtype: dict(dtype=dtype, param_dtype=dtype, rngs=rngs)  # noqa: E731
-    text = TextConditioner(step_llm=StepLLM(llm_cfg, **kw(llm_dtype)), llm_tokenizer=llm_tokenizer,
-                           clip=HunyuanClip(clip_cfg, attention_backend=attention_backend, **kw(clip_dtype)),
+    place = _placer(mesh)
+    text = TextConditioner(step_llm=place(StepLLM(llm_cfg, **kw(llm_dtype))), llm_tokenizer=llm_tokenizer,
+                           clip=place(HunyuanClip(clip_cfg, attention_backend=attention_backend, **kw(clip_dtype))),
                            clip_tokenizer=clip_tokenizer, attention_backend=attention_backend,
                            bf16_mask_sum=bf16_mask_sum)
-    return Models(text=text, dit=StepVideoDiT(dit_cfg, **kw(dit_dtype)),
-                  vae=VideoVAE(vae_cfg, attention_backend=attention_backend, **kw(vae_dtype)))
+    return Models(text=text, dit=place(StepVideoDiT(dit_cfg, **kw(dit_dtype))),
+                  vae=place(VideoVAE(vae_cfg, attention_backend=attention_backend, **kw(vae_dtype))))
+
+
+def _placer(mesh):
+    if mesh is None:
+        return lambda module: module
+    from stepvideo_jax.parallel.mesh import shard_model
+
+    return lambda module: shard_model(module, mesh)
 
 
 def _fields(fields: Mapping) -> dict:

@@ -19,6 +19,7 @@ nearest valid values.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from typing import Callable, Mapping, Protocol, Sequence
@@ -170,11 +171,15 @@ class TextToVideo:
 
     `dit` is the `StepVideoDiT` (its state is split once; the sampler's step compiles once per
     shape); `encode_text` and `decode` are callables (see `TextEncoder`, `VideoDecoder`) that jit
-    themselves. `dtype` is the DiT compute dtype the latents and t are cast to.
+    themselves. `dtype` is the DiT compute dtype the latents and t are cast to. With `mesh` (the
+    models' parameters already placed on it) every phase runs under that mesh, so the models'
+    logical-axis activation constraints apply.
     """
 
     def __init__(self, *, encode_text: TextEncoder, dit: nnx.Module, decode: VideoDecoder,
-                 dtype=jnp.float32, attention_backend: str | None = None):
+                 dtype=jnp.float32, attention_backend: str | None = None,
+                 mesh: jax.sharding.Mesh | None = None):
+        self.mesh = mesh
         self.dit_graphdef, self.dit_state = nnx.split(dit)
         self.latent_channels = dit.cfg.in_channels
         self.encode_text = encode_text
@@ -190,6 +195,12 @@ class TextToVideo:
                  crop: bool = True, noise: jax.Array | None = None, progress: bool = False,
                  on_step: Callable[[int, jax.Array], None] | None = None) -> Generation:
         """Generate one video per prompt. `noise` (b, f, c, h, w) replaces the seeded noise."""
+        with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
+            return self._generate(prompts, size, settings, seeds, pos_magic, neg_magic, crop, noise,
+                                  progress, on_step)
+
+    def _generate(self, prompts, size, settings, seeds, pos_magic, neg_magic, crop, noise, progress,
+                  on_step) -> Generation:
         prompts = check_prompts(prompts)
         if len(seeds) != len(prompts):
             raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts: give one seed per prompt")
