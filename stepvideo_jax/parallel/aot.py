@@ -29,6 +29,7 @@ SLICES: dict[str, tuple[str, str, tuple[int, int, int]]] = {
     "v4-8": ("v4:2x2x1", "megacore", (2, 2, 1)),
     "v5e-8": ("v5e:2x4", "default", (2, 2, 1)),
     "v6e-8": ("v6e:2x4", "default", (2, 2, 1)),
+    "v6e-16": ("v6e:4x4", "default", (2, 2, 1)),
 }
 
 

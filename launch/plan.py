@@ -1,0 +1,233 @@
+"""Full-size memory plan: per-chip memory of the compiled pipeline programs on TPU topologies.
+
+    TPU_LIBRARY_PATH=/path/to/libtpu.so python launch/plan.py [--targets v5p-1,v5p-4,...]
+        [--programs denoise,step_llm,clip,vae_decode] [--mesh sequence=2,tensor=2] [--layers N]
+
+Compiles ahead of time for real TPU topologies from a CPU machine (libtpu compile-only devices,
+`stepvideo_jax/parallel/aot.py`; nothing runs) and prints `memory_analysis()` per chip (arguments,
+outputs, temporaries, peak) with analytic FLOPs, for:
+
+- `denoise`: one CFG denoising step of the DiT (velocity on the [cond, uncond] batch of 2, guidance,
+  Euler update) at 204x544x992 px = latents (1, 36, 64, 34, 62), 75,888 tokens, 397 text keys; bf16.
+- `step_llm`, `clip`: the text encoders on 2 prompts (Step-LLM 320 tokens bf16, CLIP 77 tokens f32).
+- `vae_decode`: the Video-VAE decode of those latents on ONE chip (its chunks are independent, so
+  more chips each decode a share; bench/vae_tpu_memory.py has the settings).
+
+Each target uses one mesh for every program (parameters sharded by `parallel/rules.py`: tensor
+parallelism keeps each chip's share of the weights without FSDP gathers; attention sequence-parallel
+over `sequence`). The pipeline runs the programs one after the other, releasing each model before the
+next (text encoders first), so a target fits when every program's peak fits the chip's HBM. Layer
+stacks are Python loops, compiled unrolled at their real depth (`--layers N` compiles N layers
+instead, for a quick look; such rows are marked).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import pathlib
+import sys
+import time
+from typing import Callable
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host computes nothing; TPU devices are compile-only
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from stepvideo_jax.models.dit import DiTConfig, StepVideoDiT  # noqa: E402
+from stepvideo_jax.models.hunyuan_clip import HunyuanClip, HunyuanClipConfig  # noqa: E402
+from stepvideo_jax.models.step_llm import StepLLM, StepLLMConfig  # noqa: E402
+from stepvideo_jax.parallel import aot  # noqa: E402
+from stepvideo_jax.parallel.mesh import MeshConfig  # noqa: E402
+from stepvideo_jax.parallel.rules import state_shardings  # noqa: E402
+from stepvideo_jax.parallel.sequence_parallel import SequenceParallel  # noqa: E402
+from stepvideo_jax.sampling.flow_matching import denoise_step  # noqa: E402
+from stepvideo_jax.sampling.pipeline import dit_velocity_fn  # noqa: E402
+
+GB, GIB = 1e9, 2**30
+LATENTS = (1, 36, 64, 34, 62)   # 204 x 544 x 992 px
+TEXT, CLIP_LEN, PROMPTS = 320, 77, 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """`chips` chips of TPU slice `slice_name`, HBM per chip, and the mesh every program uses."""
+
+    slice_name: str
+    chips: int
+    hbm: float
+    mesh: str
+
+
+TARGETS = {
+    "v5p-1": Target("v5p-8", 1, 95 * GB, "fsdp=1"),
+    "v5p-4": Target("v5p-8", 4, 95 * GB, "sequence=2,tensor=2"),
+    "v5p-8": Target("v5p-16", 8, 95 * GB, "sequence=4,tensor=2"),
+    "v6e-8": Target("v6e-8", 8, 32 * GB, "sequence=2,tensor=4"),
+    "v6e-16": Target("v6e-16", 16, 32 * GB, "sequence=4,tensor=4"),
+}
+
+
+@dataclasses.dataclass
+class Program:
+    """A compilable program: `build(mesh, layers) -> (fn, abstract args, in_shardings, donate)`."""
+
+    build: Callable
+    layers: int | None          # real depth of the layer stack; None: no stack
+    flops: float                # analytic FLOPs of one call
+
+
+def attention_backend(mesh, heads: int):
+    """Sequence parallelism over `sequence` when it is > 1: Ulysses when the degree divides the
+    heads per tensor shard, else Ulysses inside ring; the local kernel is splash."""
+    n, t = mesh.shape.get("sequence", 1), mesh.shape.get("tensor", 1)
+    if n == 1:
+        return None
+    mode = "ulysses" if (heads // t) % n == 0 else "ulysses_ring"
+    return SequenceParallel(mode, local_backend="splash")
+
+
+def _abstract_state(module_fn, mesh):
+    graphdef, state = nnx.split(nnx.eval_shape(module_fn))
+    return graphdef, state, state_shardings(state, mesh)
+
+
+def build_denoise(mesh, layers):
+    cfg = dataclasses.replace(DiTConfig.full(), num_layers=layers)
+    graphdef, state, shardings = _abstract_state(
+        lambda: StepVideoDiT(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0)), mesh)
+    velocity = dit_velocity_fn(graphdef, backend=attention_backend(mesh, cfg.num_heads))
+    bf16 = jnp.bfloat16
+    latents = aot.abstract(LATENTS, jnp.float32, mesh, None)
+    cond = {"y": aot.abstract((PROMPTS, TEXT, cfg.caption_channels[0]), bf16, mesh, ("batch", "text_length", None)),
+            "y_mask": aot.abstract((PROMPTS, CLIP_LEN + TEXT), bf16, mesh, ("batch", "text_length")),
+            "clip": aot.abstract((PROMPTS, CLIP_LEN, cfg.caption_channels[1]), bf16, mesh,
+                                 ("batch", "text_length", None))}
+    scalar = aot.abstract((), jnp.float32, mesh, None)
+
+    def step(state, latents, cond, t, sigma, sigma_next, guidance):
+        return denoise_step(velocity, state, latents, cond, t, sigma, sigma_next, guidance, cfg=True,
+                            model_dtype=bf16)
+
+    args = (state, latents, cond, scalar, scalar, scalar, scalar)
+    shard = lambda a: jax.tree.map(lambda x: x.sharding, a)
+    return step, args, (shardings, *(shard(a) for a in args[1:])), (1,)
+
+
+def build_step_llm(mesh, layers):
+    cfg = dataclasses.replace(StepLLMConfig.full(), num_layers=layers)
+    graphdef, state, shardings = _abstract_state(
+        lambda: StepLLM(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0)), mesh)
+    ids = aot.abstract((PROMPTS, TEXT), jnp.int32, mesh, ("batch", "text_length"))
+    fn = lambda state, ids: nnx.merge(graphdef, state)(ids)
+    return fn, (state, ids), (shardings, ids.sharding), ()
+
+
+def build_clip(mesh, layers):
+    cfg = dataclasses.replace(HunyuanClipConfig.full(), num_layers=layers)
+    graphdef, state, shardings = _abstract_state(lambda: HunyuanClip(cfg, rngs=nnx.Rngs(0)), mesh)
+    ids = aot.abstract((PROMPTS, CLIP_LEN), jnp.int32, mesh, ("batch", "text_length"))
+    mask = aot.abstract((PROMPTS, CLIP_LEN), jnp.int32, mesh, ("batch", "text_length"))
+    fn = lambda state, ids, mask: nnx.merge(graphdef, state)(ids, mask)
+    return fn, (state, ids, mask), (shardings, ids.sharding, mask.sharding), ()
+
+
+def build_vae_decode(mesh, layers):
+    from bench.vae_tpu_memory import program
+
+    one_chip = aot.mesh_over([mesh.devices.flat[0]], {"data": 1})
+    fn, state = program("decode", jnp.bfloat16, "splash", dict(stream_frames=2, chunks_per_step=1))
+    x = aot.abstract(LATENTS, jnp.bfloat16, one_chip, None)
+    return fn, (state, x), (jax.tree.map(lambda _: x.sharding, state), x.sharding), (), one_chip
+
+
+def dit_flops() -> float:
+    from bench.dit_flops import forward_flops
+
+    cfg = DiTConfig.full()
+    s = LATENTS[1] * LATENTS[3] * LATENTS[4]
+    return sum(forward_flops(cfg, batch=PROMPTS, s=s, l_text=TEXT, l_clip=CLIP_LEN).values())
+
+
+def encoder_flops(params: int, layers: int, d: int, s: int, causal: bool) -> float:
+    """2 x params x tokens for the matmuls, plus 4 s^2 d per layer for scores and values (half when
+    causal), per prompt."""
+    return PROMPTS * (2 * params * s + layers * 4 * s * s * d * (0.5 if causal else 1.0))
+
+
+def programs() -> dict[str, Program]:
+    llm, clip = StepLLMConfig.full(), HunyuanClipConfig.full()
+    count = lambda make: sum(math.prod(v.shape) for v in jax.tree.leaves(nnx.state(nnx.eval_shape(make))))
+    llm_params = count(lambda: StepLLM(llm, rngs=nnx.Rngs(0)))
+    clip_params = count(lambda: HunyuanClip(clip, rngs=nnx.Rngs(0)))
+    return {
+        "denoise": Program(build_denoise, DiTConfig.full().num_layers, dit_flops()),
+        "step_llm": Program(build_step_llm, llm.num_layers,
+                            encoder_flops(llm_params - llm.vocab_size * llm.hidden_size, llm.num_layers,
+                                          llm.hidden_size, TEXT, True)),
+        "clip": Program(build_clip, clip.num_layers,
+                        encoder_flops(clip_params, clip.num_layers, clip.hidden_size, CLIP_LEN, False)),
+        "vae_decode": Program(build_vae_decode, None, float("nan")),
+    }
+
+
+def compile_memory(program: Program, mesh, layers: int) -> dict[str, int]:
+    fn, args, shardings, donate, *override = program.build(mesh, layers)
+    mesh = override[0] if override else mesh
+    jitted = jax.jit(fn, in_shardings=shardings, donate_argnums=donate)
+    with jax.set_mesh(mesh):
+        compiled = jitted.lower(*args).compile()
+    return aot.memory(compiled)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--targets", default=",".join(TARGETS), help=f"comma-separated, from {sorted(TARGETS)}")
+    p.add_argument("--programs", default="denoise,step_llm,clip,vae_decode")
+    p.add_argument("--mesh", default=None, help="override every target's mesh, e.g. fsdp=2,sequence=2")
+    p.add_argument("--layers", type=int, default=None, help="compile this many layers (default: real depth)")
+    a = p.parse_args(argv)
+    progs = programs()
+    unknown = [t for t in a.targets.split(",") if t not in TARGETS] + [
+        q for q in a.programs.split(",") if q not in progs]
+    if unknown:
+        raise SystemExit(f"unknown targets/programs {unknown}; targets {sorted(TARGETS)}, programs {sorted(progs)}")
+
+    print("| target | mesh | program | arguments | outputs | temporaries | peak / chip | HBM | fits | "
+          "TFLOPs / call | how |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for name in a.targets.split(","):
+        target = TARGETS[name]
+        devices = aot.tpu_devices(target.slice_name)[:target.chips]
+        sizes = MeshConfig.from_string(a.mesh or target.mesh).resolve(len(devices))
+        mesh = aot.mesh_over(devices, sizes)
+        mesh_text = ",".join(f"{k}={v}" for k, v in sizes.items() if v > 1) or "1 chip"
+        for prog_name in a.programs.split(","):
+            t0 = time.perf_counter()
+            try:
+                prog = progs[prog_name]
+                layers = prog.layers if a.layers is None or prog.layers is None else a.layers
+                mem = compile_memory(prog, mesh, layers or 0)
+                how = f"{layers} layers" if layers else "compiled"
+                how += "" if layers == prog.layers else f" of {prog.layers} (partial)"
+            except Exception as e:  # noqa: BLE001 - one failed program must not hide the others
+                print(f"| {name} | {mesh_text} | {prog_name} | failed: {type(e).__name__}: "
+                      f"{str(e).splitlines()[0][:200]} | | | | | | | |", flush=True)
+                continue
+            fits = "yes" if mem["peak"] <= target.hbm else "NO"
+            flops = progs[prog_name].flops
+            print(f"| {name} | {mesh_text if prog_name != 'vae_decode' else '1 chip'} | {prog_name} | "
+                  f"{mem['argument_size_in_bytes'] / GIB:.2f} GiB | {mem['output_size_in_bytes'] / GIB:.2f} GiB | "
+                  f"{mem['temp_size_in_bytes'] / GIB:.2f} GiB | {mem['peak'] / GIB:.2f} GiB | "
+                  f"{target.hbm / GIB:.1f} GiB | {fits} | "
+                  f"{'-' if math.isnan(flops) else f'{flops / 1e12:.1f}'} | {how}, "
+                  f"{time.perf_counter() - t0:.0f} s |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
