@@ -1,4 +1,8 @@
 """Meshes from configs, parameter placement by the rules table, multi-process detection."""
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +13,7 @@ from jax.sharding import PartitionSpec as P
 from stepvideo_jax.models.layers import Linear
 from stepvideo_jax.parallel.mesh import (MESH_AXES, MeshConfig, initialize_distributed, make_mesh,
                                          multi_process_env, shard_model)
+from tests.fixtures import PROJECT_ROOT
 
 
 def test_sizes_fill_the_rest():
@@ -78,3 +83,15 @@ def test_multi_process_detection(env, expected):
 
 def test_single_process_does_not_initialize():
     assert initialize_distributed(environ={}) is False
+
+
+def test_launch_entry_runs_module_single_process(tmp_path):
+    (tmp_path / "probe.py").write_text(
+        "import sys, jax\nprint(sys.argv[1:], jax.distributed.is_initialized())\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE",
+                                                            "JAX_COORDINATOR_ADDRESS", "STEPVIDEO_DISTRIBUTED")}
+    env["PYTHONPATH"] = str(tmp_path)
+    done = subprocess.run([sys.executable, str(PROJECT_ROOT / "launch" / "entry.py"), "-m", "probe", "--x", "1"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "['--x', '1'] False"

@@ -121,7 +121,7 @@ def _self_attention_shard(q, k, v, valid, *, axis, n, u, masked, local, causal, 
         o = local(q, k, v, key_mask=valid if masked else None, causal=causal, bias_fn=bias_fn)
     else:
         ring = _Ring(axis=axis, devices=n, stride=u)
-        o = ring_attention(q, k, v, valid, ring, scale=scale, block_q=config.block_q,
+        o = _ring_attention(q, k, v, valid, ring, scale=scale, block_q=config.block_q,
                            block_k=config.block_k)
     if u > 1:
         o = _heads_to_sequence(o, axis, groups)
@@ -197,7 +197,7 @@ class _Ring:
         return tuple(jax.lax.ppermute(x, self.axis, perm) for x in xs)
 
 
-def ring_attention(q, k, v, valid, ring: _Ring, *, scale, block_q=512, block_k=512):
+def _ring_attention(q, k, v, valid, ring: _Ring, *, scale, block_q=512, block_k=512):
     """Inside `shard_map`: local q (b, sq, h, d), k/v (b, sk, hkv, d), valid (b, sk) -> (b, sq, h, d)."""
     b, sq, h, d = q.shape
     sk, hkv = k.shape[1], k.shape[2]
