@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import pathlib
-import tempfile
+import uuid
 import warnings
 
 import numpy as np
@@ -56,8 +56,8 @@ def write_mp4(path, frames: np.ndarray, *, fps: int = FPS, denoise: bool = True,
     frames = check_frames(frames)
     path = check_writable(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".partial.mp4", dir=path.parent)
-    os.close(fd)
+    # ffmpeg creates the temporary file itself, so it gets the usual umask permissions
+    tmp = str(path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.partial.mp4"))
     try:
         writer = imageio_ffmpeg.write_frames(
             tmp, (frames.shape[2], frames.shape[1]), fps=fps, codec="libx264", quality=quality,
