@@ -57,9 +57,9 @@ def peak_flops_per_device(device_kind: str, override: Optional[float] = None) ->
 
 
 class MetricsWriter:
-    """Appends one JSON object per logged step to `<workdir>/metrics.jsonl`, mirrors scalars to
-    TensorBoard event files under `<workdir>/tensorboard` when `tensorboard=True` (needs
-    tensorflow), and prints a one-line summary."""
+    """Appends one JSON object per logged step to `<workdir>/metrics.jsonl`, mirrors scalars to a
+    TensorBoard event file under `<workdir>/tensorboard` when `tensorboard=True`, and prints a
+    one-line summary."""
 
     def __init__(self, workdir: str | os.PathLike, *, tensorboard: bool = False, printer=print):
         self.path = pathlib.Path(workdir) / "metrics.jsonl"
@@ -67,10 +67,7 @@ class MetricsWriter:
         self._file = open(self.path, "a")
         self._tb = None
         if tensorboard:
-            import tensorflow as tf
-
-            self._tf = tf
-            self._tb = tf.summary.create_file_writer(str(pathlib.Path(workdir) / "tensorboard"))
+            self._tb = _EventFile(pathlib.Path(workdir) / "tensorboard")
         self.printer = printer
 
     def write(self, step: int, scalars: Mapping[str, float]) -> None:
@@ -78,10 +75,7 @@ class MetricsWriter:
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
         if self._tb is not None:
-            with self._tb.as_default():
-                for k, v in scalars.items():
-                    self._tf.summary.scalar(k, float(v), step=int(step))
-            self._tb.flush()
+            self._tb.scalars(step, scalars)
         if self.printer is not None:
             self.printer(f"step {step}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in scalars.items()))
 
@@ -89,6 +83,34 @@ class MetricsWriter:
         self._file.close()
         if self._tb is not None:
             self._tb.close()
+
+
+class _EventFile:
+    """A TensorBoard event file (TFRecord of `Event` protos with `simple_value` scalars), written
+    with tensorflow's protos and record writer; the tensorboard package is not needed to write it."""
+
+    def __init__(self, directory: pathlib.Path):
+        import socket
+        import time
+
+        import tensorflow as tf
+        from tensorflow.core.framework import summary_pb2
+        from tensorflow.core.util import event_pb2
+
+        directory.mkdir(parents=True, exist_ok=True)
+        self._event, self._summary, self._time = event_pb2.Event, summary_pb2.Summary, time.time
+        self._writer = tf.io.TFRecordWriter(str(directory / f"events.out.tfevents.{int(time.time())}."
+                                                f"{socket.gethostname()}.{os.getpid()}"))
+        self._writer.write(self._event(wall_time=time.time(), file_version="brain.Event:2").SerializeToString())
+
+    def scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+        values = [self._summary.Value(tag=k, simple_value=float(v)) for k, v in scalars.items()]
+        event = self._event(wall_time=self._time(), step=int(step), summary=self._summary(value=values))
+        self._writer.write(event.SerializeToString())
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
 
 
 def _fmt(v: float) -> str:
