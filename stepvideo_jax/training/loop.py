@@ -105,7 +105,10 @@ def dit_config(model_cfg) -> DiTConfig:
 
 
 def step_settings(config) -> StepSettings:
-    return StepSettings(**dict(config.step))
+    """StepSettings from `config.step` ("" as attention backend means the platform default)."""
+    raw = dict(config.step)
+    raw["attention_backend"] = raw.get("attention_backend") or None
+    return StepSettings(**raw)
 
 
 def optimizer_of(config):

@@ -1,0 +1,53 @@
+"""The shipped training configs parse into a consistent run description (no compilation)."""
+import importlib.util
+import pathlib
+
+import jax
+import pytest
+from flax import nnx
+
+from stepvideo_jax.models.dit import DiTConfig, StepVideoDiT
+from stepvideo_jax.parallel.rules import state_shardings
+from stepvideo_jax.training import train_state
+from stepvideo_jax.training.loop import build_mesh, dit_config, optimizer_of, step_settings
+from stepvideo_jax.training.train_step import remat_policy
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _config(name, *args):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "configs/train" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(*args)
+
+
+@pytest.mark.parametrize("name,arg,chips", [("pod_544x992", "v5p-64", 64), ("pod_544x992", "v5p-128", 128),
+                                            ("pod_192x320", "v5p-64", 64), ("pod_192x320", "v5p-128", 128)])
+def test_pod_configs(name, arg, chips):
+    c = _config(name, arg)
+    assert dit_config(c.model) == DiTConfig.full()
+    s = step_settings(c)
+    remat_policy(s.remat)
+    assert s.remat == "full" and c.compute_dtype == "bfloat16"
+    mesh = {k: v for k, v in c.mesh.items()}
+    fsdp = chips // (mesh["data"] * mesh["sequence"] * mesh["tensor"])
+    assert c.data.global_batch % (mesh["data"] * fsdp) == 0  # batch rows over (data, fsdp)
+    optimizer_of(c)
+
+
+def test_full_size_state_shards_over_a_mesh():
+    """The whole full-size train state (f32 params, Adam moments, EMA) has a sharding from the rules."""
+    c = _config("pod_544x992", "v5p-64")
+    cfg = dit_config(c.model)
+    _, opt = optimizer_of(c)
+    abstract = jax.eval_shape(lambda: train_state.create(
+        nnx.state(StepVideoDiT(cfg, rngs=nnx.Rngs(0))), opt, seed=0, use_ema=True))
+    mesh = build_mesh({"fsdp": 2, "sequence": 4})
+    shardings = state_shardings(abstract, mesh)
+    n_params = sum(x.size for x in jax.tree.leaves(abstract.params))
+    assert n_params == 29_342_478_400
+    leaves = jax.tree.leaves(abstract)
+    total = sum(x.size * x.dtype.itemsize for x in leaves)
+    assert total > 4 * 4 * n_params  # params + mu + nu + EMA, float32
+    assert len(jax.tree.leaves(shardings)) == len(leaves)
