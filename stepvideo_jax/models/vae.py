@@ -504,6 +504,57 @@ class VideoVAE(nnx.Module):
 
         return map_chunks(one, jnp.asarray(latents).astype(self.dtype), self.cfg.latent_len, chunks_per_step)
 
-    def decode(self, latents: jax.Array, **kw) -> jax.Array:
-        """latents (b f c h w) -> video (b F 3 16h 16w), F = `video_frames(cfg, f)`, blended."""
-        return blend_boundaries(self.decode_chunks(latents, **kw), self.cfg.frame_len, self.cfg.blend_remain)
+    def decode(self, latents: jax.Array, *, tile: Optional[tuple[int, int]] = None,
+               tile_overlap: tuple[int, int] = (4, 4), **kw) -> jax.Array:
+        """latents (b f c h w) -> video (b F 3 16h 16w), F = `video_frames(cfg, f)`, blended.
+
+        `tile` (latent rows, cols): optional spatial tiling, off by default. An APPROXIMATION: each
+        tile is decoded on its own (convolutions see zeros past the tile edge and the mid attention
+        only the tile), and tiles overlapping by `tile_overlap` latents are cross-faded linearly.
+        Only useful beyond what time-slab streaming fits (larger videos, smaller chips).
+        """
+        if tile is None:
+            video = self.decode_chunks(latents, **kw)
+        else:
+            video = self._decode_tiled(latents, tile, tile_overlap, **kw)
+        return blend_boundaries(video, self.cfg.frame_len, self.cfg.blend_remain)
+
+    def _decode_tiled(self, latents, tile, overlap, **kw):
+        check_latents(self.cfg, latents.shape)
+        if len(tile) != 2 or len(overlap) != 2 or min(tile) < 1 or min(overlap) < 0 or any(
+                o >= t for t, o in zip(tile, overlap)):
+            raise ValueError(f"tile {tuple(tile)} / tile_overlap {tuple(overlap)}: need (rows, cols) with "
+                             "tiles >= 1 latent and 0 <= overlap < tile")
+        b, f, c, h, w = latents.shape
+        s = self.cfg.spatial_factor
+        th, tw = min(tile[0], h), min(tile[1], w)
+        rows, cols = _tile_starts(h, th, overlap[0]), _tile_starts(w, tw, overlap[1])
+        origins = [(i, j) for i in rows for j in cols]
+        tiles = jnp.stack([latents[..., i:i + th, j:j + tw] for i, j in origins])
+        videos = jax.lax.map(lambda z: self.decode_chunks(z, **kw), tiles)
+        out = jnp.zeros(videos.shape[1:4] + (h * s, w * s), jnp.float32)
+        norm = jnp.zeros((h * s, w * s), jnp.float32)
+        for k, (i, j) in enumerate(origins):
+            weight = (_ramp(i, th, h, overlap[0] * s, s)[:, None] * _ramp(j, tw, w, overlap[1] * s, s)[None, :])
+            region = (slice(i * s, (i + th) * s), slice(j * s, (j + tw) * s))
+            out = out.at[(...,) + region].add(videos[k].astype(jnp.float32) * weight)
+            norm = norm.at[region].add(weight)
+        return (out / norm).astype(videos.dtype)
+
+
+def _tile_starts(n: int, size: int, overlap: int) -> list[int]:
+    """Tile origins covering [0, n) with tiles of `size` overlapping by at least `overlap`."""
+    if size >= n:
+        return [0]
+    return list(range(0, n - size, size - overlap)) + [n - size]
+
+
+def _ramp(start: int, size: int, n: int, overlap_px: int, scale: int) -> jax.Array:
+    """Pixel weights of one tile along one axis: linear ramps over the overlap on sides with a neighbour."""
+    x = jnp.arange(size * scale, dtype=jnp.float32)
+    w = jnp.ones_like(x)
+    if start > 0:
+        w = jnp.minimum(w, (x + 1) / (overlap_px + 1))
+    if start + size < n:
+        w = jnp.minimum(w, (size * scale - x) / (overlap_px + 1))
+    return w
