@@ -7,17 +7,15 @@ no checkpoint, no ../shared); the rest run in-process, the eval runner on the to
 import importlib.util
 import json
 import os
-import pathlib
 import subprocess
 import sys
 
-import ml_collections
 import numpy as np
 import pytest
 
 from stepvideo_jax import generate, generate_eval
 from stepvideo_jax.sampling import video_io
-from tests.fixtures import PROJECT_ROOT, fixture_dir
+from tests.fixtures import PROJECT_ROOT, fixture_dir, load_npz
 from tests.test_flow_matching import count_compiles
 from tests.test_pipeline import SIZE as TOY_SIZE
 from tests.test_pipeline import toy_pipeline  # noqa: F401  (a fixture)
@@ -29,6 +27,10 @@ def load_config(name="tiny"):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config()
+
+
+# the test process has JAX loaded; forking it to exec a fresh interpreter is safe
+pytestmark = pytest.mark.filterwarnings("ignore:os.fork\\(\\) was called:RuntimeWarning")
 
 
 def _cli(*args, timeout=600):
@@ -147,7 +149,7 @@ def test_batch_outputs_and_seeds():
 def test_eval_prompt_list_is_shipped():
     prompts = generate_eval.read_prompts()
     assert len(prompts) == 128 and all(prompts)
-    e2e = __import__("tests.fixtures", fromlist=["load_npz"]).load_npz("release_layout", "e2e_cases.npz")
+    e2e = load_npz("release_layout", "e2e_cases.npz")
     assert str(e2e["zh.prompt"]) in prompts
 
 

@@ -67,9 +67,9 @@ def write_mp4(path, frames: np.ndarray, *, fps: int = FPS, denoise: bool = True,
             # JAX warns on any fork; the fork here is subprocess's fork+exec of ffmpeg, which is safe
             warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
             writer.send(None)
-        for frame in frames:
-            writer.send(np.ascontiguousarray(frame))
-        writer.close()
+            for frame in frames:
+                writer.send(np.ascontiguousarray(frame))
+            writer.close()
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
