@@ -3,6 +3,7 @@ import importlib.util
 import pathlib
 
 import jax
+import numpy as np
 import pytest
 from flax import nnx
 
@@ -22,8 +23,8 @@ def _config(name, *args):
     return module.get_config(*args)
 
 
-@pytest.mark.parametrize("name,arg,chips", [("pod_544x992", "v5p-64", 64), ("pod_544x992", "v5p-128", 128),
-                                            ("pod_192x320", "v5p-64", 64), ("pod_192x320", "v5p-128", 128)])
+@pytest.mark.parametrize("name,arg,chips", [("pod_544x992", "v5p-128", 64), ("pod_544x992", "v5p-256", 128),
+                                            ("pod_192x320", "v5p-128", 64), ("pod_192x320", "v5p-256", 128)])
 def test_pod_configs(name, arg, chips):
     c = _config(name, arg)
     assert dit_config(c.model) == DiTConfig.full()
@@ -38,7 +39,7 @@ def test_pod_configs(name, arg, chips):
 
 def test_full_size_state_shards_over_a_mesh():
     """The whole full-size train state (f32 params, Adam moments, EMA) has a sharding from the rules."""
-    c = _config("pod_544x992", "v5p-64")
+    c = _config("pod_544x992", "v5p-128")
     cfg = dit_config(c.model)
     _, opt = optimizer_of(c)
     abstract = jax.eval_shape(lambda: train_state.create(
@@ -51,3 +52,27 @@ def test_full_size_state_shards_over_a_mesh():
     total = sum(x.size * x.dtype.itemsize for x in leaves)
     assert total > 4 * 4 * n_params  # params + mu + nu + EMA, float32
     assert len(jax.tree.leaves(shardings)) == len(leaves)
+
+
+def test_init_from_release_and_converted_checkpoint(tmp_path):
+    """`model.init_from` accepts an official transformer/ directory and a converter output root."""
+    from stepvideo_jax.convert import cli
+    from stepvideo_jax.convert import dit as dit_convert
+    from stepvideo_jax.training.loop import _init_config, _with_initial_weights
+    from tests.fixtures import fixture_dir
+
+    release = fixture_dir("release_layout") / "stepvideo-t2v"
+    cli.convert_release(release, tmp_path / "ckpt", components=["transformer"])
+    want = nnx.state(dit_convert.load(release / "transformer"))
+    mesh = build_mesh({"fsdp": 2})
+    for source in (release / "transformer", tmp_path / "ckpt"):
+        cfg = _init_config(source)
+        assert cfg == dit_convert.read_config(release / "transformer")
+        _, opt = optimizer_of(_config("tiny_cpu"))
+        fresh = train_state.create(nnx.state(StepVideoDiT(cfg, rngs=nnx.Rngs(0))), opt, seed=0, use_ema=True)
+        sh = state_shardings(jax.eval_shape(lambda: fresh), mesh)
+        state = _with_initial_weights(fresh, source, jax.numpy.float32, sh, mesh)
+        for a, e, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(state.ema), jax.tree.leaves(want)):
+            assert a.dtype == jax.numpy.float32
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+            np.testing.assert_array_equal(np.asarray(e), np.asarray(b))

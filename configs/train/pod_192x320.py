@@ -2,20 +2,20 @@
 tokens), TPU pods. Same recipe as `pod_544x992.py`; short sequences, so no sequence parallelism
 and a larger batch.
 
-python launch/entry.py -m stepvideo_jax.train --config configs/train/pod_192x320.py:v5p-64 ...
+python launch/entry.py -m stepvideo_jax.train --config configs/train/pod_192x320.py:v5p-128 ...
 """
 import importlib.util
 import pathlib
 
 
-def get_config(arg: str = "v5p-128"):
+def get_config(arg: str = "v5p-256"):
     spec = importlib.util.spec_from_file_location("pod_544x992", pathlib.Path(__file__).with_name("pod_544x992.py"))
     base = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(base)
     c = base.get_config(arg)
     c.workdir = "/tmp/stepvideo_train_192x320"
     c.mesh = dict(data=1, fsdp=-1, sequence=1, tensor=1)
-    c.data.global_batch = {"v5p-64": 256, "v5p-128": 512}[arg]
+    c.data.global_batch = {"v5p-128": 256, "v5p-256": 512}[arg]
     c.step.attention_backend = ""          # platform default (splash on TPU)
     c.optim.learning_rate = 2e-5
     return c

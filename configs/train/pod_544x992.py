@@ -2,15 +2,15 @@
 
 Init from the official release (converted in memory); data from `stepvideo_jax.data.precompute`.
 
-python launch/entry.py -m stepvideo_jax.train --config configs/train/pod_544x992.py \
-    --config.model.init_from=gs://.../stepvideo-t2v/transformer --config.data.path=/data/latents_544x992
+python launch/entry.py -m stepvideo_jax.train --config configs/train/pod_544x992.py:v5p-256 \
+    --config.model.init_from=/path/to/stepvideo-t2v/transformer --config.data.path=/data/latents_544x992
 """
 import ml_collections
 
 
-def get_config(arg: str = "v5p-128"):
-    """`arg` picks the mesh: "v5p-64" or "v5p-128" (chips; sequence 4 x fsdp the rest)."""
-    chips = {"v5p-64": 64, "v5p-128": 128}
+def get_config(arg: str = "v5p-256"):
+    """`arg` is the slice: "v5p-128" (64 chips) or "v5p-256" (128 chips); mesh sequence 4 x fsdp."""
+    chips = {"v5p-128": 64, "v5p-256": 128}
     if arg not in chips:
         raise ValueError(f"unknown slice {arg!r}; choose one of {sorted(chips)}")
     c = ml_collections.ConfigDict()

@@ -26,6 +26,7 @@ SLICES: dict[str, tuple[str, str, tuple[int, int, int]]] = {
     "v5p-32": ("v5p:2x2x4", "megacore", (2, 2, 1)),
     "v5p-64": ("v5p:2x4x4", "megacore", (2, 2, 1)),
     "v5p-128": ("v5p:4x4x4", "megacore", (2, 2, 1)),
+    "v5p-256": ("v5p:4x4x8", "megacore", (2, 2, 1)),
     "v4-8": ("v4:2x2x1", "megacore", (2, 2, 1)),
     "v5e-8": ("v5e:2x4", "default", (2, 2, 1)),
     "v6e-8": ("v6e:2x4", "default", (2, 2, 1)),

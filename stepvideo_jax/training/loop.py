@@ -170,12 +170,7 @@ def train(config, workdir=None, *, printer: Optional[Callable[[str], Any]] = pri
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = build_mesh(dict(config.mesh))
     init_from = config.model.get("init_from", "")
-    if init_from:
-        from stepvideo_jax.convert import dit as dit_convert
-
-        cfg = dit_convert.read_config(init_from)
-    else:
-        cfg = dit_config(config.model)
+    cfg = _init_config(init_from) if init_from else dit_config(config.model)
     (workdir / "dit_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
     dtype = jnp.dtype(config.compute_dtype)
     settings = step_settings(config)
@@ -230,7 +225,7 @@ def train(config, workdir=None, *, printer: Optional[Callable[[str], Any]] = pri
                 if objective.init_params is not None:
                     state = objective.init_params(config, state, state_sh)
                 elif init_from:
-                    state = _with_release_weights(state, init_from, dtype, state_sh)
+                    state = _with_initial_weights(state, init_from, dtype, state_sh, mesh)
             step = int(state.step)
             heldout = make_heldout(dataset, config.eval_size, config.seed + 1) if config.eval_every else None
             if heldout is not None and step == 0:
@@ -277,11 +272,38 @@ def train(config, workdir=None, *, printer: Optional[Callable[[str], Any]] = pri
     return TrainResult(state=state, history=history, heldout=heldout_curve)
 
 
-def _with_release_weights(state, release_transformer_dir, dtype, state_sh):
+def _converted_root(init_from) -> Optional[pathlib.Path]:
+    path = pathlib.Path(init_from)
+    return path if (path / "transformer" / "manifest.json").is_file() else None
+
+
+def _init_config(init_from) -> DiTConfig:
+    """DiTConfig of `init_from`: a converter output root (`python -m stepvideo_jax.convert`) or an
+    official `transformer/` directory."""
+    root = _converted_root(init_from)
+    if root is not None:
+        from stepvideo_jax.convert import cli, orbax_io
+
+        return cli.config_from_record(orbax_io.read_manifest(root / "transformer")["config"])
     from stepvideo_jax.convert import dit as dit_convert
 
-    params = nnx.state(dit_convert.load(release_transformer_dir, dtype=dtype, param_dtype=jnp.float32))
-    params = jax.device_put(params, state_sh.params)
+    return dit_convert.read_config(init_from)
+
+
+def _with_initial_weights(state, init_from, dtype, state_sh, mesh):
+    """`state` with params (and EMA) from `init_from`, as float32 master weights in `state_sh`.
+    A converter output is restored straight into the mesh shardings; an official `transformer/`
+    directory is converted in host memory first (small models, tests)."""
+    root = _converted_root(init_from)
+    if root is not None:
+        from stepvideo_jax.convert import cli
+
+        model = cli.load_converted(root, "transformer", dtype=dtype, param_dtype=jnp.float32, mesh=mesh)
+    else:
+        from stepvideo_jax.convert import dit as dit_convert
+
+        model = dit_convert.load(init_from, dtype=dtype, param_dtype=jnp.float32)
+    params = jax.device_put(nnx.state(model), state_sh.params)
     ema = jax.tree.map(jnp.copy, params) if state.ema is not None else None
     return state.replace(params=params, ema=ema)
 
