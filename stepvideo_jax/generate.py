@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from stepvideo_jax.convert.safetensors_io import CheckpointError
 from stepvideo_jax.parallel.mesh import MeshConfig, make_mesh
 from stepvideo_jax.sampling import components, video_io
 from stepvideo_jax.sampling.flow_matching import SamplerSettings
@@ -132,8 +133,8 @@ def format_timings(timings: dict) -> str:
     return "\n".join(["time per phase:", *rows, f"  {'total':<{width}}  {sum(timings.values()):8.2f} s"])
 
 
-def run(config: ml_collections.ConfigDict) -> dict:
-    job = resolve(config)
+def run(config: ml_collections.ConfigDict, job: Job) -> dict:
+    """Build the models, generate the batch, write the files; prints the config and the timings."""
     print("resolved config:\n" + str(config), flush=True)
     start = time.perf_counter()
     pipe = build_pipeline(config, job)
@@ -157,8 +158,13 @@ def main(argv=None):
         if len(args) > 1:
             raise app.UsageError(f"unexpected arguments {args[1:]}; settings go through --config.<field>=...")
         try:
-            summary = run(config_flag.value)
+            job = resolve(config_flag.value)
         except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        try:
+            summary = run(config_flag.value, job)
+        except CheckpointError as e:  # weights that do not match their config; other errors keep a traceback
             print(f"error: {e}", file=sys.stderr)
             return 2
         if flags.FLAGS.summary_json:

@@ -22,6 +22,7 @@ import time
 import ml_collections
 
 from stepvideo_jax import generate
+from stepvideo_jax.convert.safetensors_io import CheckpointError
 from stepvideo_jax.sampling.pipeline import TextToVideo
 
 EVAL_PROMPTS = pathlib.Path(__file__).resolve().parent / "assets" / "step_video_t2v_eval_prompts.txt"
@@ -81,39 +82,58 @@ def pending(prompts: list[str], output_dir: pathlib.Path, manifest: dict) -> lis
     return todo
 
 
-def run_eval(config: ml_collections.ConfigDict, prompts: list[str], output_dir, *, batch_size: int = 1,
-             pipe: TextToVideo | None = None) -> dict:
-    """Generate every missing video of `prompts` into `output_dir`; returns the manifest.
+@dataclasses.dataclass
+class EvalPlan:
+    """A checked eval run: the job over all prompts, the manifest so far, the indices still to do."""
 
-    `pipe`: an already built pipeline (else it is built from `config`, only if there is work).
-    """
+    job: generate.Job
+    output_dir: pathlib.Path
+    manifest: dict
+    todo: list[int]
+    batch_size: int
+
+
+def plan_eval(config: ml_collections.ConfigDict, prompts: list[str], output_dir, *, batch_size: int = 1
+              ) -> EvalPlan:
+    """Check everything (config, prompts, folder, settings of earlier runs) without building a model."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     output_dir = pathlib.Path(output_dir)
     job = generate.resolve(config, prompts=prompts,
                            outputs=[output_dir / f"{i:03d}.mp4" for i in range(len(prompts))])
-    settings = settings_record(config)
     output_dir.mkdir(parents=True, exist_ok=True)
-    manifest = load_manifest(output_dir, settings)
-    todo = pending(prompts, output_dir, manifest)
+    manifest = load_manifest(output_dir, settings_record(config))
+    todo = pending(job.prompts, output_dir, manifest)
     write_manifest(output_dir, manifest)
-    print(f"{len(prompts) - len(todo)} of {len(prompts)} videos already in {output_dir}", flush=True)
-    if not todo:
-        return manifest
-    if pipe is None:
+    return EvalPlan(job, output_dir, manifest, todo, batch_size)
+
+
+def execute(config: ml_collections.ConfigDict, plan: EvalPlan, pipe: TextToVideo | None = None) -> dict:
+    """Generate the missing videos of `plan`; returns the manifest. `pipe`: an already built
+    pipeline (else one is built from `config`, only if there is work)."""
+    job, manifest = plan.job, plan.manifest
+    print(f"{len(job.prompts) - len(plan.todo)} of {len(job.prompts)} videos already in {plan.output_dir}",
+          flush=True)
+    if plan.todo and pipe is None:
         pipe = generate.build_pipeline(config, job)
-    for start in range(0, len(todo), batch_size):
-        idx = todo[start:start + batch_size]
+    for start in range(0, len(plan.todo), plan.batch_size):
+        idx = plan.todo[start:start + plan.batch_size]
         batch = dataclasses.replace(job, prompts=[job.prompts[i] for i in idx], seeds=[job.seeds[i] for i in idx],
                                     outputs=[job.outputs[i] for i in idx])
-        print(f"[{start + len(idx)}/{len(todo)}] " + " | ".join(batch.prompts), flush=True)
+        print(f"[{start + len(idx)}/{len(plan.todo)}] " + " | ".join(batch.prompts), flush=True)
         summary = generate.generate(config, batch, pipe)
         for i, prompt, seed, path in zip(idx, batch.prompts, batch.seeds, batch.outputs):
             manifest["videos"][path.name] = {
                 "index": i, "prompt": prompt, "seed": seed, "file": path.name, "batch": len(idx),
                 "timings": summary["timings"], "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        write_manifest(output_dir, manifest)
+        write_manifest(plan.output_dir, manifest)
     return manifest
+
+
+def run_eval(config: ml_collections.ConfigDict, prompts: list[str], output_dir, *, batch_size: int = 1,
+             pipe: TextToVideo | None = None) -> dict:
+    """`plan_eval` then `execute`: every missing video of `prompts` into `output_dir`."""
+    return execute(config, plan_eval(config, prompts, output_dir, batch_size=batch_size), pipe)
 
 
 def main(argv=None):
@@ -134,9 +154,14 @@ def main(argv=None):
             prompts = read_prompts(f.prompts_file)
             if f.limit < 0:
                 raise ValueError(f"--limit must be >= 0, got {f.limit}")
-            prompts = prompts[:f.limit] if f.limit else prompts
-            manifest = run_eval(config_flag.value, prompts, f.output_dir, batch_size=f.batch_size)
+            plan = plan_eval(config_flag.value, prompts[:f.limit] if f.limit else prompts, f.output_dir,
+                             batch_size=f.batch_size)
         except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        try:
+            manifest = execute(config_flag.value, plan)
+        except CheckpointError as e:  # weights that do not match their config; other errors keep a traceback
             print(f"error: {e}", file=sys.stderr)
             return 2
         print(f"{len(manifest['videos'])} videos in {f.output_dir}")
