@@ -125,5 +125,14 @@ def test_export_of_a_training_checkpoint_loads_back(straight, tmp_path):
     export_dit.main(["--workdir", str(workdir), "--out", str(tmp_path / "transformer"), "--dtype", "float32",
                      "--ema"])
     back = nnx.state(dit_convert.load(tmp_path / "transformer"))
+    # --release: a complete release directory around the export, as generate's checkpoint_dir
+    from stepvideo_jax.sampling import components
+    from tests.fixtures import fixture_dir
+
+    release = fixture_dir("release_layout") / "stepvideo-t2v"
+    export_dit.link_release(release, tmp_path / "full")
+    export_dit.export(load_dit(workdir), tmp_path / "full" / "transformer")
+    assert components.check_checkpoint_dir(tmp_path / "full") == tmp_path / "full"
+    assert (tmp_path / "full" / "vae").resolve() == (release / "vae").resolve()
     for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(result.state.ema)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

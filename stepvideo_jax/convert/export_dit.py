@@ -12,8 +12,11 @@ positions inverts any transform that only moves elements (transpose, reshape, he
 de-interleaving). A transform that is not such a permutation is reported, never guessed.
 
 CLI: `python -m stepvideo_jax.convert.export_dit --workdir RUN --out DIR [--ema] [--step N]
-[--dtype bfloat16|float32] [--max_shard_gb 5]` (a training run's checkpoint), or `--transformer
-DIR` (re-export a converted release).
+[--dtype bfloat16|float32] [--max_shard_gb 5] [--release RELEASE]` (a training run's checkpoint),
+or `--transformer DIR` (re-export a converted release). With `--release`, DIR becomes a complete
+release directory: `DIR/transformer/` is the export and every other entry of RELEASE (vae/,
+step_llm/, hunyuan_clip/, scheduler/, model_index.json) is symlinked, so `python -m
+stepvideo_jax.generate --config.checkpoint_dir=DIR` samples from the trained (raw or EMA) weights.
 """
 from __future__ import annotations
 
@@ -164,6 +167,8 @@ def main(argv=None) -> None:
     ap.add_argument("--ema", action="store_true", help="export the EMA weights instead of the raw ones")
     ap.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     ap.add_argument("--max_shard_gb", type=float, default=5.0)
+    ap.add_argument("--release", default=None,
+                    help="official release directory: make --out a full release (other components symlinked)")
     args = ap.parse_args(argv)
     if args.workdir:
         from stepvideo_jax.training.loop import load_dit
@@ -171,8 +176,23 @@ def main(argv=None) -> None:
         model = load_dit(args.workdir, step=args.step, ema=args.ema, dtype=jnp.float32)
     else:
         model = dit_convert.load(args.transformer)
-    path = export(model, args.out, dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 2**30))
+    out = pathlib.Path(args.out)
+    if args.release:
+        link_release(args.release, out)
+        out = out / dit_convert.COMPONENT
+    path = export(model, out, dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 2**30))
     print(f"wrote {path}")
+
+
+def link_release(release: str | os.PathLike, out: pathlib.Path) -> None:
+    """Symlink every entry of `release` except `transformer/` into `out` (created)."""
+    release = pathlib.Path(release).absolute()
+    if not (release / dit_convert.COMPONENT).is_dir():
+        raise CheckpointError(f"{release} is not a release directory (no {dit_convert.COMPONENT}/)")
+    out.mkdir(parents=True, exist_ok=True)
+    for entry in release.iterdir():
+        if entry.name != dit_convert.COMPONENT and not (out / entry.name).exists():
+            (out / entry.name).symlink_to(entry)
 
 
 if __name__ == "__main__":
