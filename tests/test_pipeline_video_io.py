@@ -9,6 +9,10 @@ import pytest
 from stepvideo_jax.sampling import video_io
 
 
+# the probe below forks this JAX-loaded process to exec ffmpeg, which is safe
+pytestmark = pytest.mark.filterwarnings("ignore:os.fork\\(\\) was called:RuntimeWarning")
+
+
 def _smooth_frames(f=17, h=48, w=80):
     t, y, x = np.meshgrid(np.arange(f), np.arange(h), np.arange(w), indexing="ij")
     rgb = np.stack([(x * 3 + t * 5) % 256, (y * 4) % 256, np.full_like(x, 128)], axis=-1)

@@ -7,6 +7,7 @@ The ffmpeg binary is the one shipped in the imageio-ffmpeg wheel.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import uuid
@@ -16,6 +17,14 @@ import numpy as np
 
 FPS = 25
 DENOISE_FILTER = "atadenoise=0a=0.1:0b=0.1:1a=0.1:1b=0.1"
+
+
+@contextlib.contextmanager
+def _ffmpeg_fork_allowed():
+    """JAX warns on any fork; starting ffmpeg is a fork immediately followed by exec, which is safe."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
+        yield
 
 
 def check_writable(path) -> pathlib.Path:
@@ -63,9 +72,7 @@ def write_mp4(path, frames: np.ndarray, *, fps: int = FPS, denoise: bool = True,
             tmp, (frames.shape[2], frames.shape[1]), fps=fps, codec="libx264", quality=quality,
             pix_fmt_out="yuv420p", macro_block_size=1, ffmpeg_log_level="error",
             output_params=["-vf", DENOISE_FILTER] if denoise else None)
-        with warnings.catch_warnings():
-            # JAX warns on any fork; the fork here is subprocess's fork+exec of ffmpeg, which is safe
-            warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
+        with _ffmpeg_fork_allowed():
             writer.send(None)
             for frame in frames:
                 writer.send(np.ascontiguousarray(frame))
@@ -82,8 +89,9 @@ def read_mp4(path) -> tuple[np.ndarray, float]:
     """Decode an mp4 -> (frames (f, h, w, 3) uint8, fps)."""
     import imageio_ffmpeg
 
-    reader = imageio_ffmpeg.read_frames(str(path))
-    meta = next(reader)
-    w, h = meta["size"]
-    frames = [np.frombuffer(buf, np.uint8).reshape(h, w, 3) for buf in reader]
+    with _ffmpeg_fork_allowed():
+        reader = imageio_ffmpeg.read_frames(str(path))
+        meta = next(reader)
+        w, h = meta["size"]
+        frames = [np.frombuffer(buf, np.uint8).reshape(h, w, 3) for buf in reader]
     return np.stack(frames) if frames else np.zeros((0, h, w, 3), np.uint8), float(meta["fps"])
