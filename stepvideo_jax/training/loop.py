@@ -227,7 +227,8 @@ def train(config, workdir=None, *, printer: Optional[Callable[[str], Any]] = pri
                 elif init_from:
                     state = _with_initial_weights(state, init_from, dtype, state_sh, mesh)
             step = int(state.step)
-            heldout = make_heldout(dataset, config.eval_size, config.seed + 1) if config.eval_every else None
+            heldout = (jax.device_put(make_heldout(dataset, config.eval_size, config.seed + 1), replicated)
+                       if config.eval_every else None)
             if heldout is not None and step == 0:
                 heldout_curve.append((0, float(eval_fn(state.params, heldout))))
                 writer.write(0, {"heldout_loss": heldout_curve[0][1]})
@@ -260,7 +261,7 @@ def train(config, workdir=None, *, printer: Optional[Callable[[str], Any]] = pri
                     scalars.update(step_time_s=dt / window["steps"], samples_per_s=window["samples"] / dt,
                                    tokens_per_s=window["tokens"] / dt)
                     if peak:
-                        scalars["mfu"] = window["flops"] / dt / (peak * jax.device_count())
+                        scalars["mfu"] = window["flops"] / dt / (peak * mesh.size)
                     writer.write(step, scalars)
                     window = {"t0": time.perf_counter(), "samples": 0, "tokens": 0, "flops": 0.0, "steps": 0}
                 ckpt.save(step, state, data_iter.get_state())
