@@ -136,3 +136,16 @@ def test_export_of_a_training_checkpoint_loads_back(straight, tmp_path):
     assert (tmp_path / "full" / "vae").resolve() == (release / "vae").resolve()
     for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(result.state.ema)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_sharded_run_matches_the_single_device_run(straight, tmp_path, compile_cache):
+    """The same run on 8 devices as (fsdp=4, sequence=2): same losses for the first steps."""
+    _, full = straight
+    cfg = tiny_config(**{"mesh": {"data": 1, "fsdp": 4, "sequence": 2, "tensor": 1}, "stop_at_step": 4,
+                         "eval_every": 0})
+    sharded = train(cfg, tmp_path, printer=None)
+    assert any(len(x.sharding.device_set) == 8 for x in jax.tree.leaves(sharded.state.params))
+    np.testing.assert_allclose([h["loss"] for h in sharded.history], [h["loss"] for h in full.history[:4]],
+                               rtol=1e-5)
+    np.testing.assert_allclose([h["grad_norm"] for h in sharded.history],
+                               [h["grad_norm"] for h in full.history[:4]], rtol=1e-4)
