@@ -1,0 +1,76 @@
+r"""The demo model: all four Step-Video components at a tiny size, trained on the synthetic
+captioned-motion set (`data/synthetic_motion.py`) by the project's own stack, on CPU.
+
+    python -m stepvideo_jax.demo.build --config configs/demo/train.py --workdir /tmp/stepvideo_demo
+
+Stages (each resumes or is skipped when its output exists in the workdir):
+1. text encoders: Step-LLM and Hunyuan-CLIP frozen at their deterministic random init (`text_seed`),
+   with the released tokenizers; they are shipped with the weights, so nothing depends on RNG details;
+2. VAE: the Video-VAE v2 architecture trained on renders of the training scenes, reconstruction
+   (MSE) + a small KL term (`training/vae_train.py`);
+3. latents: posterior moments of `latents.renders_per_scene` renders of every training scene with
+   both captions (EN, ZH) encoded, in the `stepvideo-latents-v1` format;
+4. DiT: flow matching with the project's trainer (`training/loop.py`), config `dit_train` below;
+5. export: the four components in the converted-checkpoint format (`convert/orbax_io.py`), bf16,
+   to `<workdir>/demo` (`--export_to` also writes them elsewhere, e.g. `stepvideo_jax/assets/demo`),
+   and the loss curves as JSON next to them.
+
+64 x 64 pixels, 17 frames: 3 x 4 x 4 latents of `vae.z_channels` channels (16x spatial, 17 -> 3
+temporal compression as the full model). Held-out (colour, shape, motion) combinations
+(`synthetic_motion.HELD_OUT`) are never rendered for training.
+"""
+import ml_collections
+
+
+def get_config():
+    c = ml_collections.ConfigDict()
+    c.workdir = "/tmp/stepvideo_demo"
+    c.seed = 0
+    c.video = ml_collections.ConfigDict(dict(frames=17, height=64, width=64))
+
+    # the four architectures; the DiT's caption/latent channels follow from the other three
+    c.text_seed = 0
+    c.step_llm = ml_collections.ConfigDict(dict(hidden_size=32, num_heads=4, num_kv_groups=2, num_layers=1,
+                                                ffn_hidden_size=64))
+    c.clip = ml_collections.ConfigDict(dict(hidden_size=32, num_heads=4, num_layers=1, intermediate_size=64))
+    c.vae = ml_collections.ConfigDict(dict(
+        z_channels=8, encoder_stem=8, encoder_widths=(8, 8, 16, 32), decoder_widths=(8, 8, 16, 32),
+        num_res_blocks=1, groups=8))
+
+    c.vae_train = ml_collections.ConfigDict(dict(
+        steps=400, batch=2, crop=32, learning_rate=3e-3, warmup_steps=20, end_fraction=0.05, clip_norm=1.0,
+        kl_weight=1e-4, pool=192, seed=0, log_every=10))
+
+    # llm_length: Step-LLM positions stored per caption (captions fit; see `demo.architecture.conditioner`)
+    c.latents = ml_collections.ConfigDict(dict(renders_per_scene=4, seed=1, llm_length=24))
+
+    d = ml_collections.ConfigDict()
+    d.seed = 0
+    d.workdir = ""                    # set by the build: <workdir>/dit
+    d.compute_dtype = "float32"
+    d.total_steps = 800
+    d.stop_at_step = 0
+    d.log_every = 25
+    d.eval_every = 100
+    d.eval_size = 16
+    d.mesh = dict(data=-1, fsdp=1, sequence=1, tensor=1)
+    d.model = ml_collections.ConfigDict(dict(num_layers=4, num_heads=2, head_dim=32, rope_splits=(16, 8, 8),
+                                             init_from=""))
+    d.data = ml_collections.ConfigDict(dict(path="", global_batch=16, seed=0, num_threads=2, prefetch=4))
+    d.optim = ml_collections.ConfigDict(dict(
+        learning_rate=1e-3, warmup_steps=50, schedule="cosine", end_fraction=0.05,
+        b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.0, clip_norm=1.0))
+    d.step = ml_collections.ConfigDict(dict(
+        timestep_distribution="uniform", logit_mean=0.0, logit_std=1.0, timestep_shift=1.0,
+        cond_dropout=0.1, accum_steps=1, ema_decay=0.0, remat="none", attention_backend="xla"))
+    d.checkpoint = ml_collections.ConfigDict(dict(every=500, keep=1, async_save=False))
+    d.metrics = ml_collections.ConfigDict(dict(tensorboard=False, peak_flops=0.0))
+    c.dit_train = d
+
+    # how the shipped model samples (also the evaluation's settings)
+    c.sample = ml_collections.ConfigDict(dict(num_steps=20, guidance_scale=4.0, time_shift=3.0))
+    # evaluation of the build: held-out scenes x languages x seeds, and every train_stride-th
+    # training scene (0: none); the same for a randomly initialised DiT (chance level)
+    c.eval = ml_collections.ConfigDict(dict(seeds=(1000,), languages=("en", "zh"), train_stride=0,
+                                            max_scenes=0, batch=48, random_dit_seed=1))
+    return c

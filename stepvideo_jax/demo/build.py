@@ -1,0 +1,237 @@
+r"""Train the demo model end to end on CPU: `python -m stepvideo_jax.demo.build`.
+
+    python -m stepvideo_jax.demo.build --config configs/demo/train.py --workdir /tmp/stepvideo_demo \
+        [--export_to stepvideo_jax/assets/demo]
+
+Stages (see `configs/demo/train.py`): VAE -> latents -> DiT -> export -> evaluation. A stage whose
+output exists in the workdir is skipped, so a rerun resumes after the last finished stage (the DiT
+stage also resumes from its own checkpoints). Prints the time of every stage; writes
+`<workdir>/demo/` (the four components, bf16, converted-checkpoint format), `<workdir>/curves.json`
+(VAE and DiT loss per step) and `<workdir>/evaluation.json`.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+import shutil
+import time
+from typing import Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from stepvideo_jax.data import synthetic_motion as sm
+from stepvideo_jax.demo import architecture, export, latents
+from stepvideo_jax.models.vae import VideoVAE
+
+DEFAULT_EXPORT = pathlib.Path(__file__).resolve().parents[1] / "assets" / "demo"
+
+def render_pool(scenes, count: int, *, frames: int, height: int, width: int, seed: int) -> np.ndarray:
+    """`count` renders (b f c h w, float32 in [-1, 1]) cycling over `scenes`, start/size from `seed`."""
+    rng = np.random.default_rng(seed)
+    return np.stack([sm.to_model_range(sm.render(scenes[i % len(scenes)], frames=frames, height=height,
+                                                 width=width, seed=int(rng.integers(2**31))))
+                     for i in range(count)])
+
+
+def crop_batches(pool: np.ndarray, batch: int, crop: int, *, seed: int) -> Iterator[jax.Array]:
+    """Endless batches of `batch` videos from `pool`, each a random `crop` x `crop` window (the same
+    window in every frame; `crop` = 0 or the full size keeps the whole frame)."""
+    rng = np.random.default_rng(seed)
+    _, _, _, h, w = pool.shape
+    crop_h, crop_w = (crop, crop) if crop else (h, w)
+    while True:
+        idx = rng.integers(len(pool), size=batch)
+        y0 = rng.integers(h - crop_h + 1, size=batch)
+        x0 = rng.integers(w - crop_w + 1, size=batch)
+        yield jnp.asarray(np.stack([pool[i, :, :, a:a + crop_h, b:b + crop_w] for i, a, b in zip(idx, y0, x0)]))
+
+
+def train_vae(config, printer=print, num_steps: int | None = None) -> tuple[VideoVAE, list[dict]]:
+    """The VAE stage: a fresh VAE trained on renders of the training scenes (`training.vae_train`);
+    `num_steps` stops early (the schedule still spans `vae_train.steps`)."""
+    from stepvideo_jax.training import optimizer as optim
+    from stepvideo_jax.training import train_state, vae_train
+
+    v, t = config.video, config.vae_train
+    model = VideoVAE(architecture.vae_config(config), rngs=nnx.Rngs(t.seed))
+    graphdef, params = nnx.split(model)
+    schedule = optim.learning_rate_schedule(t.learning_rate, warmup_steps=t.warmup_steps,
+                                            total_steps=t.steps, end_fraction=t.end_fraction)
+    optimizer = optim.adamw(schedule, clip_norm=t.clip_norm or None)
+    state = train_state.create(params, optimizer, seed=t.seed, use_ema=False)
+    step = jax.jit(vae_train.make_vae_train_step(graphdef, optimizer, schedule,
+                                                 vae_train.VAELossSettings(t.kl_weight)), donate_argnums=0)
+    pool = render_pool(latents.TRAINING_SCENES, t.pool, frames=v.frames, height=v.height, width=v.width, seed=t.seed)
+    batches = crop_batches(pool, t.batch, t.crop, seed=t.seed + 1)
+    state, history = vae_train.fit(state, step, batches, t.steps if num_steps is None else num_steps, log_every=t.log_every, printer=printer)
+    return nnx.merge(graphdef, state.params), history
+
+
+def _stage(name: str, printer):
+    class Timer:
+        def __enter__(self):
+            self.start = time.perf_counter()
+            printer(f"== stage {name}")
+            return self
+
+        def __exit__(self, *exc):
+            self.seconds = time.perf_counter() - self.start
+            printer(f"== stage {name}: {self.seconds:.1f} s")
+    return Timer()
+
+
+def _dit_train_config(config, workdir: pathlib.Path):
+    d = config.dit_train.copy_and_resolve_references()
+    d.unlock()
+    d.workdir = str(workdir / "dit")
+    d.data.path = str(workdir / "latents")
+    d.model = ml_collections.ConfigDict(architecture.dit_model_config(config))
+    return d
+
+
+def demo_models(checkpoint_dir, *, dtype=jnp.float32):
+    """The four components of a demo checkpoint, compute and parameters in `dtype`."""
+    from stepvideo_jax.sampling import components
+
+    return components.from_converted(checkpoint_dir, dit_dtype=dtype, vae_dtype=dtype, llm_dtype=dtype,
+                                     clip_dtype=dtype)
+
+
+def pipeline_of(models, dit=None):
+    from stepvideo_jax.sampling import components
+    from stepvideo_jax.sampling.pipeline import TextToVideo
+
+    return TextToVideo(encode_text=models.text, dit=models.dit if dit is None else dit,
+                       decode=components.vae_decoder(models.vae, stream_frames=32))
+
+
+def sampling_settings(config):
+    from stepvideo_jax.sampling.flow_matching import SamplerSettings
+    from stepvideo_jax.sampling.pipeline import VideoSize
+
+    s, v = config.sample, config.video
+    return (VideoSize(v.frames, v.height, v.width),
+            SamplerSettings(s.num_steps, float(s.guidance_scale), float(s.time_shift)))
+
+
+def evaluate_checkpoint(config, checkpoint_dir, printer=print) -> dict:
+    """Checker accuracy of the trained DiT and of a randomly initialised one (same VAE and text
+    encoders) on the held-out scenes and every `config.eval.train_stride`-th training scene (none
+    when 0)."""
+    from stepvideo_jax.demo import evaluate
+    from stepvideo_jax.models.dit import StepVideoDiT
+
+    e = config.eval
+    models = demo_models(checkpoint_dir)
+    size, settings = sampling_settings(config)
+    random_dit = StepVideoDiT(models.dit.cfg, rngs=nnx.Rngs(e.random_dit_seed))
+    limit = e.max_scenes or None
+    out = {"chance": evaluate.motion_checker.CHANCE, "seeds": list(e.seeds), "languages": list(e.languages)}
+    for name, dit in (("demo", None), ("random_dit", random_dit)):
+        pipe = pipeline_of(models, dit)
+        splits = [("held_out", sm.HELD_OUT)]
+        if e.train_stride:
+            splits.append(("train", latents.TRAINING_SCENES[::e.train_stride]))
+        for split, scenes in splits:
+            result = evaluate.evaluate(pipe, scenes[:limit], size=size, settings=settings, seeds=tuple(e.seeds),
+                                       languages=tuple(e.languages), batch=e.batch)
+            result.pop("videos")
+            out[f"{name}/{split}"] = result
+            printer(f"{name} on {split} scenes: accuracy {result['accuracy']:.3f} "
+                    f"({len(result['results'])} videos)")
+    return out
+
+
+def build(config, workdir, *, export_to: str = "", printer=print) -> dict:
+    workdir = pathlib.Path(workdir or config.workdir).absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
+    times_path = workdir / "stage_seconds.json"
+    times = json.loads(times_path.read_text()) if times_path.exists() else {}
+    curves_path = workdir / "curves.json"
+    curves = json.loads(curves_path.read_text()) if curves_path.exists() else {}
+
+    def record(name, timer):
+        times[name] = timer.seconds
+        times_path.write_text(json.dumps(times, indent=1))
+
+    # the VAE as shipped (bf16 weights) encodes the DiT's training set
+    vae_dir = workdir / "vae_trained"
+    if not (vae_dir / "conversion.json").exists():
+        with _stage("vae", printer) as timer:
+            vae, history = train_vae(config, printer)
+            export.write_checkpoint(vae_dir, {"vae": vae}, dtype="bfloat16")
+        curves["vae"] = history
+        curves_path.write_text(json.dumps(curves))
+        record("vae", timer)
+    vae = export.load_component(vae_dir, "vae")
+    step_llm, clip = architecture.text_encoders(config)
+
+    latents_dir = workdir / "latents"
+    if not (latents_dir / "meta.json").exists():
+        shutil.rmtree(latents_dir, ignore_errors=True)
+        with _stage("latents", printer) as timer:
+            v = config.video
+            short_text = architecture.conditioner(step_llm, clip, llm_length=config.latents.llm_length)
+            latents.write_latents(latents_dir, vae=vae, text=short_text, scenes=latents.TRAINING_SCENES,
+                                  renders_per_scene=config.latents.renders_per_scene, frames=v.frames,
+                                  height=v.height, width=v.width, seed=config.latents.seed)
+        record("latents", timer)
+
+    from stepvideo_jax.training import loop
+
+    dit_config = _dit_train_config(config, workdir)
+    if "dit" not in curves:
+        with _stage("dit", printer) as timer:
+            result = loop.train(dit_config, printer=printer)
+        curves["dit"] = result.history
+        curves["dit_heldout"] = result.heldout
+        curves_path.write_text(json.dumps(curves))
+        record("dit", timer)
+    dit = loop.load_dit(dit_config.workdir)
+
+    demo_dir = workdir / "demo"
+    with _stage("export", printer) as timer:
+        export.write_checkpoint(demo_dir, {"transformer": dit, "vae": vae, "step_llm": step_llm,
+                                           "hunyuan_clip": clip}, dtype="bfloat16")
+        shutil.copyfile(curves_path, demo_dir / "curves.json")
+    record("export", timer)
+
+    with _stage("evaluate", printer) as timer:
+        evaluation = evaluate_checkpoint(config, demo_dir, printer)
+    record("evaluate", timer)
+    summary = {"accuracy": {k: v["accuracy"] for k, v in evaluation.items() if isinstance(v, dict)},
+               "chance": evaluation["chance"], "stage_seconds": times}
+    (workdir / "evaluation.json").write_text(json.dumps(evaluation, indent=1, ensure_ascii=False))
+    (demo_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    if export_to:
+        export_to = pathlib.Path(export_to)
+        shutil.rmtree(export_to, ignore_errors=True)
+        shutil.copytree(demo_dir, export_to)
+        printer(f"copied {demo_dir} to {export_to}")
+    return {"workdir": str(workdir), **summary}
+
+
+def main(argv=None):
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flag = config_flags.DEFINE_config_file("config", str(pathlib.Path(__file__).resolve().parents[2]
+                                                               / "configs" / "demo" / "train.py"),
+                                                  "demo build config")
+    flags.DEFINE_string("workdir", None, "run directory; default config.workdir")
+    flags.DEFINE_string("export_to", "", "also copy the trained demo checkpoint and curves here")
+
+    def _main(args):
+        summary = build(config_flag.value, flags.FLAGS.workdir, export_to=flags.FLAGS.export_to)
+        print(json.dumps(summary, indent=1))
+
+    app.run(_main, argv=argv)
+
+
+if __name__ == "__main__":
+    main()

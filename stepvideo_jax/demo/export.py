@@ -1,0 +1,93 @@
+"""Trained in-memory models -> a converted checkpoint (`convert/orbax_io.py` layout), the format
+`python -m stepvideo_jax.convert` writes and `sampling.components.from_converted` reads.
+
+Layout: `conversion.json`, and per component (`transformer`, `vae`, `step_llm`, `hunyuan_clip`) a
+directory with `manifest.json` (the model config record), the Orbax parameter groups and the files
+generation needs besides the weights (the released tokenizers, at their release paths). Written into
+a temporary sibling and renamed into place when complete.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import shutil
+import uuid
+from typing import Mapping
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+
+from stepvideo_jax.convert import orbax_io
+
+ASSETS = pathlib.Path(__file__).resolve().parents[1] / "assets"
+# component -> {path in the component directory: packaged source}
+TOKENIZER_FILES: Mapping[str, Mapping[str, pathlib.Path]] = {
+    "step_llm": {"step1_chat_tokenizer.model": ASSETS / "step_llm_tokenizer" / "step1_chat_tokenizer.model"},
+    "hunyuan_clip": {f"tokenizer/{p.name}": p for p in sorted((ASSETS / "hunyuan_clip_tokenizer").iterdir())},
+}
+DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
+
+
+def config_record(cfg) -> dict:
+    """The manifest's config record (read back by `convert.cli.config_from_record`)."""
+    cls = type(cfg)
+    return {"class": f"{cls.__module__}:{cls.__qualname__}", "values": dataclasses.asdict(cfg)}
+
+
+def flat_params(model: nnx.Module, dtype: str) -> dict[str, np.ndarray]:
+    """'/'-joined state path -> host array in `dtype` (the keys `orbax_io.restore` expects)."""
+    return {"/".join(str(p) for p in path): np.asarray(jnp.asarray(v.get_value(), jnp.float32)).astype(DTYPES[dtype])
+            for path, v in nnx.to_flat_state(nnx.state(model))}
+
+
+def write_component(root: pathlib.Path, name: str, model: nnx.Module, *, dtype: str, source: str) -> dict:
+    dst = root / name
+    dst.mkdir(parents=True)
+    groups = orbax_io.write_params(dst, flat_params(model, dtype).items())
+    files = []
+    for rel, src in TOKENIZER_FILES.get(name, {}).items():
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dst / rel)
+        files.append(rel)
+    return orbax_io.write_manifest(dst, component=name, dtype=dtype, groups=groups,
+                                   config=config_record(model.cfg if hasattr(model, "cfg") else model.config), files=files, source=source)
+
+
+def write_checkpoint(out, models: Mapping[str, nnx.Module], *, dtype: str = "bfloat16",
+                     source: str = "stepvideo_jax.demo", overwrite: bool = True) -> pathlib.Path:
+    """Write `models` ({component: module with a `.cfg`}) to `out` atomically."""
+    if dtype not in DTYPES:
+        raise ValueError(f"unsupported dtype {dtype!r}; choose from {sorted(DTYPES)}")
+    out = pathlib.Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.mkdir()
+        manifests = {name: write_component(tmp, name, m, dtype=dtype, source=source) for name, m in models.items()}
+        summary = {"release": source, "dtype": dtype, "components": {
+            name: {"num_params": m["num_params"], "groups": len(m["groups"]), "files": m["files"]}
+            for name, m in manifests.items()}}
+        (tmp / "conversion.json").write_text(json.dumps(summary, indent=1) + "\n")
+        if out.exists():
+            old = out.parent / f".{out.name}.replaced-{uuid.uuid4().hex[:8]}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def load_component(root, name: str, *, dtype=jnp.float32) -> nnx.Module:
+    """One component of a converted checkpoint, parameters and compute in `dtype`."""
+    from stepvideo_jax.convert import cli
+
+    return cli.load_converted(root, name, dtype=dtype, param_dtype=dtype)
