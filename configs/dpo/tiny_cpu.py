@@ -48,7 +48,7 @@ def get_config():
         lora_targets=("attn1.q", "attn1.k", "attn1.v", "attn1.o", "attn2.q", "attn2.k", "attn2.v", "attn2.o")))
 
     c.optim = ml_collections.ConfigDict(dict(
-        learning_rate=1e-3, warmup_steps=5, schedule="constant", end_fraction=1.0,
+        learning_rate=1e-4, warmup_steps=5, schedule="constant", end_fraction=1.0,
         b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.0, clip_norm=1.0))
 
     c.step = ml_collections.ConfigDict(dict(
