@@ -182,8 +182,9 @@ class AttentionBlock(nnx.Module):
                  backend: Optional[str] = None):
         kw = dict(axes=POINTWISE, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.norm = GroupNorm(channels, groups=groups, eps=eps, param_dtype=param_dtype)
-        self.q, self.k, self.v = Linear(channels, channels, **kw), Linear(channels, channels, **kw), \
-            Linear(channels, channels, **kw)
+        self.q = Linear(channels, channels, **kw)
+        self.k = Linear(channels, channels, **kw)
+        self.v = Linear(channels, channels, **kw)
         self.proj_out = Linear(channels, channels, **kw)
         self.backend = backend
 
