@@ -89,7 +89,7 @@ def main(argv=None):
     p.add_argument("--frames", type=int, default=204)
     p.add_argument("--height", type=int, default=544)
     p.add_argument("--width", type=int, default=992)
-    p.add_argument("--decode-stream-frames", type=int, default=2)
+    p.add_argument("--decode-stream-frames", type=int, default=1)
     p.add_argument("--encode-stream-frames", type=int, default=1)
     p.add_argument("--chunks-per-step", type=int, default=1)
     p.add_argument("--attention", default="splash", help="backend of the mid attention (splash, blockwise)")

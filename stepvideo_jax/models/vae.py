@@ -409,9 +409,9 @@ class Decoder(nnx.Module):
                 taps[f"up{level}"] = h
         return h
 
-    def __call__(self, z: jax.Array, *, stream_frames: int = 2, capture: bool = False) -> jax.Array:
+    def __call__(self, z: jax.Array, *, stream_frames: int = 1, capture: bool = False) -> jax.Array:
         """`stream_frames`: frames per slab of the high-resolution section, counted at its input
-        (before the last x2 temporal upsampling; 2 -> 4 output frames per slab)."""
+        (before the last x2 temporal upsampling; 1 -> 2 output frames per slab)."""
         cfg, taps = self.cfg, {}
         z = z.astype(self.dtype)
         conv_in = self.conv_in(z)
@@ -493,7 +493,7 @@ class VideoVAE(nnx.Module):
     def encode_mean(self, video: jax.Array, **kw) -> jax.Array:
         return self.posterior(self.encode_moments(video, **kw)).mean
 
-    def decode_chunks(self, latents: jax.Array, *, stream_frames: int = 2,
+    def decode_chunks(self, latents: jax.Array, *, stream_frames: int = 1,
                       chunks_per_step: int = 1) -> jax.Array:
         """latents (b f c h w) -> video (b F 3 16h 16w) before the boundary blending."""
         check_latents(self.cfg, latents.shape)
