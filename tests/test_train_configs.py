@@ -33,7 +33,9 @@ def test_pod_configs(name, arg, chips):
     assert s.remat == "full" and c.compute_dtype == "bfloat16"
     mesh = {k: v for k, v in c.mesh.items()}
     fsdp = chips // (mesh["data"] * mesh["sequence"] * mesh["tensor"])
-    assert c.data.global_batch % (mesh["data"] * fsdp) == 0  # batch rows over (data, fsdp)
+    micro = c.data.global_batch // s.accum_steps
+    assert micro * s.accum_steps == c.data.global_batch
+    assert micro % (mesh["data"] * fsdp) == 0  # micro-batch rows over (data, fsdp)
     optimizer_of(c)
 
 
