@@ -56,7 +56,7 @@ def compile_cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory, compile_cache):
     workdir = tmp_path_factory.mktemp("straight")
-    return workdir, train(tiny_config(), workdir, printer=None)
+    return workdir, train(tiny_config(**{"samples.every": STEPS, "samples.num_steps": 3}), workdir, printer=None)
 
 
 def test_tiny_config_learns(straight):
@@ -70,6 +70,10 @@ def test_tiny_config_learns(straight):
     for key in ("loss", "grad_norm", "learning_rate", "step_time_s", "samples_per_s", "tokens_per_s"):
         assert all(np.isfinite(r[key]) for r in logged), key
     assert (workdir / "checkpoints" / str(STEPS)).is_dir()
+    cfg = tiny_config()
+    latents = np.load(workdir / "samples" / f"step_{STEPS:08d}.npy")
+    assert latents.shape == (cfg.samples.count, *cfg.data.synthetic.buckets[0][:1], cfg.data.synthetic.channels,
+                             *cfg.data.synthetic.buckets[0][1:]) and np.isfinite(latents).all()
     # generate-side loading: raw and EMA weights of the last checkpoint
     raw = load_dit(workdir)
     ema = load_dit(workdir, ema=True)

@@ -40,5 +40,9 @@ def get_config():
         cond_dropout=0.1, accum_steps=1, ema_decay=0.99, remat="none", attention_backend="xla"))
 
     c.checkpoint = ml_collections.ConfigDict(dict(every=100, keep=2, async_save=True))
+    # sample latents of held-out prompts (EMA weights) every `every` steps; `vae`: a release vae/
+    # directory to also write mp4s (its z_channels must be the DiT's in_channels)
+    c.samples = ml_collections.ConfigDict(dict(every=0, count=2, num_steps=10, guidance=5.0, shift=7.0,
+                                               seed=0, vae=""))
     c.metrics = ml_collections.ConfigDict(dict(tensorboard=False, peak_flops=0.0))
     return c

@@ -254,8 +254,10 @@ def train(config, workdir=None, *, printer: Optional[Callable[[str], Any]] = pri
                 window["steps"] += 1
                 scalars = dict(m)
                 if heldout is not None and step % config.eval_every == 0:
+                    t_eval = time.perf_counter()
                     scalars["heldout_loss"] = float(eval_fn(state.params, heldout))
                     heldout_curve.append((step, scalars["heldout_loss"]))
+                    window["t0"] += time.perf_counter() - t_eval  # throughput counts training only
                 if step % config.log_every == 0 or step == stop:
                     dt = time.perf_counter() - window["t0"]
                     scalars.update(step_time_s=dt / window["steps"], samples_per_s=window["samples"] / dt,
@@ -264,6 +266,13 @@ def train(config, workdir=None, *, printer: Optional[Callable[[str], Any]] = pri
                         scalars["mfu"] = window["flops"] / dt / (peak * mesh.size)
                     writer.write(step, scalars)
                     window = {"t0": time.perf_counter(), "samples": 0, "tokens": 0, "flops": 0.0, "steps": 0}
+                samples = config.get("samples")
+                if (samples and samples.every and heldout is not None and objective.aux is None
+                        and step % samples.every == 0):
+                    t_samples = time.perf_counter()
+                    write_samples(workdir, step, graphdef, state.ema if state.ema is not None else state.params,
+                                  heldout, aux, samples, settings.attention_backend)
+                    window["t0"] += time.perf_counter() - t_samples
                 ckpt.save(step, state, data_iter.get_state())
             ckpt.save(step, state, data_iter.get_state(), force=step not in ckpt.all_steps())
             ckpt.wait()
@@ -271,6 +280,39 @@ def train(config, workdir=None, *, printer: Optional[Callable[[str], Any]] = pri
         ckpt.close()
         writer.close()
     return TrainResult(state=state, history=history, heldout=heldout_curve)
+
+
+def write_samples(workdir: pathlib.Path, step: int, graphdef, params, heldout: dict, negative: dict,
+                  sample_cfg, backend) -> pathlib.Path:
+    """Sample the first `sample_cfg.count` held-out prompts from fixed noise with the official
+    schedule (CFG against the negative prompt) and save the latents `samples/step_<n>.npy`
+    (b f c h w); with `sample_cfg.vae` (a release `vae/` directory) also decode them to mp4."""
+    from stepvideo_jax.sampling.flow_matching import FlowMatchSampler, SamplerSettings
+    from stepvideo_jax.sampling.pipeline import dit_velocity_fn
+
+    n = min(sample_cfg.count, heldout["x"].shape[0])
+    sampler_settings = SamplerSettings(num_steps=sample_cfg.num_steps, guidance_scale=sample_cfg.guidance,
+                                       shift=sample_cfg.shift)
+    cond = {k: heldout[k][:n] for k in ("y", "y_mask", "clip")}
+    if sampler_settings.cfg:
+        cond = {k: jnp.concatenate([v, jnp.broadcast_to(negative[k].astype(v.dtype), v.shape)])
+                for k, v in cond.items()}
+    noise = jax.random.normal(jax.random.key(sample_cfg.seed), heldout["x"][:n].shape, jnp.float32)
+    latents = FlowMatchSampler(dit_velocity_fn(graphdef, backend=backend)).sample(params, noise, cond,
+                                                                                 sampler_settings)
+    out = workdir / "samples"
+    out.mkdir(exist_ok=True)
+    path = out / f"step_{step:08d}.npy"
+    np.save(path, np.asarray(latents))
+    if sample_cfg.get("vae"):
+        from stepvideo_jax.convert import vae as vae_convert
+        from stepvideo_jax.sampling.pipeline import postprocess
+        from stepvideo_jax.sampling.video_io import write_mp4
+
+        video = np.asarray(vae_convert.load(sample_cfg.vae).decode(latents))
+        for i in range(n):
+            write_mp4(out / f"step_{step:08d}_{i}.mp4", postprocess(video[i:i + 1]))
+    return path
 
 
 def _converted_root(init_from) -> Optional[pathlib.Path]:
