@@ -116,7 +116,11 @@ def main(argv=None) -> int:
             (n1, m1), (n2, m2) = zip(depths, mems)
             at = lambda k: m1[k] + (m2[k] - m1[k]) * (real - n1) / (n2 - n1)
             mem = {k: at(k) for k in ("argument_size_in_bytes", "temp_size_in_bytes", "peak")}
-            how, layers = f"extrapolated from {n1} and {n2} layers", real
+            layers = real
+            how = (f"extrapolated from {n1} layers (temporaries {m1['temp_size_in_bytes'] / GIB:.2f} GiB) and "
+                   f"{n2} (temporaries {m2['temp_size_in_bytes'] / GIB:.2f} GiB)")
+            if m2["temp_size_in_bytes"] < m1["temp_size_in_bytes"]:
+                how += "; NOT linear (temporaries shrink with depth): compile the real depth instead"
         else:
             mem, layers, how = mems[0], depths[0], "compiled"
         fits = "yes" if mem["peak"] <= HBM_V5P else "NO"
