@@ -11,7 +11,8 @@ from flax import nnx
 from stepvideo_jax.models.dit import DiTConfig, StepVideoDiT
 from stepvideo_jax.parallel.rules import state_shardings
 from stepvideo_jax.training import lora, train_state
-from stepvideo_jax.training.dpo_step import DPOSettings, draw_pair_inputs, make_dpo_step, pair_metrics
+from stepvideo_jax.training.dpo_step import (DPOSettings, dpo_loss_and_grads, draw_pair_inputs, make_dpo_step,
+                                             pair_metrics)
 from stepvideo_jax.training.loop import batch_shardings, build_mesh
 from stepvideo_jax.training.train_step import StepSettings
 
@@ -176,5 +177,9 @@ def test_bad_inputs_are_named():
         draw_pair_inputs(jax.random.key(0), batch, dataclasses.replace(SETTINGS, cond_dropout=0.1))
     with pytest.raises(ValueError, match="beta_schedule"):
         DPOSettings(beta_schedule="linear")
+    with pytest.raises(ValueError, match="remat 'full' is not supported with LoRA"):
+        frozen = {"reference": params, "base": params}
+        dpo_loss_and_grads(graphdef, graphdef, params, frozen, batch, jax.random.key(0),
+                           dataclasses.replace(SETTINGS, remat="full"), DPO)
     with pytest.raises(ValueError, match="choose from"):
         lora.apply_lora(StepVideoDiT(CFG, rngs=nnx.Rngs(0)), rank=2, alpha=2.0, targets=("attn1.qkv",))

@@ -36,7 +36,7 @@ def get_config(arg: str = "v5p-256"):
     c.dpo = ml_collections.ConfigDict(dict(
         beta=500.0, beta_schedule="constant", sft_weight=0.0,
         policy_from="", reference_from="", reference_dtype="bfloat16",
-        lora_rank=0, lora_alpha=64.0,
+        lora_rank=0, lora_alpha=64.0,       # LoRA needs step.remat = "none" for now (see dpo_step.py)
         lora_targets=("attn1.q", "attn1.k", "attn1.v", "attn1.o", "attn2.q", "attn2.k", "attn2.v", "attn2.o")))
     c.optim = ml_collections.ConfigDict(dict(
         learning_rate=5e-6, warmup_steps=100, schedule="constant", end_fraction=1.0,

@@ -107,6 +107,11 @@ def dpo_loss_and_grads(graphdef, ref_graphdef, params: nnx.State, frozen: dict, 
     b = batch["mean_w"].shape[0]
     if n < 1 or b % n:
         raise ValueError(f"accum_steps {n} must be >= 1 and divide the number of pairs {b}")
+    if frozen.get("base") is not None and settings.remat != "none":
+        # nnx.remat of a block re-merges every variable of the block inside the checkpoint trace,
+        # which flax refuses for the frozen base (closed over, not traced by the gradient).
+        raise ValueError(f"remat {settings.remat!r} is not supported with LoRA (a frozen base) yet: "
+                         "set step.remat = 'none'")
     inputs = draw_pair_inputs(key, batch, settings)
     run = lambda mb: _micro(graphdef, ref_graphdef, params, frozen, mb, settings, dpo)
     if n == 1:
