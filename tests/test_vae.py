@@ -13,7 +13,7 @@ from flax import nnx
 
 from stepvideo_jax.convert import vae as vae_convert
 from stepvideo_jax.models import vae as vae_model
-from tests.fixtures import assert_close, fixture_dir, load_npz
+from tests.fixtures import assert_close, fixture_dir, load_json, load_npz
 
 RTOL = 1e-4
 POSTERIOR_RTOL = 1e-6
@@ -56,8 +56,6 @@ def captured(part: str, x):
 
 
 def test_config_read_from_shapes_matches_fixture():
-    from tests.fixtures import load_json
-
     cfg = vae_convert.read_config(fixture_dir("vae") / "weights.safetensors")
     meta = load_json("vae")
     assert cfg.z_channels == meta["constructor"]["z_channels"]

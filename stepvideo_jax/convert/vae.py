@@ -125,7 +125,7 @@ def _resnet(src: str, dst: str, with_shortcut: bool) -> list[Rule]:
     return out
 
 
-def _middle(src: str, dst: str, width: int) -> list[Rule]:
+def _middle(src: str, dst: str) -> list[Rule]:
     attn = _norm(f"{src}.mid.attn_1.norm", f"{dst}/mid_attn_1/norm")
     for name in ("q", "k", "v", "proj_out"):
         attn += _conv(f"{src}.mid.attn_1.{name}.conv", f"{dst}/mid_attn_1/{name}", _pointwise)
@@ -145,7 +145,7 @@ def rules(cfg: VAEConfig) -> list[Rule]:
         elif i != last:
             out += _conv(f"encoder.down.{i}.downsample.conv", f"encoder/down/{i}/resample", _conv2d)
         cin = width
-    out += _middle("encoder", "encoder", cin)
+    out += _middle("encoder", "encoder")
     out += _norm("encoder.norm_out", "encoder/norm_out")
     out += _conv("encoder.conv_patchify.conv.conv", "encoder/conv_patchify")
     out += _conv("encoder.conv_out.conv", "encoder/conv_out")
@@ -153,7 +153,7 @@ def rules(cfg: VAEConfig) -> list[Rule]:
     top = cfg.decoder_widths[-1]
     out += _conv("decoder.conv_in.conv", "decoder/conv_in")
     out += _conv("decoder.conv_unpatchify.conv.conv", "decoder/conv_unpatchify")
-    out += _middle("decoder", "decoder", top)
+    out += _middle("decoder", "decoder")
     cin = top
     for i in reversed(range(len(cfg.decoder_widths))):
         width = cfg.decoder_widths[i]

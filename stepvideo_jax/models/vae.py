@@ -19,7 +19,6 @@ at full resolution. The single-head mid attention goes through the memory-effici
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Callable, Optional
 
 import jax
