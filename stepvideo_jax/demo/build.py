@@ -50,24 +50,28 @@ def crop_batches(pool: np.ndarray, batch: int, crop: int, *, seed: int) -> Itera
         yield jnp.asarray(np.stack([pool[i, :, :, a:a + crop_h, b:b + crop_w] for i, a, b in zip(idx, y0, x0)]))
 
 
-def train_vae(config, printer=print, num_steps: int | None = None) -> tuple[VideoVAE, list[dict]]:
-    """The VAE stage: a fresh VAE trained on renders of the training scenes (`training.vae_train`);
-    `num_steps` stops early (the schedule still spans `vae_train.steps`)."""
+def train_vae(config, printer=print, num_steps: int | None = None, *, phase: str = "vae_train",
+              init: VideoVAE | None = None) -> tuple[VideoVAE, list[dict]]:
+    """One VAE phase (`config.<phase>`): a fresh VAE (or `init`) trained on renders of the training
+    scenes at `render_size` pixels, in random `crop` windows (`training.vae_train`); `num_steps`
+    stops early (the schedule still spans `steps`)."""
     from stepvideo_jax.training import optimizer as optim
     from stepvideo_jax.training import train_state, vae_train
 
-    v, t = config.video, config.vae_train
-    model = VideoVAE(architecture.vae_config(config), rngs=nnx.Rngs(t.seed))
+    v, t = config.video, config[phase]
+    model = VideoVAE(architecture.vae_config(config), rngs=nnx.Rngs(t.seed)) if init is None else init
     graphdef, params = nnx.split(model)
     schedule = optim.learning_rate_schedule(t.learning_rate, warmup_steps=t.warmup_steps,
-                                            total_steps=t.steps, end_fraction=t.end_fraction)
+                                            total_steps=t.steps, kind=t.schedule, end_fraction=t.end_fraction)
     optimizer = optim.adamw(schedule, clip_norm=t.clip_norm or None)
     state = train_state.create(params, optimizer, seed=t.seed, use_ema=False)
     step = jax.jit(vae_train.make_vae_train_step(graphdef, optimizer, schedule,
                                                  vae_train.VAELossSettings(t.kl_weight)), donate_argnums=0)
-    pool = render_pool(latents.TRAINING_SCENES, t.pool, frames=v.frames, height=v.height, width=v.width, seed=t.seed)
+    pool = render_pool(latents.TRAINING_SCENES, t.pool, frames=v.frames, height=t.render_size,
+                       width=t.render_size, seed=t.seed)
     batches = crop_batches(pool, t.batch, t.crop, seed=t.seed + 1)
-    state, history = vae_train.fit(state, step, batches, t.steps if num_steps is None else num_steps, log_every=t.log_every, printer=printer)
+    state, history = vae_train.fit(state, step, batches, t.steps if num_steps is None else num_steps,
+                                   log_every=t.log_every, printer=printer)
     return nnx.merge(graphdef, state.params), history
 
 
@@ -84,7 +88,17 @@ def _stage(name: str, printer):
     return Timer()
 
 
-def _dit_train_config(config, workdir: pathlib.Path):
+def write_training_latents(config, root, vae, step_llm, clip):
+    """The DiT's training set (`demo.latents`) from the trained VAE and the frozen text encoders."""
+    v = config.video
+    text = architecture.conditioner(step_llm, clip, llm_length=config.latents.llm_length)
+    return latents.write_latents(root, vae=vae, text=text, scenes=latents.TRAINING_SCENES,
+                                 renders_per_scene=config.latents.renders_per_scene, frames=v.frames,
+                                 height=v.height, width=v.width, seed=config.latents.seed)
+
+
+def dit_train_config(config, workdir: pathlib.Path):
+    """`config.dit_train` with the workdir, data path and DiT channels of this build filled in."""
     d = config.dit_train.copy_and_resolve_references()
     d.unlock()
     d.workdir = str(workdir / "dit")
@@ -109,6 +123,18 @@ def pipeline_of(models, dit=None):
                        decode=components.vae_decoder(models.vae, stream_frames=32))
 
 
+def reconstruct(vae: VideoVAE, videos: np.ndarray) -> jax.Array:
+    """videos (b f c h w) in [-1, 1] -> decode(posterior mean), the VAE's reconstruction."""
+    graphdef, state = nnx.split(vae)
+
+    @jax.jit
+    def run(state, videos):
+        model = nnx.merge(graphdef, state)
+        return model.decode(model.encode_mean(videos, stream_frames=32), stream_frames=32)
+
+    return run(state, jnp.asarray(videos))
+
+
 def sampling_settings(config):
     from stepvideo_jax.sampling.flow_matching import SamplerSettings
     from stepvideo_jax.sampling.pipeline import VideoSize
@@ -131,6 +157,14 @@ def evaluate_checkpoint(config, checkpoint_dir, printer=print) -> dict:
     random_dit = StepVideoDiT(models.dit.cfg, rngs=nnx.Rngs(e.random_dit_seed))
     limit = e.max_scenes or None
     out = {"chance": evaluate.motion_checker.CHANCE, "seeds": list(e.seeds), "languages": list(e.languages)}
+    v = config.video
+    scenes = list(sm.HELD_OUT) + list(latents.TRAINING_SCENES[::2])
+    videos = np.stack([sm.to_model_range(sm.render(s, frames=v.frames, height=v.height, width=v.width,
+                                                   seed=10_000 + i)) for i, s in enumerate(scenes)])
+    recon = np.asarray(reconstruct(models.vae, videos))
+    out["vae_reconstruction"] = {"accuracy": evaluate.motion_checker.accuracy(
+        [r.transpose(0, 2, 3, 1) for r in recon], [s.caption() for s in scenes])}
+    printer(f"VAE reconstructions: checker accuracy {out['vae_reconstruction']['accuracy']:.3f}")
     for name, dit in (("demo", None), ("random_dit", random_dit)):
         pipe = pipeline_of(models, dit)
         splits = [("held_out", sm.HELD_OUT)]
@@ -160,31 +194,29 @@ def build(config, workdir, *, export_to: str = "", printer=print) -> dict:
         times_path.write_text(json.dumps(times, indent=1))
 
     # the VAE as shipped (bf16 weights) encodes the DiT's training set
-    vae_dir = workdir / "vae_trained"
-    if not (vae_dir / "conversion.json").exists():
-        with _stage("vae", printer) as timer:
-            vae, history = train_vae(config, printer)
-            export.write_checkpoint(vae_dir, {"vae": vae}, dtype="bfloat16")
-        curves["vae"] = history
-        curves_path.write_text(json.dumps(curves))
-        record("vae", timer)
-    vae = export.load_component(vae_dir, "vae")
+    vae = None
+    for phase in ("vae_train", "vae_finetune"):
+        phase_dir = workdir / phase
+        if not (phase_dir / "conversion.json").exists():
+            with _stage(phase, printer) as timer:
+                vae, history = train_vae(config, printer, phase=phase, init=vae)
+                export.write_checkpoint(phase_dir, {"vae": vae}, dtype="bfloat16")
+            curves[phase] = history
+            curves_path.write_text(json.dumps(curves))
+            record(phase, timer)
+        vae = export.load_component(phase_dir, "vae")
     step_llm, clip = architecture.text_encoders(config)
 
     latents_dir = workdir / "latents"
     if not (latents_dir / "meta.json").exists():
         shutil.rmtree(latents_dir, ignore_errors=True)
         with _stage("latents", printer) as timer:
-            v = config.video
-            short_text = architecture.conditioner(step_llm, clip, llm_length=config.latents.llm_length)
-            latents.write_latents(latents_dir, vae=vae, text=short_text, scenes=latents.TRAINING_SCENES,
-                                  renders_per_scene=config.latents.renders_per_scene, frames=v.frames,
-                                  height=v.height, width=v.width, seed=config.latents.seed)
+            write_training_latents(config, latents_dir, vae, step_llm, clip)
         record("latents", timer)
 
     from stepvideo_jax.training import loop
 
-    dit_config = _dit_train_config(config, workdir)
+    dit_config = dit_train_config(config, workdir)
     if "dit" not in curves:
         with _stage("dit", printer) as timer:
             result = loop.train(dit_config, printer=printer)
