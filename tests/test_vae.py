@@ -158,3 +158,21 @@ def test_tile_weights_cross_fade():
     assert left[0] == 1 and right[-1] == 1 and left[-1] < 0.05 and right[0] < 0.05
     with pytest.raises(ValueError, match="0 <= overlap < tile"):
         fixture_model().decode(INTER["int.z"], tile=(1, 1), tile_overlap=(1, 0))
+
+
+def test_decode_chunks_spread_over_a_mesh_equal_one_device():
+    """Under a mesh, independent chunks are split over every device (padded with zero chunks)."""
+    from jax.sharding import Mesh
+
+    case = max(DECODE_CASES, key=lambda c: CASES[f"{c}.z"].shape[1])
+    z = CASES[f"{case}.z"]
+    devices = np.array(jax.devices()[:4]).reshape(2, 2)
+    mesh = Mesh(devices, ("data", "fsdp"))
+    graphdef, state = nnx.split(fixture_model())
+    fn = jax.jit(lambda s, z: nnx.merge(graphdef, s).decode(z))
+    with jax.set_mesh(mesh):
+        lowered = fn.lower(state, z)
+        out = lowered.compile()(state, z)
+    check(out, CASES[f"{case}.out"], f"{case}.out on 4 devices")
+    hlo = lowered.as_text()
+    assert "shard_map" in hlo or "sdy.manual_computation" in hlo, "chunks were not split over the mesh"

@@ -19,12 +19,15 @@ at full resolution. The single-head mid attention goes through the memory-effici
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
+from stepvideo_jax.parallel.rules import logical_to_spec
 from stepvideo_jax.models.vae_blocks import (AttentionBlock, CausalConv3d, CausalHistory, Conv2d,
                                              GroupNorm, Level, ResnetBlock, Upsample2D, Upsample3D,
                                              channel_group_mean, depth_to_space_time,
@@ -164,11 +167,37 @@ def map_chunks(fn: Callable[[jax.Array], jax.Array], x: jax.Array, size: int,
     parts = []
     if full:
         xs = jnp.moveaxis(x[:, :full * size].reshape((b, full, size) + x.shape[2:]), 1, 0)
-        ys = jax.lax.map(fn, xs, batch_size=chunks_per_step if chunks_per_step > 1 else None)
+        batch = chunks_per_step if chunks_per_step > 1 else None
+        ys = spread_over_devices(lambda c: jax.lax.map(fn, c, batch_size=batch), xs)
         parts.append(jnp.moveaxis(ys, 0, 1).reshape((b, -1) + ys.shape[3:]))
     if rest:
         parts.append(fn(x[:, full * size:]))
     return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
+
+
+def spread_over_devices(fn: Callable[[jax.Array], jax.Array], xs: jax.Array) -> jax.Array:
+    """`fn(xs)` for a per-item `fn` over the leading (chunk) axis, split over the ambient mesh.
+
+    Chunks are independent, so under a mesh (`jax.set_mesh`) each device runs `fn` on its share
+    (logical axis `vae_chunks`), with the VAE's parameters replicated; the chunk count is padded
+    with zero chunks to a multiple of the devices used, and their outputs dropped. Without a mesh,
+    `fn(xs)`.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return fn(xs)
+    axes = logical_to_spec(("vae_chunks",), mesh)[0]
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+    n = math.prod(sizes[a] for a in axes)
+    if n == 1:
+        return fn(xs)
+    pad = (-xs.shape[0]) % n
+    if pad:
+        xs = jnp.concatenate([xs, jnp.zeros((pad,) + xs.shape[1:], xs.dtype)])
+    spec = P(axes)
+    ys = jax.shard_map(fn, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)(xs)
+    return ys[:ys.shape[0] - pad]
 
 
 def stream_over_time(fn, x: jax.Array, frames: int):

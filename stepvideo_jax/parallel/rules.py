@@ -42,7 +42,8 @@ LOGICAL_RULES: Rules = (
     ("layers", None),              # stacked (scanned) blocks
     ("norm", None),
     ("conv_window", None),         # convolution taps (t, h, w)
-    ("vae_channels", None),        # Video-VAE channels: replicated (0.5B params; one chip per chunk)
+    ("vae_channels", None),
+    ("vae_chunks", ("data", "fsdp", "sequence", "tensor")),  # independent VAE chunks: every device        # Video-VAE channels: replicated (0.5B params; one chip per chunk)
 )
 
 
