@@ -29,4 +29,18 @@ def fixtures_root():
     return root()
 
 
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+    """A persistent compilation cache for one test module: repeated runs of the same program
+    (e.g. a training run and its resumed copy) compile once."""
+    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+            "jax_persistent_cache_min_entry_size_bytes")
+    old = [getattr(jax.config, k) for k in keys]
+    for k, v in zip(keys, (str(tmp_path_factory.mktemp("jax_cache")), 0, 0)):
+        jax.config.update(k, v)
+    yield
+    for k, v in zip(keys, old):
+        jax.config.update(k, v)
+
+
 __all__ = ["fixture_dir"]

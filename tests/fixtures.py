@@ -50,3 +50,21 @@ def assert_close(actual, expected, *, atol, rtol, name=""):
     np.testing.assert_allclose(actual, expected, atol=atol, rtol=rtol,
                                err_msg=f"{name}: max abs err {err:.3e}")
     return err
+
+
+def load_config(relpath: str, **overrides):
+    """`get_config()` of a config file under the project root, with dotted-key overrides applied."""
+    import importlib.util
+
+    path = PROJECT_ROOT / relpath
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    for key, value in overrides.items():
+        node = config
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[last] = value
+    return config

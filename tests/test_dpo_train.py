@@ -5,7 +5,6 @@ implicit reward accuracy and the margin rise and the policy's velocity error on 
 falls relative to rejected ones. LoRA: a short run stopped, resumed (the reference rebuilt from its
 source), and its checkpoints hold only the adapters.
 """
-import importlib.util
 import pathlib
 
 import jax
@@ -20,35 +19,13 @@ from stepvideo_jax.train_dpo import dpo_objective, dpo_settings, load_weights, t
 from stepvideo_jax.training.dpo_step import draw_pair_inputs, pair_metrics
 from stepvideo_jax.training.loop import dit_config, step_settings
 from stepvideo_jax.training.metrics import read_jsonl
+from tests.fixtures import load_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def dpo_config(**overrides):
-    spec = importlib.util.spec_from_file_location("dpo_tiny_cpu", ROOT / "configs/dpo/tiny_cpu.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
-    for key, value in overrides.items():
-        node = config
-        *path, last = key.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = value
-    return config
-
-
-@pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory):
-    old = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs,
-           jax.config.jax_persistent_cache_min_entry_size_bytes)
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    yield
-    jax.config.update("jax_compilation_cache_dir", old[0])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", old[2])
+    return load_config("configs/dpo/tiny_cpu.py", **overrides)
 
 
 def _fixed_eval(config, dataset, params_list, draws=2):

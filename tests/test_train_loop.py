@@ -5,7 +5,6 @@ least 5x), then the same run stopped at N/2 and resumed from its checkpoint: sam
 data order, same parameters. Compiled programs are shared through a persistent compilation cache
 (the runs compile identical programs).
 """
-import importlib.util
 import pathlib
 
 import jax
@@ -17,40 +16,15 @@ from stepvideo_jax.data import format as data_format
 from stepvideo_jax.data import pipeline, synthetic
 from stepvideo_jax.training.loop import NonFiniteLoss, load_dit, train
 from stepvideo_jax.training.metrics import read_jsonl
+from tests.fixtures import load_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 300
 
 
 def tiny_config(**overrides):
-    spec = importlib.util.spec_from_file_location("tiny_cpu", ROOT / "configs/train/tiny_cpu.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
-    config.total_steps = STEPS
-    config.log_every = 50
-    config.eval_every = 50
-    config.checkpoint.every = STEPS // 2
-    for key, value in overrides.items():
-        node = config
-        *path, last = key.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = value
-    return config
-
-
-@pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory):
-    old = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs,
-           jax.config.jax_persistent_cache_min_entry_size_bytes)
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    yield
-    jax.config.update("jax_compilation_cache_dir", old[0])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", old[2])
+    defaults = {"total_steps": STEPS, "log_every": 50, "eval_every": 50, "checkpoint.every": STEPS // 2}
+    return load_config("configs/train/tiny_cpu.py", **{**defaults, **overrides})
 
 
 @pytest.fixture(scope="module")
