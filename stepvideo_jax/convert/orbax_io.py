@@ -152,7 +152,7 @@ def restore_arrays(component_dir: str | pathlib.Path, targets: Mapping[str, jax.
 
     Raises if the stored tensors and `targets` differ in keys or shapes.
     """
-    root = pathlib.Path(component_dir)
+    root = pathlib.Path(component_dir).absolute()  # Orbax needs absolute paths
     manifest = read_manifest(root)
     stored = {k: tuple(s) for g in manifest["groups"] for k, s in g["params"].items()}
     missing, unexpected = sorted(set(targets) - set(stored)), sorted(set(stored) - set(targets))
