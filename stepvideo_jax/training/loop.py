@@ -6,7 +6,8 @@ logical-axis rules, the state donated. The loop checks the loss of every step on
 anything else happens, so a NaN/inf stops the run before a bad state can be saved.
 
 Workdir layout: `checkpoints/<step>/`, `metrics.jsonl`, `tensorboard/`, `dit_config.json` (the
-model config, read back by `load_dit` and the exporter), `synthetic_data/` (tiny configs only).
+model config, read back by `load_dit` and the exporter), `samples/` (with `samples.every`: latents
+and mp4s of held-out prompts, see `TrainingSampler`), `synthetic_data/` (tiny configs only).
 """
 from __future__ import annotations
 
@@ -185,6 +186,14 @@ def train(config, workdir=None, *, printer: Optional[Callable[[str], Any]] = pri
 
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: objective.prepare(
         StepVideoDiT(cfg, dtype=dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(0)))))
+    sampler = None
+    if config.get("samples") and config.samples.every:
+        if objective.aux is not None:
+            raise ValueError(f"samples.every = {config.samples.every}: sample videos are written by flow-matching "
+                             "runs only; set samples.every = 0 for this objective")
+        sampler = TrainingSampler(graphdef, config.samples, backend=settings.attention_backend, dtype=dtype,
+                                  in_channels=cfg.in_channels)
+
     abstract_state = jax.eval_shape(init_state)
     state_sh = state_shardings(abstract_state, mesh)
 
@@ -228,8 +237,8 @@ def train(config, workdir=None, *, printer: Optional[Callable[[str], Any]] = pri
                     state = _with_initial_weights(state, init_from, dtype, state_sh, mesh)
             step = int(state.step)
             heldout = (jax.device_put(make_heldout(dataset, config.eval_size, config.seed + 1), replicated)
-                       if config.eval_every else None)
-            if heldout is not None and step == 0:
+                       if config.eval_every or sampler is not None else None)
+            if config.eval_every and step == 0:
                 heldout_curve.append((0, float(eval_fn(state.params, heldout))))
                 writer.write(0, {"heldout_loss": heldout_curve[0][1]})
             stop = min(config.total_steps, config.get("stop_at_step") or config.total_steps)
@@ -253,7 +262,7 @@ def train(config, workdir=None, *, printer: Optional[Callable[[str], Any]] = pri
                     cfg, frames=f, height=h, width=w, text_length=text_length, clip_length=clip_length)
                 window["steps"] += 1
                 scalars = dict(m)
-                if heldout is not None and step % config.eval_every == 0:
+                if config.eval_every and step % config.eval_every == 0:
                     t_eval = time.perf_counter()
                     scalars["heldout_loss"] = float(eval_fn(state.params, heldout))
                     heldout_curve.append((step, scalars["heldout_loss"]))
@@ -266,12 +275,9 @@ def train(config, workdir=None, *, printer: Optional[Callable[[str], Any]] = pri
                         scalars["mfu"] = window["flops"] / dt / (peak * mesh.size)
                     writer.write(step, scalars)
                     window = {"t0": time.perf_counter(), "samples": 0, "tokens": 0, "flops": 0.0, "steps": 0}
-                samples = config.get("samples")
-                if (samples and samples.every and heldout is not None and objective.aux is None
-                        and step % samples.every == 0):
+                if sampler is not None and step % config.samples.every == 0:
                     t_samples = time.perf_counter()
-                    write_samples(workdir, step, graphdef, state.ema if state.ema is not None else state.params,
-                                  heldout, aux, samples, settings.attention_backend)
+                    sampler(workdir, step, state.ema if state.ema is not None else state.params, heldout, aux)
                     window["t0"] += time.perf_counter() - t_samples
                 ckpt.save(step, state, data_iter.get_state())
             ckpt.save(step, state, data_iter.get_state(), force=step not in ckpt.all_steps())
@@ -282,37 +288,56 @@ def train(config, workdir=None, *, printer: Optional[Callable[[str], Any]] = pri
     return TrainResult(state=state, history=history, heldout=heldout_curve)
 
 
-def write_samples(workdir: pathlib.Path, step: int, graphdef, params, heldout: dict, negative: dict,
-                  sample_cfg, backend) -> pathlib.Path:
-    """Sample the first `sample_cfg.count` held-out prompts from fixed noise with the official
-    schedule (CFG against the negative prompt) and save the latents `samples/step_<n>.npy`
-    (b f c h w); with `sample_cfg.vae` (a release `vae/` directory) also decode them to mp4."""
-    from stepvideo_jax.sampling.flow_matching import FlowMatchSampler, SamplerSettings
-    from stepvideo_jax.sampling.pipeline import dit_velocity_fn
+class TrainingSampler:
+    """Sample videos during training (`config.samples`): the first `count` held-out prompts from
+    fixed noise with the official schedule (CFG against the negative prompt), saved as latents
+    `samples/step_<n>.npy` (b f c h w) and, with `vae` (a release `vae/` directory), as mp4s
+    `samples/step_<n>_<i>.mp4`. The sampler step and the VAE decoder are built once, so they
+    compile once per run, not at every sampled step."""
 
-    n = min(sample_cfg.count, heldout["x"].shape[0])
-    sampler_settings = SamplerSettings(num_steps=sample_cfg.num_steps, guidance_scale=sample_cfg.guidance,
-                                       shift=sample_cfg.shift)
-    cond = {k: heldout[k][:n] for k in ("y", "y_mask", "clip")}
-    if sampler_settings.cfg:
-        cond = {k: jnp.concatenate([v, jnp.broadcast_to(negative[k].astype(v.dtype), v.shape)])
-                for k, v in cond.items()}
-    noise = jax.random.normal(jax.random.key(sample_cfg.seed), heldout["x"][:n].shape, jnp.float32)
-    latents = FlowMatchSampler(dit_velocity_fn(graphdef, backend=backend)).sample(params, noise, cond,
-                                                                                 sampler_settings)
-    out = workdir / "samples"
-    out.mkdir(exist_ok=True)
-    path = out / f"step_{step:08d}.npy"
-    np.save(path, np.asarray(latents))
-    if sample_cfg.get("vae"):
-        from stepvideo_jax.convert import vae as vae_convert
+    def __init__(self, graphdef, sample_cfg, *, backend, dtype, in_channels: int):
+        from stepvideo_jax.sampling.flow_matching import FlowMatchSampler, SamplerSettings
+        from stepvideo_jax.sampling.pipeline import dit_velocity_fn
+
+        if sample_cfg.count < 1 or sample_cfg.num_steps < 1:
+            raise ValueError(f"samples.count ({sample_cfg.count}) and samples.num_steps "
+                             f"({sample_cfg.num_steps}) must be >= 1")
+        self.cfg = sample_cfg
+        self.settings = SamplerSettings(num_steps=sample_cfg.num_steps, guidance_scale=sample_cfg.guidance,
+                                        shift=sample_cfg.shift)
+        self.sampler = FlowMatchSampler(dit_velocity_fn(graphdef, backend=backend), model_dtype=dtype)
+        self.decode = None
+        if sample_cfg.get("vae"):
+            from stepvideo_jax.convert import vae as vae_convert
+            from stepvideo_jax.sampling.components import vae_decoder
+
+            vae = vae_convert.load(sample_cfg.vae)
+            if vae.cfg.z_channels != in_channels:
+                raise ValueError(f"samples.vae {sample_cfg.vae}: its z_channels ({vae.cfg.z_channels}) must be "
+                                 f"the DiT's in_channels ({in_channels})")
+            self.decode = vae_decoder(vae)
+
+    def __call__(self, workdir: pathlib.Path, step: int, params, heldout: dict, negative: dict) -> pathlib.Path:
+        """Sample with `params` (the EMA or raw weights) and write the files of `step`."""
         from stepvideo_jax.sampling.pipeline import postprocess
         from stepvideo_jax.sampling.video_io import write_mp4
 
-        video = np.asarray(vae_convert.load(sample_cfg.vae).decode(latents))
-        for i in range(n):
-            write_mp4(out / f"step_{step:08d}_{i}.mp4", postprocess(video[i:i + 1]))
-    return path
+        n = min(self.cfg.count, heldout["x"].shape[0])
+        cond = {k: heldout[k][:n] for k in ("y", "y_mask", "clip")}
+        if self.settings.cfg:
+            cond = {k: jnp.concatenate([v, jnp.broadcast_to(negative[k].astype(v.dtype), v.shape)])
+                    for k, v in cond.items()}
+        noise = jax.random.normal(jax.random.key(self.cfg.seed), heldout["x"][:n].shape, jnp.float32)
+        latents = self.sampler.sample(params, noise, cond, self.settings)
+        out = workdir / "samples"
+        out.mkdir(exist_ok=True)
+        path = out / f"step_{step:08d}.npy"
+        np.save(path, np.asarray(latents))
+        if self.decode is not None:
+            video = np.asarray(self.decode(latents))
+            for i in range(n):
+                write_mp4(out / f"step_{step:08d}_{i}.mp4", postprocess(video[i:i + 1]))
+        return path
 
 
 def _converted_root(init_from) -> Optional[pathlib.Path]:
