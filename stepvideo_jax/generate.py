@@ -8,10 +8,16 @@ Without `--config` the embedded tiny random configuration (`configs/generate/tin
 config field can be overridden with `--config.<field>=...`. All input is checked before any model is
 built or compiled. Prints the resolved config, a progress bar over the denoising steps, and the time
 of each phase at the end.
+
+By default (`release_text_encoders=True`) the run is staged so that the DiT has the devices' memory
+to itself: the text encoders load, encode every prompt (host-side results), are released, and only
+then the DiT and the VAE load, denoise and decode. The live device memory after each stage is
+printed and kept in the summary (`live_bytes`).
 """
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import pathlib
 import sys
@@ -26,7 +32,7 @@ from stepvideo_jax.convert.safetensors_io import CheckpointError
 from stepvideo_jax.parallel.mesh import MeshConfig, make_mesh
 from stepvideo_jax.sampling import components, video_io
 from stepvideo_jax.sampling.flow_matching import SamplerSettings
-from stepvideo_jax.sampling.pipeline import TextToVideo, VideoSize, check_prompts
+from stepvideo_jax.sampling.pipeline import TextToVideo, VideoSize, check_prompts, encode_prompts
 
 DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "generate" / "tiny.py"
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -88,27 +94,83 @@ def resolve(config: ml_collections.ConfigDict, *, prompts=None, outputs=None) ->
                checkpoint_dir=checkpoint_dir, dtypes=dtypes, mesh=mesh)
 
 
-def build_models(config: ml_collections.ConfigDict, job: Job, mesh=None) -> components.Models:
+def build_loader(config: ml_collections.ConfigDict, job: Job, mesh=None) -> components.Loader:
+    """The job's components, each built when asked for (configs read and checked now)."""
     backend = config.attention_backend or None
     kw = dict(mesh=mesh, dit_dtype=job.dtypes["dit"], vae_dtype=job.dtypes["vae"], llm_dtype=job.dtypes["step_llm"],
               clip_dtype=job.dtypes["clip"], attention_backend=backend, bf16_mask_sum=config.bf16_mask_sum)
     if job.checkpoint_dir is not None:
-        return components.from_checkpoint(job.checkpoint_dir, **kw)
-    return components.tiny_random(config.tiny.to_dict(), seed=config.tiny.seed, **kw)
+        return components.loader(job.checkpoint_dir, **kw)
+    return components.TinyRandomLoader(config.tiny.to_dict(), seed=config.tiny.seed, **kw)
 
 
-def build_pipeline(config: ml_collections.ConfigDict, job: Job) -> TextToVideo:
-    mesh = make_mesh(job.mesh) if job.mesh is not None else None
-    models = build_models(config, job, mesh)
-    return TextToVideo(encode_text=models.text, dit=models.dit, decode=components.vae_decoder(models.vae),
-                       dtype=job.dtypes["dit"], attention_backend=config.attention_backend or None, mesh=mesh)
+def build_models(config: ml_collections.ConfigDict, job: Job, mesh=None) -> components.Models:
+    return build_loader(config, job, mesh).models()
 
 
-def generate(config: ml_collections.ConfigDict, job: Job, pipe: TextToVideo) -> dict:
-    """Run one batch and write its files; returns {"files", "latents", "timings"}."""
+def build_pipeline(config: ml_collections.ConfigDict, job: Job, *, loader: components.Loader | None = None,
+                   text_encoder: bool = True) -> TextToVideo:
+    """DiT + VAE decoder, and the text encoders unless `text_encoder=False` (then every call needs
+    `cond=`). `loader`: where the components come from (default: `build_loader` on the job's mesh)."""
+    if loader is None:
+        loader = build_loader(config, job, make_mesh(job.mesh) if job.mesh is not None else None)
+    return TextToVideo(encode_text=loader.text_encoder() if text_encoder else None, dit=loader.dit(),
+                       decode=components.vae_decoder(loader.vae()), dtype=job.dtypes["dit"],
+                       attention_backend=config.attention_backend or None, mesh=loader.mesh)
+
+
+def live_bytes() -> int:
+    """Bytes of every live JAX array, all devices together (a sharded array counts once, whole)."""
+    return sum(a.nbytes for a in jax.live_arrays())
+
+
+def note_memory(record: dict, stage: str) -> None:
+    """Record and print the live device bytes after `stage`."""
+    record[stage] = live_bytes()
+    print(f"live device arrays after {stage}: {record[stage] / 2**20:.1f} MiB", flush=True)
+
+
+def encode_batches(config: ml_collections.ConfigDict, encode_text, batches: list[list[str]],
+                   settings: SamplerSettings, mesh=None) -> tuple[list[dict], list[float]]:
+    """Host-side conditioning of each batch of prompts (CFG rows as the sampler needs them), and
+    the seconds each took."""
+    conds, seconds = [], []
+    for prompts in batches:
+        start = time.perf_counter()
+        conds.append(encode_prompts(encode_text, prompts, pos_magic=config.pos_magic, neg_magic=config.neg_magic,
+                                    cfg=settings.cfg, mesh=mesh))
+        seconds.append(time.perf_counter() - start)
+    return conds, seconds
+
+
+def encode_stage(config: ml_collections.ConfigDict, loader: components.Loader, batches: list[list[str]],
+                 settings: SamplerSettings, memory: dict) -> tuple[list[dict], list[float], dict]:
+    """Load the text encoders, encode every batch, release the encoders (no reference kept, then
+    `gc.collect()`), so that the DiT loaded next has the devices' memory to itself.
+
+    Returns (host conditioning per batch, seconds per batch, {"load text encoders", "release"}
+    seconds); `memory` gets the live bytes after each step.
+    """
+    start = time.perf_counter()
+    text = loader.text_encoder()
+    timings = {"load text encoders": time.perf_counter() - start}
+    note_memory(memory, "text encoders loaded")
+    conds, seconds = encode_batches(config, text, batches, settings, loader.mesh)
+    note_memory(memory, "prompts encoded")
+    start = time.perf_counter()
+    del text
+    gc.collect()
+    timings["release"] = time.perf_counter() - start
+    note_memory(memory, "text encoders released")
+    return conds, seconds, timings
+
+
+def generate(config: ml_collections.ConfigDict, job: Job, pipe: TextToVideo, cond: dict | None = None) -> dict:
+    """Run one batch and write its files; returns {"files", "latents", "timings"}. `cond`: the
+    batch's conditioning encoded beforehand (`encode_batches`), else `pipe` encodes the prompts."""
     result = pipe(job.prompts, size=job.size, settings=job.settings, seeds=job.seeds,
                   pos_magic=config.pos_magic, neg_magic=config.neg_magic, crop=config.crop_540p,
-                  progress=config.progress)
+                  progress=config.progress, cond=cond)
     start = time.perf_counter()
     latent_files = []
     for path, frames, latents in zip(job.outputs, result.frames, result.latents):
@@ -134,13 +196,34 @@ def format_timings(timings: dict) -> str:
 
 
 def run(config: ml_collections.ConfigDict, job: Job) -> dict:
-    """Build the models, generate the batch, write the files; prints the config and the timings."""
+    """Build the models, generate the batch, write the files; prints the config, the live device
+    memory after each stage and the timings.
+
+    `config.release_text_encoders`: load the text encoders, encode the prompts, release them, and
+    only then load the DiT and the VAE (peak memory: the larger stage, not the sum); else all load
+    at once and the prompts are encoded inside the pipeline call.
+    """
     print("resolved config:\n" + str(config), flush=True)
+    memory = {}
     start = time.perf_counter()
-    pipe = build_pipeline(config, job)
-    load = time.perf_counter() - start
-    summary = generate(config, job, pipe)
-    summary["timings"] = {"load": load, **summary["timings"]}
+    if config.release_text_encoders:
+        loader = build_loader(config, job, make_mesh(job.mesh) if job.mesh is not None else None)
+        conds, seconds, timings = encode_stage(config, loader, [job.prompts], job.settings, memory)
+        timings = {"load text encoders": timings["load text encoders"], "tokenize+encode": sum(seconds),
+                   "release": timings["release"]}
+        start = time.perf_counter()
+        pipe = build_pipeline(config, job, loader=loader, text_encoder=False)
+        timings["load dit+vae"] = time.perf_counter() - start
+        note_memory(memory, "dit+vae loaded")
+        summary = generate(config, job, pipe, cond=conds[0])
+    else:
+        pipe = build_pipeline(config, job)
+        timings = {"load": time.perf_counter() - start}
+        note_memory(memory, "all models loaded")
+        summary = generate(config, job, pipe)
+    note_memory(memory, "generation")
+    summary["timings"] = {**timings, **summary["timings"]}
+    summary["live_bytes"] = memory
     for path in summary["files"] + summary["latents"]:
         print(f"wrote {path}")
     print(format_timings(summary["timings"]), flush=True)

@@ -23,6 +23,7 @@ import ml_collections
 
 from stepvideo_jax import generate
 from stepvideo_jax.convert.safetensors_io import CheckpointError
+from stepvideo_jax.parallel.mesh import make_mesh
 from stepvideo_jax.sampling.pipeline import TextToVideo
 
 EVAL_PROMPTS = pathlib.Path(__file__).resolve().parent / "assets" / "step_video_t2v_eval_prompts.txt"
@@ -110,22 +111,44 @@ def plan_eval(config: ml_collections.ConfigDict, prompts: list[str], output_dir,
 
 def execute(config: ml_collections.ConfigDict, plan: EvalPlan, pipe: TextToVideo | None = None) -> dict:
     """Generate the missing videos of `plan`; returns the manifest. `pipe`: an already built
-    pipeline (else one is built from `config`, only if there is work)."""
+    pipeline (else one is built from `config`, only if there is work).
+
+    With `config.release_text_encoders` every pending prompt is encoded first, then the text
+    encoders are released (when built here: a given `pipe` keeps its own) and the DiT and VAE
+    loaded; each video's "tokenize+encode" is the time its batch took in that first stage.
+    """
     job, manifest = plan.job, plan.manifest
     print(f"{len(job.prompts) - len(plan.todo)} of {len(job.prompts)} videos already in {plan.output_dir}",
           flush=True)
-    if plan.todo and pipe is None:
+    batches = [plan.todo[s:s + plan.batch_size] for s in range(0, len(plan.todo), plan.batch_size)]
+    conds, encode_seconds = [None] * len(batches), [None] * len(batches)
+    if batches and config.release_text_encoders:
+        texts = [[job.prompts[i] for i in idx] for idx in batches]
+        if pipe is None:
+            memory = {}
+            loader = generate.build_loader(config, job, make_mesh(job.mesh) if job.mesh is not None else None)
+            conds, encode_seconds, _ = generate.encode_stage(config, loader, texts, job.settings, memory)
+            pipe = generate.build_pipeline(config, job, loader=loader, text_encoder=False)
+            generate.note_memory(memory, "dit+vae loaded")
+        elif pipe.encode_text is None:
+            raise ValueError("the given pipeline holds no text encoder: the eval runner encodes the prompts "
+                             "with the pipeline's encode_text")
+        else:
+            conds, encode_seconds = generate.encode_batches(config, pipe.encode_text, texts, job.settings,
+                                                            pipe.mesh)
+    elif batches and pipe is None:
         pipe = generate.build_pipeline(config, job)
-    for start in range(0, len(plan.todo), plan.batch_size):
-        idx = plan.todo[start:start + plan.batch_size]
+    for n, (idx, cond, seconds) in enumerate(zip(batches, conds, encode_seconds)):
         batch = dataclasses.replace(job, prompts=[job.prompts[i] for i in idx], seeds=[job.seeds[i] for i in idx],
                                     outputs=[job.outputs[i] for i in idx])
-        print(f"[{start + len(idx)}/{len(plan.todo)}] " + " | ".join(batch.prompts), flush=True)
-        summary = generate.generate(config, batch, pipe)
+        done = min((n + 1) * plan.batch_size, len(plan.todo))
+        print(f"[{done}/{len(plan.todo)}] " + " | ".join(batch.prompts), flush=True)
+        summary = generate.generate(config, batch, pipe, cond=cond)
+        timings = summary["timings"] if cond is None else {"tokenize+encode": seconds, **summary["timings"]}
         for i, prompt, seed, path in zip(idx, batch.prompts, batch.seeds, batch.outputs):
             manifest["videos"][path.name] = {
                 "index": i, "prompt": prompt, "seed": seed, "file": path.name, "batch": len(idx),
-                "timings": summary["timings"], "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                "timings": timings, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
         write_manifest(plan.output_dir, manifest)
     return manifest
 

@@ -53,7 +53,11 @@ def test_default_command_writes_a_valid_mp4(tmp_path):
     assert latents.shape == (1, config.num_frames // 17 * 3, config.tiny.vae.z_channels,
                              config.height // 16, config.width // 16)
     record = json.loads(summary.read_text())
-    assert set(record["timings"]) == {"load", "tokenize+encode", "denoise", "decode", "write"}
+    assert set(record["timings"]) == {"load text encoders", "tokenize+encode", "release", "load dit+vae", "denoise",
+                                      "decode", "write"}
+    memory = record["live_bytes"]
+    assert memory["text encoders released"] < memory["text encoders loaded"] / 10, memory
+    assert "live device arrays after text encoders released" in proc.stdout
     assert "resolved config:" in proc.stdout and "time per phase:" in proc.stdout
     assert "denoise" in proc.stderr and f"{config.num_steps}/{config.num_steps}" in proc.stderr
 
@@ -175,6 +179,9 @@ def test_eval_writes_videos_and_manifest_then_resumes(eval_setup):
     original = pipe.__call__
 
     class Counting:
+        def __getattr__(self, name):
+            return getattr(pipe, name)
+
         def __call__(self, prompts, **kw):
             calls.append(list(prompts))
             return original(prompts, **kw)

@@ -41,6 +41,7 @@ def get_config():
     c.mesh = ""                    # "": one device; else e.g. "fsdp=-1" (see configs/generate/tiny.py)
     c.attention_backend = ""       # "": the platform default (see models/attention.py)
     c.bf16_mask_sum = False
+    c.release_text_encoders = True  # encode all prompts, free the text encoders, then load the DiT
 
     c.output = "outputs/stepvideo_demo.mp4"   # a batch writes <stem>_<i>.mp4
     c.save_latents = False

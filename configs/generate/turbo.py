@@ -29,6 +29,7 @@ def get_config():
     c.mesh = ""                    # "": one device; else e.g. "fsdp=-1", "sequence=2,tensor=4" (not a release dir)
     c.attention_backend = ""       # "": the platform default (see models/attention.py)
     c.bf16_mask_sum = False        # reproduce the official bf16 text-mask rounding
+    c.release_text_encoders = True  # encode all prompts, free the text encoders, then load the DiT
 
     c.output = "outputs/stepvideo_turbo.mp4"   # a batch writes <stem>_<i>.mp4
     c.save_latents = False         # also write <stem>.npy with the final latents (1, f, c, h, w)

@@ -1,5 +1,9 @@
 """The four models of a text-to-video run: from a checkpoint directory, or tiny and random.
 
+A `Loader` builds each component on demand (`text_encoder()`, `dit()`, `vae()`), so a run can encode
+its prompts, release the text encoders and only then load the DiT; `from_checkpoint`,
+`from_converted`, `from_release` and `tiny_random` build all four at once through it.
+
 Two checkpoint layouts are read:
 - a converted checkpoint (`python -m stepvideo_jax.convert` output, `conversion.json` at the top):
   each `<component>/` holds an Orbax manifest and the tokenizer files; restored straight into the
@@ -15,6 +19,7 @@ released tokenizers shipped in the package, so the vocabularies are the released
 """
 from __future__ import annotations
 
+import abc
 import dataclasses
 import pathlib
 from typing import Callable, Mapping
@@ -88,99 +93,203 @@ def vae_decoder(vae: nnx.Module, **decode_kw) -> Callable[[jax.Array], jax.Array
     return lambda latents: decode(state, latents)
 
 
-def from_checkpoint(path, *, mesh=None, **kw) -> Models:
+class Loader(abc.ABC):
+    """Builds each component on demand and keeps no reference to what it built, so a caller that
+    drops a component (e.g. the text encoders once every prompt is encoded) frees its memory.
+
+    The configs are read and checked against each other when the loader is made, before any weight
+    is loaded. `mesh`: the mesh the parameters are placed on (None: one device).
+    """
+
+    mesh = None
+
+    @abc.abstractmethod
+    def text_encoder(self):
+        """Step-LLM + Hunyuan-CLIP with their tokenizers (`text.conditioning.TextConditioner`)."""
+
+    @abc.abstractmethod
+    def dit(self) -> nnx.Module:
+        """The `StepVideoDiT`."""
+
+    @abc.abstractmethod
+    def vae(self) -> nnx.Module:
+        """The `VideoVAE`."""
+
+    def models(self) -> Models:
+        """All four at once."""
+        return Models(text=self.text_encoder(), dit=self.dit(), vae=self.vae())
+
+
+def loader(path, *, mesh=None, **kw) -> Loader:
     """A converted checkpoint (restored into `mesh`'s shardings if given) or a release directory
     (converted in memory, on one device: convert it first to shard it)."""
     path = check_checkpoint_dir(path)
     if is_converted(path):
-        return from_converted(path, mesh=mesh, **kw)
+        return ConvertedLoader(path, mesh=mesh, **kw)
     if mesh is not None:
         raise ValueError(f"checkpoint_dir {path} is a release directory, which loads on one device; to "
                          "shard the models over a mesh, convert it first (python -m stepvideo_jax.convert)")
-    return from_release(path, **kw)
+    return ReleaseLoader(path, **kw)
 
 
-def from_converted(path, *, mesh=None, dit_dtype=jnp.bfloat16, vae_dtype=jnp.bfloat16,
-                   llm_dtype=jnp.bfloat16, clip_dtype=jnp.float32, attention_backend: str | None = None,
-                   bf16_mask_sum: bool = False) -> Models:
+def from_checkpoint(path, *, mesh=None, **kw) -> Models:
+    """`loader(path, ...)`'s four models at once."""
+    return loader(path, mesh=mesh, **kw).models()
+
+
+class ConvertedLoader(Loader):
+    """The components of a `python -m stepvideo_jax.convert` output, restored from Orbax."""
+
+    def __init__(self, path, *, mesh=None, dit_dtype=jnp.bfloat16, vae_dtype=jnp.bfloat16,
+                 llm_dtype=jnp.bfloat16, clip_dtype=jnp.float32, attention_backend: str | None = None,
+                 bf16_mask_sum: bool = False):
+        from stepvideo_jax.convert import cli, orbax_io
+
+        self.path = check_checkpoint_dir(path)
+        self.mesh, self.attention_backend, self.bf16_mask_sum = mesh, attention_backend, bf16_mask_sum
+        self.dtypes = {"transformer": dit_dtype, "vae": vae_dtype, "step_llm": llm_dtype, "hunyuan_clip": clip_dtype}
+        cfgs = {c: cli.config_from_record(orbax_io.read_manifest(self.path / c)["config"]) for c in CONVERTED_FILES}
+        check_fit(cfgs["transformer"], cfgs["step_llm"].hidden_size, cfgs["hunyuan_clip"].hidden_size,
+                  cfgs["vae"].z_channels)
+
+    def _load(self, component: str):
+        from stepvideo_jax.convert import cli
+
+        return cli.load_converted(self.path, component, param_dtype=self.dtypes[component], mesh=self.mesh)
+
+    def text_encoder(self):
+        from stepvideo_jax.text.conditioning import TextConditioner
+        from stepvideo_jax.text.sentencepiece_tokenizer import StepLLMTokenizer
+        from stepvideo_jax.text.wordpiece_tokenizer import WordPieceTokenizer
+
+        return TextConditioner(step_llm=self._load("step_llm"),
+                               llm_tokenizer=StepLLMTokenizer(self.path / "step_llm" / "step1_chat_tokenizer.model"),
+                               clip=self._load("hunyuan_clip"),
+                               clip_tokenizer=WordPieceTokenizer.from_dir(self.path / "hunyuan_clip" / "tokenizer"),
+                               attention_backend=self.attention_backend, bf16_mask_sum=self.bf16_mask_sum)
+
+    def dit(self) -> nnx.Module:
+        return self._load("transformer")
+
+    def vae(self) -> nnx.Module:
+        return self._load("vae")
+
+
+def from_converted(path, *, mesh=None, **kw) -> Models:
     """Restore the four components of a `python -m stepvideo_jax.convert` output."""
-    from stepvideo_jax.convert import cli, orbax_io
-    from stepvideo_jax.text.conditioning import TextConditioner
-    from stepvideo_jax.text.sentencepiece_tokenizer import StepLLMTokenizer
-    from stepvideo_jax.text.wordpiece_tokenizer import WordPieceTokenizer
-
-    path = check_checkpoint_dir(path)
-    cfgs = {c: cli.config_from_record(orbax_io.read_manifest(path / c)["config"]) for c in CONVERTED_FILES}
-    check_fit(cfgs["transformer"], cfgs["step_llm"].hidden_size, cfgs["hunyuan_clip"].hidden_size,
-              cfgs["vae"].z_channels)
-    load = lambda c, dtype: cli.load_converted(path, c, param_dtype=dtype, mesh=mesh)  # noqa: E731
-    text = TextConditioner(step_llm=load("step_llm", llm_dtype),
-                           llm_tokenizer=StepLLMTokenizer(path / "step_llm" / "step1_chat_tokenizer.model"),
-                           clip=load("hunyuan_clip", clip_dtype),
-                           clip_tokenizer=WordPieceTokenizer.from_dir(path / "hunyuan_clip" / "tokenizer"),
-                           attention_backend=attention_backend, bf16_mask_sum=bf16_mask_sum)
-    return Models(text=text, dit=load("transformer", dit_dtype), vae=load("vae", vae_dtype))
+    return ConvertedLoader(path, mesh=mesh, **kw).models()
 
 
-def from_release(path, *, dit_dtype=jnp.bfloat16, vae_dtype=jnp.bfloat16, llm_dtype=jnp.bfloat16,
-                 clip_dtype=jnp.float32, attention_backend: str | None = None,
-                 bf16_mask_sum: bool = False) -> Models:
+class ReleaseLoader(Loader):
+    """The components of a release directory, each converted in memory (defaults: the official
+    dtypes), on one device."""
+
+    def __init__(self, path, *, dit_dtype=jnp.bfloat16, vae_dtype=jnp.bfloat16, llm_dtype=jnp.bfloat16,
+                 clip_dtype=jnp.float32, attention_backend: str | None = None, bf16_mask_sum: bool = False):
+        from stepvideo_jax.convert import dit as dit_convert
+        from stepvideo_jax.convert import hunyuan_clip as clip_convert
+        from stepvideo_jax.convert import step_llm as llm_convert
+        from stepvideo_jax.convert import vae as vae_convert
+
+        self.path = check_checkpoint_dir(path)
+        self.dit_dtype, self.vae_dtype, self.llm_dtype, self.clip_dtype = dit_dtype, vae_dtype, llm_dtype, clip_dtype
+        self.attention_backend, self.bf16_mask_sum = attention_backend, bf16_mask_sum
+        check_fit(dit_convert.read_config(self.path / "transformer"),
+                  llm_convert.read_config(self.path / "step_llm").hidden_size,
+                  clip_convert.read_config(self.path / "hunyuan_clip").hidden_size,
+                  vae_convert.read_config(self.path / "vae").z_channels)
+
+    def text_encoder(self):
+        from stepvideo_jax.text.conditioning import TextConditioner
+
+        return TextConditioner.from_release(self.path, llm_dtype=self.llm_dtype, clip_dtype=self.clip_dtype,
+                                            attention_backend=self.attention_backend,
+                                            bf16_mask_sum=self.bf16_mask_sum)
+
+    def dit(self) -> nnx.Module:
+        from stepvideo_jax.convert import dit as dit_convert
+
+        return dit_convert.load(self.path / "transformer", dtype=self.dit_dtype, param_dtype=self.dit_dtype)
+
+    def vae(self) -> nnx.Module:
+        from stepvideo_jax.convert import vae as vae_convert
+
+        return vae_convert.load(self.path / "vae", dtype=self.vae_dtype)
+
+
+def from_release(path, **kw) -> Models:
     """Convert every component of a release directory in memory (defaults: the official dtypes).
 
     The configs are read and checked against each other before any weight is loaded.
     """
-    from stepvideo_jax.convert import dit as dit_convert
-    from stepvideo_jax.convert import hunyuan_clip as clip_convert
-    from stepvideo_jax.convert import step_llm as llm_convert
-    from stepvideo_jax.convert import vae as vae_convert
-    from stepvideo_jax.text.conditioning import TextConditioner
-
-    path = check_checkpoint_dir(path)
-    dit_cfg = dit_convert.read_config(path / "transformer")
-    check_fit(dit_cfg, llm_convert.read_config(path / "step_llm").hidden_size,
-              clip_convert.read_config(path / "hunyuan_clip").hidden_size, None)
-    vae = vae_convert.load(path / "vae", dtype=vae_dtype)
-    check_fit(dit_cfg, None, None, vae.cfg.z_channels)
-    text = TextConditioner.from_release(path, llm_dtype=llm_dtype, clip_dtype=clip_dtype,
-                                        attention_backend=attention_backend, bf16_mask_sum=bf16_mask_sum)
-    dit = dit_convert.load(path / "transformer", dtype=dit_dtype, param_dtype=dit_dtype)
-    return Models(text=text, dit=dit, vae=vae)
+    return ReleaseLoader(path, **kw).models()
 
 
-def tiny_random(dims: Mapping, *, seed: int = 0, mesh=None, dit_dtype=jnp.float32, vae_dtype=jnp.float32,
-                llm_dtype=jnp.float32, clip_dtype=jnp.float32, attention_backend: str | None = None,
-                bf16_mask_sum: bool = False) -> Models:
-    """All four models at random init from `dims` (keys `dit`, `vae`, `step_llm`, `clip`, each a
-    mapping of config fields), with the released tokenizers and their vocabulary sizes. The DiT's
-    caption and latent channels follow from the other three unless `dims` sets them. With `mesh`
-    the parameters are placed by the logical-axis rules."""
-    from stepvideo_jax.models.dit import DiTConfig, StepVideoDiT
-    from stepvideo_jax.models.hunyuan_clip import HunyuanClip, HunyuanClipConfig
-    from stepvideo_jax.models.step_llm import StepLLM, StepLLMConfig
-    from stepvideo_jax.models.vae import VAEConfig, VideoVAE
-    from stepvideo_jax.text.conditioning import TextConditioner
-    from stepvideo_jax.text.sentencepiece_tokenizer import StepLLMTokenizer
-    from stepvideo_jax.text.wordpiece_tokenizer import WordPieceTokenizer
+class TinyRandomLoader(Loader):
+    """Random-init components from `dims` (keys `dit`, `vae`, `step_llm`, `clip`, each a mapping of
+    config fields), with the released tokenizers and their vocabulary sizes. The DiT's caption and
+    latent channels follow from the other three unless `dims` sets them. Each component draws from
+    its own key (`seed` folded with its index), so it is the same whichever is built first. With
+    `mesh` the parameters are placed by the logical-axis rules."""
 
-    llm_tokenizer, clip_tokenizer = StepLLMTokenizer(), WordPieceTokenizer.released()
-    llm_cfg = StepLLMConfig(**{"vocab_size": llm_tokenizer.vocab_size, **_fields(dims["step_llm"])})
-    clip_cfg = HunyuanClipConfig(**{"vocab_size": max(clip_tokenizer.vocab.values()) + 1,
-                                    **_fields(dims["clip"])})
-    vae_cfg = VAEConfig(**_fields(dims["vae"]))
-    dit_cfg = DiTConfig(**{"in_channels": vae_cfg.z_channels, "out_channels": vae_cfg.z_channels,
-                           "caption_channels": (llm_cfg.hidden_size, clip_cfg.hidden_size),
-                           **_fields(dims["dit"])})
-    check_fit(dit_cfg, llm_cfg.hidden_size, clip_cfg.hidden_size, vae_cfg.z_channels)
-    # RBG keys: eager init compiles one sampler per parameter shape, several times faster than threefry
-    rngs = nnx.Rngs(jax.random.key(seed, impl="rbg"))
-    kw = lambda dtype: dict(dtype=dtype, param_dtype=dtype, rngs=rngs)  # noqa: E731
-    place = _placer(mesh)
-    text = TextConditioner(step_llm=place(StepLLM(llm_cfg, **kw(llm_dtype))), llm_tokenizer=llm_tokenizer,
-                           clip=place(HunyuanClip(clip_cfg, attention_backend=attention_backend, **kw(clip_dtype))),
-                           clip_tokenizer=clip_tokenizer, attention_backend=attention_backend,
-                           bf16_mask_sum=bf16_mask_sum)
-    return Models(text=text, dit=place(StepVideoDiT(dit_cfg, **kw(dit_dtype))),
-                  vae=place(VideoVAE(vae_cfg, attention_backend=attention_backend, **kw(vae_dtype))))
+    KEYS = {"step_llm": 0, "clip": 1, "dit": 2, "vae": 3}
+
+    def __init__(self, dims: Mapping, *, seed: int = 0, mesh=None, dit_dtype=jnp.float32, vae_dtype=jnp.float32,
+                 llm_dtype=jnp.float32, clip_dtype=jnp.float32, attention_backend: str | None = None,
+                 bf16_mask_sum: bool = False):
+        from stepvideo_jax.models.dit import DiTConfig
+        from stepvideo_jax.models.hunyuan_clip import HunyuanClipConfig
+        from stepvideo_jax.models.step_llm import StepLLMConfig
+        from stepvideo_jax.models.vae import VAEConfig
+        from stepvideo_jax.text.sentencepiece_tokenizer import StepLLMTokenizer
+        from stepvideo_jax.text.wordpiece_tokenizer import WordPieceTokenizer
+
+        self.seed, self.mesh = seed, mesh
+        self.dit_dtype, self.vae_dtype, self.llm_dtype, self.clip_dtype = dit_dtype, vae_dtype, llm_dtype, clip_dtype
+        self.attention_backend, self.bf16_mask_sum = attention_backend, bf16_mask_sum
+        self.llm_tokenizer, self.clip_tokenizer = StepLLMTokenizer(), WordPieceTokenizer.released()
+        self.llm_cfg = StepLLMConfig(**{"vocab_size": self.llm_tokenizer.vocab_size, **_fields(dims["step_llm"])})
+        self.clip_cfg = HunyuanClipConfig(**{"vocab_size": max(self.clip_tokenizer.vocab.values()) + 1,
+                                             **_fields(dims["clip"])})
+        self.vae_cfg = VAEConfig(**_fields(dims["vae"]))
+        self.dit_cfg = DiTConfig(**{"in_channels": self.vae_cfg.z_channels, "out_channels": self.vae_cfg.z_channels,
+                                    "caption_channels": (self.llm_cfg.hidden_size, self.clip_cfg.hidden_size),
+                                    **_fields(dims["dit"])})
+        check_fit(self.dit_cfg, self.llm_cfg.hidden_size, self.clip_cfg.hidden_size, self.vae_cfg.z_channels)
+
+    def _kw(self, name: str, dtype) -> dict:
+        # RBG keys: eager init compiles one sampler per parameter shape, several times faster than threefry
+        key = jax.random.fold_in(jax.random.key(self.seed, impl="rbg"), self.KEYS[name])
+        return dict(dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(key))
+
+    def text_encoder(self):
+        from stepvideo_jax.models.hunyuan_clip import HunyuanClip
+        from stepvideo_jax.models.step_llm import StepLLM
+        from stepvideo_jax.text.conditioning import TextConditioner
+
+        place = _placer(self.mesh)
+        return TextConditioner(step_llm=place(StepLLM(self.llm_cfg, **self._kw("step_llm", self.llm_dtype))),
+                               llm_tokenizer=self.llm_tokenizer,
+                               clip=place(HunyuanClip(self.clip_cfg, attention_backend=self.attention_backend,
+                                                      **self._kw("clip", self.clip_dtype))),
+                               clip_tokenizer=self.clip_tokenizer, attention_backend=self.attention_backend,
+                               bf16_mask_sum=self.bf16_mask_sum)
+
+    def dit(self) -> nnx.Module:
+        from stepvideo_jax.models.dit import StepVideoDiT
+
+        return _placer(self.mesh)(StepVideoDiT(self.dit_cfg, **self._kw("dit", self.dit_dtype)))
+
+    def vae(self) -> nnx.Module:
+        from stepvideo_jax.models.vae import VideoVAE
+
+        return _placer(self.mesh)(VideoVAE(self.vae_cfg, attention_backend=self.attention_backend,
+                                           **self._kw("vae", self.vae_dtype)))
+
+
+def tiny_random(dims: Mapping, *, seed: int = 0, mesh=None, **kw) -> Models:
+    """All four models at random init (see `TinyRandomLoader`)."""
+    return TinyRandomLoader(dims, seed=seed, mesh=mesh, **kw).models()
 
 
 def _placer(mesh):

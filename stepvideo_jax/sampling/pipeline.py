@@ -155,6 +155,35 @@ def check_prompts(prompts: Sequence[str]) -> list[str]:
     return prompts
 
 
+def cond_rows(prompts: int, cfg: bool) -> int:
+    """Rows of the conditioning for `prompts` prompts: [cond...] (+ [uncond...] with CFG)."""
+    return 2 * prompts if cfg else prompts
+
+
+def check_cond(cond: Mapping[str, np.ndarray], rows: int) -> dict[str, jax.Array]:
+    """Given conditioning -> device arrays, checked for the keys and batch rows the sampler needs."""
+    if set(cond) != {"y", "y_mask", "clip"}:
+        raise ValueError(f"cond has keys {sorted(cond)}, expected ['clip', 'y', 'y_mask'] (as encode returns)")
+    wrong = {k: np.shape(v) for k, v in cond.items() if np.ndim(v) < 2 or np.shape(v)[0] != rows}
+    if wrong:
+        raise ValueError(f"cond shapes {wrong} do not match the batch: {rows} rows expected (the prompts' cond "
+                         "rows, then as many uncond rows with guidance > 1); encode the same prompts and settings")
+    return {k: jnp.asarray(v) for k, v in cond.items()}
+
+
+def encode_prompts(encode_text: TextEncoder, prompts: Sequence[str], *, pos_magic: str = POS_MAGIC,
+                   neg_magic: str = NEG_MAGIC, cfg: bool, mesh: jax.sharding.Mesh | None = None
+                   ) -> dict[str, np.ndarray]:
+    """The DiT's text inputs for `prompts` (CFG uncond rows included) as host numpy arrays, so that
+    they outlive the text encoders: {"y": (n, l_text, d_llm), "y_mask": (n, l_clip + l_text),
+    "clip": (n, l_clip, d_clip)} with n = `cond_rows(len(prompts), cfg)`. Copies (`np.array`): on CPU
+    `np.asarray` would be a view that keeps the device buffer alive."""
+    prompts = check_prompts(prompts)
+    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+        cond = encode_text(caption_prompts(prompts, pos_magic=pos_magic, neg_magic=neg_magic, cfg=cfg))
+        return {k: np.array(v) for k, v in cond.items()}
+
+
 @dataclasses.dataclass
 class Generation:
     """Result of one batch: final latents (b, f, c, h, w) float32, decoded video (b, F, 3, H, W)
@@ -171,12 +200,14 @@ class TextToVideo:
 
     `dit` is the `StepVideoDiT` (its state is split once; the sampler's step compiles once per
     shape); `encode_text` and `decode` are callables (see `TextEncoder`, `VideoDecoder`) that jit
-    themselves. `dtype` is the DiT compute dtype the latents and t are cast to. With `mesh` (the
-    models' parameters already placed on it) every phase runs under that mesh, so the models'
-    logical-axis activation constraints apply.
+    themselves. `encode_text` may be None when every call is given its conditioning (`cond=`, from
+    `encode` or `encode_prompts` run while the text encoders were loaded): then no text encoder
+    needs to be held while denoising. `dtype` is the DiT compute dtype the latents and t are cast
+    to. With `mesh` (the models' parameters already placed on it) every phase runs under that mesh,
+    so the models' logical-axis activation constraints apply.
     """
 
-    def __init__(self, *, encode_text: TextEncoder, dit: nnx.Module, decode: VideoDecoder,
+    def __init__(self, *, encode_text: TextEncoder | None, dit: nnx.Module, decode: VideoDecoder,
                  dtype=jnp.float32, attention_backend: str | None = None,
                  mesh: jax.sharding.Mesh | None = None):
         self.mesh = mesh
@@ -188,19 +219,34 @@ class TextToVideo:
                                         model_dtype=dtype)
 
     def conditioning(self, prompts: Sequence[str], *, pos_magic: str, neg_magic: str, cfg: bool):
-        return self.encode_text(caption_prompts(prompts, pos_magic=pos_magic, neg_magic=neg_magic, cfg=cfg))
+        return self._text_encoder()(caption_prompts(prompts, pos_magic=pos_magic, neg_magic=neg_magic, cfg=cfg))
+
+    def encode(self, prompts: Sequence[str], *, pos_magic: str = POS_MAGIC, neg_magic: str = NEG_MAGIC,
+               cfg: bool) -> dict[str, np.ndarray]:
+        """`conditioning` as host numpy arrays (`encode_prompts`), to pass back as `cond=`."""
+        return encode_prompts(self._text_encoder(), prompts, pos_magic=pos_magic, neg_magic=neg_magic, cfg=cfg,
+                              mesh=self.mesh)
+
+    def _text_encoder(self) -> TextEncoder:
+        if self.encode_text is None:
+            raise ValueError("this pipeline holds no text encoder: pass the prompts' conditioning as cond= "
+                             "(sampling.pipeline.encode_prompts, run while the text encoders are loaded)")
+        return self.encode_text
 
     def __call__(self, prompts: Sequence[str], *, size: VideoSize, settings: SamplerSettings,
                  seeds: Sequence[int], pos_magic: str = POS_MAGIC, neg_magic: str = NEG_MAGIC,
                  crop: bool = True, noise: jax.Array | None = None, progress: bool = False,
-                 on_step: Callable[[int, jax.Array], None] | None = None) -> Generation:
-        """Generate one video per prompt. `noise` (b, f, c, h, w) replaces the seeded noise."""
+                 on_step: Callable[[int, jax.Array], None] | None = None,
+                 cond: Mapping[str, np.ndarray] | None = None) -> Generation:
+        """Generate one video per prompt. `noise` (b, f, c, h, w) replaces the seeded noise. `cond`:
+        the prompts' conditioning from `encode` (same prompts, magics and CFG), instead of encoding
+        them here; the timings then have no "tokenize+encode"."""
         with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
             return self._generate(prompts, size, settings, seeds, pos_magic, neg_magic, crop, noise,
-                                  progress, on_step)
+                                  progress, on_step, cond)
 
     def _generate(self, prompts, size, settings, seeds, pos_magic, neg_magic, crop, noise, progress,
-                  on_step) -> Generation:
+                  on_step, cond) -> Generation:
         prompts = check_prompts(prompts)
         if len(seeds) != len(prompts):
             raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts: give one seed per prompt")
@@ -208,10 +254,13 @@ class TextToVideo:
         if noise is not None and tuple(noise.shape) != shape:
             raise ValueError(f"noise {tuple(noise.shape)} does not match the latent shape {shape} of {size}")
         timings = {}
-        start = time.perf_counter()
-        cond = jax.block_until_ready(self.conditioning(prompts, pos_magic=pos_magic, neg_magic=neg_magic,
-                                                       cfg=settings.cfg))
-        timings["tokenize+encode"] = time.perf_counter() - start
+        if cond is None:
+            start = time.perf_counter()
+            cond = jax.block_until_ready(self.conditioning(prompts, pos_magic=pos_magic, neg_magic=neg_magic,
+                                                           cfg=settings.cfg))
+            timings["tokenize+encode"] = time.perf_counter() - start
+        else:
+            cond = check_cond(cond, cond_rows(len(prompts), settings.cfg))
 
         start = time.perf_counter()
         if noise is None:
