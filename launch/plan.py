@@ -10,8 +10,11 @@ outputs, temporaries, peak) with analytic FLOPs, for:
 - `denoise`: one CFG denoising step of the DiT (velocity on the [cond, uncond] batch of 2, guidance,
   Euler update) at 204x544x992 px = latents (1, 36, 64, 34, 62), 75,888 tokens, 397 text keys; bf16.
 - `step_llm`, `clip`: the text encoders on 2 prompts (Step-LLM 320 tokens bf16, CLIP 77 tokens f32).
-- `vae_decode`: the Video-VAE decode of those latents on ONE chip (its chunks are independent, so
-  more chips each decode a share; bench/vae_tpu_memory.py has the settings).
+- `vae_decode`: the Video-VAE decode of those latents (bf16, splash mid attention, the default
+  `stream_frames=1`, `chunks_per_step=1`, as in bench/vae_tpu_memory.py) over the target's whole mesh:
+  the 12 independent 3-latent chunks are split over every chip (`models/vae.py` `spread_over_devices`,
+  logical axis `vae_chunks`), padded with zero chunks to a multiple of the chips (8 chips: 16, two
+  per chip; 16 chips: one per chip, 4 of them on zero chunks), the VAE replicated on each chip.
 
 Each target uses one mesh for every program (parameters sharded by `parallel/rules.py`: tensor
 parallelism keeps each chip's share of the weights without FSDP gathers; attention sequence-parallel
@@ -137,12 +140,22 @@ def build_clip(mesh, layers):
 
 
 def build_vae_decode(mesh, layers):
+    """The Video-VAE decode over all of `mesh` (chunks split by `spread_over_devices`)."""
     from bench.vae_tpu_memory import program
 
-    one_chip = aot.mesh_over([mesh.devices.flat[0]], {"data": 1})
-    fn, state = program("decode", jnp.bfloat16, "splash", dict(stream_frames=2, chunks_per_step=1))
-    x = aot.abstract(LATENTS, jnp.bfloat16, one_chip, None)
-    return fn, (state, x), (jax.tree.map(lambda _: x.sharding, state), x.sharding), (), one_chip
+    fn, state = program("decode", jnp.bfloat16, "splash", dict(stream_frames=1, chunks_per_step=1))
+    x = aot.abstract(LATENTS, jnp.bfloat16, mesh, None)   # replicated, like the VAE's parameters
+    return fn, (state, x), (jax.tree.map(lambda _: x.sharding, state), x.sharding), ()
+
+
+def vae_chunk_split(chips: int) -> str:
+    """How `spread_over_devices` splits the decode's chunks over `chips` chips."""
+    from stepvideo_jax.models.vae import VAEConfig
+
+    chunks = LATENTS[1] // VAEConfig.full().latent_len
+    padded = -(-chunks // chips) * chips
+    return (f"{chunks} chunks, {padded // chips} per chip"
+            + (f" (padded to {padded})" if padded != chunks else ""))
 
 
 def dit_flops() -> float:
@@ -176,8 +189,7 @@ def programs() -> dict[str, Program]:
 
 
 def compile_memory(program: Program, mesh, layers: int) -> dict[str, int]:
-    fn, args, shardings, donate, *override = program.build(mesh, layers)
-    mesh = override[0] if override else mesh
+    fn, args, shardings, donate = program.build(mesh, layers)
     jitted = jax.jit(fn, in_shardings=shardings, donate_argnums=donate)
     with jax.set_mesh(mesh):
         compiled = jitted.lower(*args).compile()
@@ -212,7 +224,8 @@ def main(argv=None) -> int:
                 prog = progs[prog_name]
                 layers = prog.layers if a.layers is None or prog.layers is None else a.layers
                 mem = compile_memory(prog, mesh, layers or 0)
-                how = f"{layers} layers" if layers else "compiled"
+                how = f"{layers} layers" if layers else (
+                    vae_chunk_split(mesh.size) if prog_name == "vae_decode" else "compiled")
                 how += "" if layers == prog.layers else f" of {prog.layers} (partial)"
             except Exception as e:  # noqa: BLE001 - one failed program must not hide the others
                 print(f"| {name} | {mesh_text} | {prog_name} | failed: {type(e).__name__}: "
@@ -220,7 +233,7 @@ def main(argv=None) -> int:
                 continue
             fits = "yes" if mem["peak"] <= target.hbm else "NO"
             flops = progs[prog_name].flops
-            print(f"| {name} | {mesh_text if prog_name != 'vae_decode' else '1 chip'} | {prog_name} | "
+            print(f"| {name} | {mesh_text} | {prog_name} | "
                   f"{mem['argument_size_in_bytes'] / GIB:.2f} GiB | {mem['output_size_in_bytes'] / GIB:.2f} GiB | "
                   f"{mem['temp_size_in_bytes'] / GIB:.2f} GiB | {mem['peak'] / GIB:.2f} GiB | "
                   f"{target.hbm / GIB:.1f} GiB | {fits} | "

@@ -36,3 +36,15 @@ def test_compile_and_memory_on_host_devices():
     live = mem["argument_size_in_bytes"] + mem["output_size_in_bytes"] - mem["alias_size_in_bytes"]
     assert mem["peak"] >= live
     assert "peak" in aot.format_memory(mem)
+
+
+def test_plan_splits_the_vae_chunks_over_every_chip():
+    import pathlib
+    import sys
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "launch"))
+    import plan
+
+    assert plan.vae_chunk_split(4) == "12 chunks, 3 per chip"
+    assert plan.vae_chunk_split(8) == "12 chunks, 2 per chip (padded to 16)"
+    assert plan.vae_chunk_split(16) == "12 chunks, 1 per chip (padded to 16)"
