@@ -1,10 +1,12 @@
 r"""The main job: prompts in, H.264 mp4 files out.
 
-    python -m stepvideo_jax.generate --config.prompt="A red panda climbs a snowy pine tree."
+    python -m stepvideo_jax.generate --config.prompt="a red circle moves to the left"
     python -m stepvideo_jax.generate --config configs/generate/base.py \
         --config.checkpoint_dir=/path/to/stepvideo-t2v --config.prompt="..."
 
-Without `--config` the embedded tiny random configuration (`configs/generate/tiny.py`) runs. Every
+Without `--config` the embedded demo model runs (`configs/generate/demo.py`: the tiny Step-Video
+model trained by this project on the synthetic captioned-motion set, shipped in the package); tiny
+random weights: `--config configs/generate/tiny.py`. Every
 config field can be overridden with `--config.<field>=...`. All input is checked before any model is
 built or compiled. Prints the resolved config, a progress bar over the denoising steps, and the time
 of each phase at the end.
@@ -34,7 +36,7 @@ from stepvideo_jax.sampling import components, video_io
 from stepvideo_jax.sampling.flow_matching import SamplerSettings
 from stepvideo_jax.sampling.pipeline import TextToVideo, VideoSize, check_prompts, encode_prompts
 
-DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "generate" / "tiny.py"
+DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "generate" / "demo.py"
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 

@@ -1,7 +1,7 @@
 """The main job's CLIs: README's default command end to end, bad input, the eval runner.
 
-`test_default_command_writes_a_valid_mp4` runs README's command in a subprocess (tiny random models,
-no checkpoint, no ../shared); the rest run in-process, the eval runner on the toy pipeline of
+`test_default_command_follows_its_prompt` runs README's command in a subprocess (the shipped demo
+model, no download, no ../shared) and scores the mp4 with the synthetic set's checker; the rest run in-process, the eval runner on the toy pipeline of
 `test_pipeline` so that its bookkeeping (manifest, resume, atomic files) is tested in seconds.
 """
 import importlib.util
@@ -40,18 +40,25 @@ def _cli(*args, timeout=600):
                           text=True, timeout=timeout)
 
 
-def test_default_command_writes_a_valid_mp4(tmp_path):
+def test_default_command_follows_its_prompt(tmp_path):
+    """README's main-job command: the default config is the demo model, whose video shows the
+    prompt's colour and motion (read from the written mp4 by `eval/motion_checker.py`)."""
+    from stepvideo_jax.eval import motion_checker
+
+    assert generate.DEFAULT_CONFIG.name == "demo.py"
+    prompt = "a blue square moves up"
     out, summary = tmp_path / "video.mp4", tmp_path / "summary.json"
-    proc = _cli("stepvideo_jax.generate", "--config.prompt=A red panda climbs a snowy pine tree.",
+    proc = _cli("stepvideo_jax.generate", f"--config.prompt={prompt}",
                 f"--config.output={out}", "--config.save_latents=True", f"--summary_json={summary}")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    config = load_config()
+    config = load_config("demo")
     frames, fps = video_io.read_mp4(out)
     assert frames.shape == (config.num_frames, config.height, config.width, 3) and fps == 25
-    assert frames.std() > 1, "the decoded video is flat"
+    reading = motion_checker.read_video(frames)
+    assert (reading.colour, reading.motion) == ("blue", "up"), reading
     latents = np.load(out.with_suffix(".npy"))
-    assert latents.shape == (1, config.num_frames // 17 * 3, config.tiny.vae.z_channels,
-                             config.height // 16, config.width // 16)
+    assert latents.shape[:2] == (1, config.num_frames // 17 * 3) and latents.shape[3:] == (
+        config.height // 16, config.width // 16)
     record = json.loads(summary.read_text())
     assert set(record["timings"]) == {"load text encoders", "tokenize+encode", "release", "load dit+vae", "denoise",
                                       "decode", "write"}
@@ -60,6 +67,19 @@ def test_default_command_writes_a_valid_mp4(tmp_path):
     assert "live device arrays after text encoders released" in proc.stdout
     assert "resolved config:" in proc.stdout and "time per phase:" in proc.stdout
     assert "denoise" in proc.stderr and f"{config.num_steps}/{config.num_steps}" in proc.stderr
+
+
+def test_tiny_random_config_writes_a_valid_mp4(tmp_path):
+    """Random weights stay available as an explicit option (`--config configs/generate/tiny.py`)."""
+    out = tmp_path / "video.mp4"
+    proc = _cli("stepvideo_jax.generate", "--config", str(PROJECT_ROOT / "configs/generate/tiny.py"),
+                "--config.prompt=A red panda climbs a snowy pine tree.", f"--config.output={out}",
+                "--config.num_steps=2")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    config = load_config()
+    frames, _ = video_io.read_mp4(out)
+    assert frames.shape == (config.num_frames, config.height, config.width, 3)
+    assert frames.std() > 1, "the decoded video is flat"
 
 
 def test_bad_input_exits_with_a_message_before_loading_anything():

@@ -195,7 +195,7 @@ def build(config, workdir, *, export_to: str = "", printer=print) -> dict:
 
     # the VAE as shipped (bf16 weights) encodes the DiT's training set
     vae = None
-    for phase in ("vae_train", "vae_finetune"):
+    for phase in config.vae_phases:
         phase_dir = workdir / phase
         if not (phase_dir / "conversion.json").exists():
             with _stage(phase, printer) as timer:
