@@ -96,6 +96,11 @@ def resolve(config: ml_collections.ConfigDict, *, prompts=None, outputs=None) ->
                checkpoint_dir=checkpoint_dir, dtypes=dtypes, mesh=mesh)
 
 
+def job_mesh(job: Job):
+    """The job's device mesh (None: one device)."""
+    return make_mesh(job.mesh) if job.mesh is not None else None
+
+
 def build_loader(config: ml_collections.ConfigDict, job: Job, mesh=None) -> components.Loader:
     """The job's components, each built when asked for (configs read and checked now)."""
     backend = config.attention_backend or None
@@ -115,7 +120,7 @@ def build_pipeline(config: ml_collections.ConfigDict, job: Job, *, loader: compo
     """DiT + VAE decoder, and the text encoders unless `text_encoder=False` (then every call needs
     `cond=`). `loader`: where the components come from (default: `build_loader` on the job's mesh)."""
     if loader is None:
-        loader = build_loader(config, job, make_mesh(job.mesh) if job.mesh is not None else None)
+        loader = build_loader(config, job, job_mesh(job))
     return TextToVideo(encode_text=loader.text_encoder() if text_encoder else None, dit=loader.dit(),
                        decode=components.vae_decoder(loader.vae()), dtype=job.dtypes["dit"],
                        attention_backend=config.attention_backend or None, mesh=loader.mesh)
@@ -209,7 +214,7 @@ def run(config: ml_collections.ConfigDict, job: Job) -> dict:
     memory = {}
     start = time.perf_counter()
     if config.release_text_encoders:
-        loader = build_loader(config, job, make_mesh(job.mesh) if job.mesh is not None else None)
+        loader = build_loader(config, job, job_mesh(job))
         conds, seconds, timings = encode_stage(config, loader, [job.prompts], job.settings, memory)
         timings = {"load text encoders": timings["load text encoders"], "tokenize+encode": sum(seconds),
                    "release": timings["release"]}

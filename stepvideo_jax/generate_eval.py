@@ -23,7 +23,6 @@ import ml_collections
 
 from stepvideo_jax import generate
 from stepvideo_jax.convert.safetensors_io import CheckpointError
-from stepvideo_jax.parallel.mesh import make_mesh
 from stepvideo_jax.sampling.pipeline import TextToVideo
 
 EVAL_PROMPTS = pathlib.Path(__file__).resolve().parent / "assets" / "step_video_t2v_eval_prompts.txt"
@@ -126,7 +125,7 @@ def execute(config: ml_collections.ConfigDict, plan: EvalPlan, pipe: TextToVideo
         texts = [[job.prompts[i] for i in idx] for idx in batches]
         if pipe is None:
             memory = {}
-            loader = generate.build_loader(config, job, make_mesh(job.mesh) if job.mesh is not None else None)
+            loader = generate.build_loader(config, job, generate.job_mesh(job))
             conds, encode_seconds, _ = generate.encode_stage(config, loader, texts, job.settings, memory)
             pipe = generate.build_pipeline(config, job, loader=loader, text_encoder=False)
             generate.note_memory(memory, "dit+vae loaded")
