@@ -13,7 +13,7 @@ def test_flops_match_the_hand_count_at_full_size():
     s, l, d = 36 * 34 * 62, 397, cfg.dim
     per_block = 28 * s * d * d + 4 * s * s * d + 4 * l * d * d + 4 * s * l * d
     fwd = metrics.dit_forward_flops(cfg, **shape)
-    assert abs(per_block / 222.5e12 - 1) < 1e-3          # the README's 222.5 TFLOP per block
+    assert abs(per_block / 222.5e12 - 1) < 1e-3          # docs/full_size_plan.md's 222.5 TFLOP per block
     blocks = cfg.num_layers * per_block
     assert 0 < fwd - blocks < 1e-3 * fwd                   # embeddings and projections are small
     assert metrics.train_flops(cfg, **shape) == 3 * fwd
