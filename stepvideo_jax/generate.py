@@ -30,13 +30,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from stepvideo_jax import config_files
 from stepvideo_jax.convert.safetensors_io import CheckpointError
 from stepvideo_jax.parallel.mesh import MeshConfig, make_mesh
 from stepvideo_jax.sampling import components, video_io
 from stepvideo_jax.sampling.flow_matching import SamplerSettings
 from stepvideo_jax.sampling.pipeline import TextToVideo, VideoSize, check_prompts, encode_prompts
 
-DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "generate" / "demo.py"
+DEFAULT_CONFIG = config_files.path("generate/demo.py")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -261,7 +262,7 @@ def main(argv=None):
             pathlib.Path(flags.FLAGS.summary_json).write_text(json.dumps(summary, indent=1))
         return 0
 
-    app.run(_main, argv=argv)
+    app.run(_main, argv=config_files.resolve_argv(argv))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import time
 
 import ml_collections
 
-from stepvideo_jax import generate
+from stepvideo_jax import config_files, generate
 from stepvideo_jax.convert.safetensors_io import CheckpointError
 from stepvideo_jax.sampling.pipeline import TextToVideo
 
@@ -189,7 +189,7 @@ def main(argv=None):
         print(f"{len(manifest['videos'])} videos in {f.output_dir}")
         return 0
 
-    app.run(_main, argv=argv)
+    app.run(_main, argv=config_files.resolve_argv(argv))
 
 
 if __name__ == "__main__":

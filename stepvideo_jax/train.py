@@ -10,6 +10,8 @@ from __future__ import annotations
 from absl import app, flags
 from ml_collections import config_flags
 
+from stepvideo_jax import config_files
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "training config file (configs/train/*.py)",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics); default config.workdir")
@@ -27,6 +29,11 @@ def main(argv) -> None:
     train(_CONFIG.value, _WORKDIR.value)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `stepvideo-train` console script (a shipped `--config` resolves from any directory)."""
     flags.mark_flags_as_required(["config"])
-    app.run(main)
+    app.run(main, argv=config_files.resolve_argv())
+
+
+if __name__ == "__main__":
+    cli()

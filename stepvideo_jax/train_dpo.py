@@ -32,6 +32,7 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
+from stepvideo_jax import config_files
 from stepvideo_jax.data import preferences
 from stepvideo_jax.models.dit import DiTConfig, StepVideoDiT
 from stepvideo_jax.parallel.rules import state_shardings
@@ -164,6 +165,11 @@ def main(argv) -> None:
     train_dpo(_CONFIG.value, _WORKDIR.value)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `stepvideo-train-dpo` console script (a shipped `--config` resolves from any directory)."""
     flags.mark_flags_as_required(["config"])
-    app.run(main)
+    app.run(main, argv=config_files.resolve_argv())
+
+
+if __name__ == "__main__":
+    cli()

@@ -23,6 +23,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from stepvideo_jax import config_files
 from stepvideo_jax.data import synthetic_motion as sm
 from stepvideo_jax.demo import architecture, export, latents
 from stepvideo_jax.models.vae import VideoVAE
@@ -252,8 +253,7 @@ def main(argv=None):
     from absl import app, flags
     from ml_collections import config_flags
 
-    config_flag = config_flags.DEFINE_config_file("config", str(pathlib.Path(__file__).resolve().parents[2]
-                                                               / "configs" / "demo" / "train.py"),
+    config_flag = config_flags.DEFINE_config_file("config", str(config_files.path("demo/train.py")),
                                                   "demo build config")
     flags.DEFINE_string("workdir", None, "run directory; default config.workdir")
     flags.DEFINE_string("export_to", "", "also copy the trained demo checkpoint and curves here")
@@ -262,7 +262,7 @@ def main(argv=None):
         summary = build(config_flag.value, flags.FLAGS.workdir, export_to=flags.FLAGS.export_to)
         print(json.dumps(summary, indent=1))
 
-    app.run(_main, argv=argv)
+    app.run(_main, argv=config_files.resolve_argv(argv))
 
 
 if __name__ == "__main__":
