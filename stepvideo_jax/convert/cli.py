@@ -31,7 +31,7 @@ from typing import Any, Mapping, Sequence
 import jax.numpy as jnp
 from flax import nnx
 
-from stepvideo_jax.convert import orbax_io
+from stepvideo_jax.convert import config_records, orbax_io
 from stepvideo_jax.convert.keymap import convert_tensors, flat_shapes
 from stepvideo_jax.convert.safetensors_io import DTYPES, CheckpointError, TensorSource
 
@@ -43,19 +43,23 @@ class Component:
     """How one release folder is converted.
 
     `module` exposes `read_config(dir)`, `tensor_source(dir)`, `rules(cfg)`, `IGNORE`,
-    `build(cfg, *, dtype, param_dtype, rngs)`. `files`: paths relative to the release folder
+    `build(cfg, *, dtype, param_dtype, rngs)`. `config`: the `config_records.REGISTRY` name of the
+    component's model config. `files`: paths relative to the release folder
     (files or folders) copied to the output when present: what generation needs besides weights.
     """
 
     module: str
+    config: str
     files: tuple[str, ...] = ()
 
 
 COMPONENTS: Mapping[str, Component] = {
-    "transformer": Component("stepvideo_jax.convert.dit", ("config.json",)),
-    "vae": Component("stepvideo_jax.convert.vae"),
-    "step_llm": Component("stepvideo_jax.convert.step_llm", ("config.json", "step1_chat_tokenizer.model")),
-    "hunyuan_clip": Component("stepvideo_jax.convert.hunyuan_clip", ("clip_text_encoder/config.json", "tokenizer")),
+    "transformer": Component("stepvideo_jax.convert.dit", "DiTConfig", ("config.json",)),
+    "vae": Component("stepvideo_jax.convert.vae", "VAEConfig"),
+    "step_llm": Component("stepvideo_jax.convert.step_llm", "StepLLMConfig",
+                          ("config.json", "step1_chat_tokenizer.model")),
+    "hunyuan_clip": Component("stepvideo_jax.convert.hunyuan_clip", "HunyuanClipConfig",
+                              ("clip_text_encoder/config.json", "tokenizer")),
 }
 
 OUTPUT_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -131,22 +135,11 @@ def _plan(release: pathlib.Path, name: str, dtype) -> _Plan:
     return _Plan(name, folder, module, cfg, source, rules, targets)
 
 
-def _config_record(cfg) -> dict:
-    cls = type(cfg)
-    return {"class": f"{cls.__module__}:{cls.__qualname__}", "values": dataclasses.asdict(cfg)}
-
-
-def _tuples(x):
-    return tuple(_tuples(v) for v in x) if isinstance(x, list) else x
-
-
-def config_from_record(record: Mapping) -> Any:
-    """Rebuild the model config stored in a component manifest (lists become tuples)."""
-    module_name, _, qualname = record["class"].partition(":")
-    cls = importlib.import_module(module_name)
-    for part in qualname.split("."):
-        cls = getattr(cls, part)
-    return cls(**{k: _tuples(v) for k, v in record["values"].items()})
+def config_from_record(record: Mapping, component: str | None = None) -> Any:
+    """The model config of a component manifest's `record` (`config_records`: a closed registry,
+    values type-checked); given `component`, the record must hold that component's config class."""
+    expect = None if component is None else config_records.REGISTRY[COMPONENTS[component].config]
+    return config_records.config_from_record(record, expect=expect)
 
 
 def _copy(src: pathlib.Path, dst: pathlib.Path) -> None:
@@ -173,7 +166,7 @@ def _convert_component(plan: _Plan, out: pathlib.Path, dtype_name: str, group_by
             _copy(plan.folder / rel, dst / rel)
             copied.append(rel)
     manifest = orbax_io.write_manifest(dst, component=plan.name, dtype=dtype_name, groups=groups,
-                                       config=_config_record(plan.config), files=copied,
+                                       config=config_records.config_record(plan.config), files=copied,
                                        source=str(plan.folder.resolve()))
     log.info("%s: %d tensors, %d parameters in %d groups", plan.name, len(plan.targets),
              manifest["num_params"], len(groups))
@@ -248,7 +241,7 @@ def load_converted(root: str | os.PathLike, component: str, *, dtype=None, param
     folder = pathlib.Path(root) / component
     manifest = orbax_io.read_manifest(folder)
     param_dtype = OUTPUT_DTYPES[manifest["dtype"]] if param_dtype is None else param_dtype
-    model = abstract_model(converter(component), config_from_record(manifest["config"]), param_dtype, dtype,
+    model = abstract_model(converter(component), config_from_record(manifest["config"], component), param_dtype, dtype,
                            **build_kwargs)
     return orbax_io.restore(folder, model, shardings=shardings, mesh=mesh)
 

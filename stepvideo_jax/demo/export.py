@@ -8,7 +8,6 @@ a temporary sibling and renamed into place when complete.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import pathlib
 import shutil
@@ -20,7 +19,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from stepvideo_jax.convert import orbax_io
+from stepvideo_jax.convert import config_records, orbax_io
 
 ASSETS = pathlib.Path(__file__).resolve().parents[1] / "assets"
 # component -> {path in the component directory: packaged source}
@@ -29,12 +28,6 @@ TOKENIZER_FILES: Mapping[str, Mapping[str, pathlib.Path]] = {
     "hunyuan_clip": {f"tokenizer/{p.name}": p for p in sorted((ASSETS / "hunyuan_clip_tokenizer").iterdir())},
 }
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
-
-
-def config_record(cfg) -> dict:
-    """The manifest's config record (read back by `convert.cli.config_from_record`)."""
-    cls = type(cfg)
-    return {"class": f"{cls.__module__}:{cls.__qualname__}", "values": dataclasses.asdict(cfg)}
 
 
 def flat_params(model: nnx.Module, dtype: str) -> dict[str, np.ndarray]:
@@ -53,7 +46,8 @@ def write_component(root: pathlib.Path, name: str, model: nnx.Module, *, dtype: 
         shutil.copyfile(src, dst / rel)
         files.append(rel)
     return orbax_io.write_manifest(dst, component=name, dtype=dtype, groups=groups,
-                                   config=config_record(model.cfg if hasattr(model, "cfg") else model.config), files=files, source=source)
+                                   config=config_records.config_record(model.cfg if hasattr(model, "cfg") else model.config),
+                                   files=files, source=source)
 
 
 def write_checkpoint(out, models: Mapping[str, nnx.Module], *, dtype: str = "bfloat16",

@@ -148,7 +148,7 @@ class ConvertedLoader(Loader):
         self.path = check_checkpoint_dir(path)
         self.mesh, self.attention_backend, self.bf16_mask_sum = mesh, attention_backend, bf16_mask_sum
         self.dtypes = {"transformer": dit_dtype, "vae": vae_dtype, "step_llm": llm_dtype, "hunyuan_clip": clip_dtype}
-        cfgs = {c: cli.config_from_record(orbax_io.read_manifest(self.path / c)["config"]) for c in CONVERTED_FILES}
+        cfgs = {c: cli.config_from_record(orbax_io.read_manifest(self.path / c)["config"], c) for c in CONVERTED_FILES}
         check_fit(cfgs["transformer"], cfgs["step_llm"].hidden_size, cfgs["hunyuan_clip"].hidden_size,
                   cfgs["vae"].z_channels)
 
