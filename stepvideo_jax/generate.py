@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from stepvideo_jax import config_files
+from stepvideo_jax import config_files, hub
 from stepvideo_jax.convert.safetensors_io import CheckpointError
 from stepvideo_jax.parallel.mesh import MeshConfig, make_mesh
 from stepvideo_jax.sampling import components, video_io
@@ -77,7 +77,7 @@ def resolve(config: ml_collections.ConfigDict, *, prompts=None, outputs=None) ->
         mesh.resolve(jax.device_count())
     checkpoint_dir = None
     if config.checkpoint_dir:
-        checkpoint_dir = components.check_checkpoint_dir(config.checkpoint_dir)
+        checkpoint_dir = components.check_checkpoint_dir(hub.resolve(config.checkpoint_dir))
         if mesh is not None and not components.is_converted(checkpoint_dir):
             raise ValueError(f"mesh={config.mesh!r} needs a converted checkpoint (python -m stepvideo_jax.convert); "
                              f"{checkpoint_dir} is a release directory, which loads on one device")

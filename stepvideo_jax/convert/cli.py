@@ -31,6 +31,7 @@ from typing import Any, Mapping, Sequence
 import jax.numpy as jnp
 from flax import nnx
 
+from stepvideo_jax import hub
 from stepvideo_jax.convert import config_records, orbax_io
 from stepvideo_jax.convert.keymap import convert_tensors, flat_shapes
 from stepvideo_jax.convert.safetensors_io import DTYPES, CheckpointError, TensorSource
@@ -248,7 +249,9 @@ def load_converted(root: str | os.PathLike, component: str, *, dtype=None, param
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m stepvideo_jax.convert", description=__doc__.split("\n")[0])
-    p.add_argument("--release", required=True, help="the official release directory (e.g. stepvideo-t2v/)")
+    p.add_argument("--release", required=True,
+                   help="the official release directory (e.g. stepvideo-t2v/) or its Hugging Face repo id "
+                        "(stepfun-ai/stepvideo-t2v[@revision]: only --components are downloaded)")
     p.add_argument("--out", required=True, help="destination directory (must not exist unless --overwrite)")
     p.add_argument("--components", default=None,
                    help=f"comma-separated subset of {','.join(COMPONENTS)} (default: all the release has)")
@@ -265,7 +268,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("stepvideo_jax").setLevel(logging.INFO)
     components = None if args.components is None else [c.strip() for c in args.components.split(",") if c.strip()]
     try:
-        out = convert_release(args.release, args.out, components=components, dtype=args.dtype,
+        release = hub.resolve(args.release, components or hub.RELEASE_COMPONENTS)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    try:
+        out = convert_release(release, args.out, components=components, dtype=args.dtype,
                               overwrite=args.overwrite, group_bytes=args.group_mb * 2**20)
     except (CheckpointError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -31,12 +31,14 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from stepvideo_jax import hub
 from stepvideo_jax.convert import dit as dit_convert
 from stepvideo_jax.convert.keymap import flat_shapes
 from stepvideo_jax.convert.safetensors_io import CheckpointError
 from stepvideo_jax.models.dit import DiTConfig
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
+LINKED = ("vae", "step_llm", "hunyuan_clip")   # the release components an exported transformer/ is paired with
 
 
 def official_shapes(cfg: DiTConfig) -> dict[str, tuple[int, ...]]:
@@ -168,7 +170,8 @@ def main(argv=None) -> None:
     ap.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     ap.add_argument("--max_shard_gb", type=float, default=5.0)
     ap.add_argument("--release", default=None,
-                    help="official release directory: make --out a full release (other components symlinked)")
+                    help="official release directory or Hugging Face repo id: make --out a full release "
+                         "(other components symlinked)")
     args = ap.parse_args(argv)
     if args.workdir:
         from stepvideo_jax.training.loop import load_dit
@@ -185,10 +188,12 @@ def main(argv=None) -> None:
 
 
 def link_release(release: str | os.PathLike, out: pathlib.Path) -> None:
-    """Symlink every entry of `release` except `transformer/` into `out` (created)."""
-    release = pathlib.Path(release).absolute()
-    if not (release / dit_convert.COMPONENT).is_dir():
-        raise CheckpointError(f"{release} is not a release directory (no {dit_convert.COMPONENT}/)")
+    """Symlink every entry of `release` (a release directory or Hugging Face repo id) except
+    `transformer/` into `out` (created)."""
+    release = pathlib.Path(hub.resolve(release, LINKED)).absolute()
+    missing = [c for c in LINKED if not (release / c).is_dir()]
+    if missing:
+        raise CheckpointError(f"{release} is not a release directory (no {', '.join(c + '/' for c in missing)})")
     out.mkdir(parents=True, exist_ok=True)
     for entry in release.iterdir():
         if entry.name != dit_convert.COMPONENT and not (out / entry.name).exists():

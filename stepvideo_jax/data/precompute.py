@@ -24,6 +24,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import tqdm
 
+from stepvideo_jax import hub
 from stepvideo_jax.data.format import Writer
 
 # encode_video(video (1, f, 3, h, w) float32 in [-1, 1]) -> (mean, logvar), each (f', c, h', w')
@@ -132,7 +133,7 @@ def release_encoders(release_dir: str | pathlib.Path, *, vae_dtype="float32", ll
     from stepvideo_jax.models import vae as vae_model
     from stepvideo_jax.text.conditioning import TextConditioner
 
-    release_dir = pathlib.Path(release_dir)
+    release_dir = pathlib.Path(hub.resolve(release_dir, ("vae", "step_llm", "hunyuan_clip")))
     vae = vae_convert.load(release_dir / vae_convert.COMPONENT, dtype=jnp.dtype(vae_dtype))
     text = TextConditioner.from_release(release_dir, llm_dtype=jnp.dtype(llm_dtype))
     encode = jax.jit(lambda v: vae.posterior(vae.encode_moments(v)))
@@ -158,7 +159,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--videos", required=True, help="folder of video files")
     ap.add_argument("--captions", required=True, help='JSONL: {"video": name, "caption": text} per line')
-    ap.add_argument("--release", required=True, help="Step-Video-T2V release directory (vae/, step_llm/, hunyuan_clip/)")
+    ap.add_argument("--release", required=True, help="Step-Video-T2V release directory (vae/, step_llm/, hunyuan_clip/) or Hugging Face repo id")
     ap.add_argument("--out", required=True, help="output dataset directory (must not hold a dataset)")
     ap.add_argument("--buckets", default="544x992,992x544,768x768", help="HEIGHTxWIDTH pixel buckets")
     ap.add_argument("--num_frames", type=int, default=204)

@@ -258,9 +258,10 @@ def checkpoint_encoders(models_dir: str | os.PathLike) -> tuple[EncodeVideo, Enc
     """Video-VAE and text encoders of a converted checkpoint or release directory (`sampling/components.py`)."""
     import jax.numpy as jnp
 
+    from stepvideo_jax import hub
     from stepvideo_jax.sampling import components
 
-    models = components.from_checkpoint(models_dir)
+    models = components.from_checkpoint(hub.resolve(models_dir))
 
     def encode_video(video: np.ndarray):
         x = jnp.asarray(synthetic_motion.to_model_range(video))[None]
@@ -278,7 +279,7 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
     p = argparse.ArgumentParser(description="Build a Video-DPO preference set from generated videos and a "
                                             "JSONL of human choices.")
     p.add_argument("--choices", required=True, help='JSONL: {"prompt", "chosen", "rejected"} per line')
-    p.add_argument("--models", required=True, help="converted checkpoint or release directory (VAE, text)")
+    p.add_argument("--models", required=True, help="converted checkpoint, release directory or Hugging Face repo id (VAE, text)")
     p.add_argument("--out", required=True, help="new directory for the preference set")
     p.add_argument("--negative_prompt", default="", help="encoded as the set's negative prompt")
     p.add_argument("--float16", action="store_true", help="store floating arrays as float16")
