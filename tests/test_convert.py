@@ -86,7 +86,8 @@ def test_sharded_restore_on_8_devices(tmp_path):
     """Small groups (1 MiB) and a 4x2 (fsdp, tensor) mesh: every array arrives in the logical rules'
     sharding with the same values as an unsharded restore."""
     out = tmp_path / "out"
-    assert run("--release", release(), "--out", out, "--components", "transformer", "--group-mb", "1") == 0
+    assert run("--release", release(), "--out", out, "--components", "transformer", "--group-mb", "1",
+               "--dtype", "float32") == 0
     manifest = orbax_io.read_manifest(out / "transformer")
     assert len(manifest["groups"]) > 1
     for g in manifest["groups"]:
@@ -114,9 +115,15 @@ def test_sharded_restore_on_8_devices(tmp_path):
         assert v.sharding.is_equivalent_to(want[k], v.ndim) and np.array_equal(np.asarray(v), plain[k]), k
 
 
+def test_cli_stores_bfloat16_by_default(tmp_path):
+    """The released shards are bfloat16: the default output keeps their size, not twice it."""
+    assert run("--release", release(), "--out", tmp_path / "out", "--components", "transformer") == 0
+    assert orbax_io.read_manifest(tmp_path / "out" / "transformer")["dtype"] == "bfloat16"
+
+
 def test_existing_destination_needs_overwrite(tmp_path, capsys):
     out = tmp_path / "out"
-    assert run("--release", release(), "--out", out, "--components", "transformer") == 0
+    assert run("--release", release(), "--out", out, "--components", "transformer", "--dtype", "float32") == 0
     before = (out / "transformer" / orbax_io.MANIFEST).read_text()
     assert run("--release", release(), "--out", out, "--components", "transformer", "--dtype", "bfloat16") == 1
     err = capsys.readouterr().err
@@ -133,7 +140,7 @@ def test_all_registered_components_round_trip(tmp_path):
     and the files generation needs besides weights are copied."""
     root = release()
     out = tmp_path / "out"
-    assert run("--release", root, "--out", out) == 0
+    assert run("--release", root, "--out", out, "--dtype", "float32") == 0
     present = [c for c in cli.COMPONENTS if (root / c).is_dir()]
     summary = json.loads((out / cli.SUMMARY).read_text())
     assert sorted(summary["components"]) == sorted(present)

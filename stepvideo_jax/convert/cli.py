@@ -1,7 +1,7 @@
 """`python -m stepvideo_jax.convert`: the official release directory -> Orbax checkpoints.
 
     python -m stepvideo_jax.convert --release stepvideo-t2v/ --out ckpt/ \
-        [--components transformer,vae,step_llm,hunyuan_clip] [--dtype float32|bfloat16] [--overwrite]
+        [--components transformer,vae,step_llm,hunyuan_clip] [--dtype bfloat16|float32] [--overwrite]
 
 Output (`<out>/`): `conversion.json` (what was converted, from where, in which dtype) and one
 directory per component, `<out>/<component>/`, laid out as `orbax_io` describes (manifest, Orbax
@@ -255,7 +255,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="destination directory (must not exist unless --overwrite)")
     p.add_argument("--components", default=None,
                    help=f"comma-separated subset of {','.join(COMPONENTS)} (default: all the release has)")
-    p.add_argument("--dtype", default="float32", choices=sorted(OUTPUT_DTYPES), help="stored parameter dtype")
+    p.add_argument("--dtype", default="bfloat16", choices=sorted(OUTPUT_DTYPES),
+                   help="stored parameter dtype (default bfloat16: the released shards' dtype, so nothing is lost)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out once the new one is complete")
     p.add_argument("--group-mb", type=int, default=orbax_io.GROUP_BYTES // 2**20,
                    help="size of one Orbax parameter group in MiB (bounds host memory while writing)")
