@@ -61,7 +61,7 @@ def resolve(config: ml_collections.ConfigDict, *, prompts=None, outputs=None) ->
     `prompts` / `outputs` replace the config's prompts and the file names derived from `output`.
     """
     if prompts is None:
-        prompts = list(config.prompts) if config.prompts else [config.prompt]
+        prompts = config.prompts if config.prompts else config.prompt
     prompts = check_prompts(prompts)
     seeds = [int(config.seed) + i for i in range(len(prompts))]
     size = VideoSize(config.num_frames, config.height, config.width)
@@ -190,10 +190,15 @@ def generate(config: ml_collections.ConfigDict, job: Job, pipe: TextToVideo, con
 
 
 def _save_npy(path: pathlib.Path, array: np.ndarray) -> str:
+    """`np.save` to a temporary sibling, renamed into place; a failed write (full disk) leaves nothing."""
     tmp = path.with_name(f".{path.name}.partial")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-    tmp.replace(path)
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return str(path)
 
 
@@ -258,6 +263,9 @@ def main(argv=None):
         except CheckpointError as e:  # weights that do not match their config; other errors keep a traceback
             print(f"error: {e}", file=sys.stderr)
             return 2
+        except (video_io.VideoFileError, OSError) as e:  # e.g. a full disk: the encoder or a save failed
+            print(f"error: {e}", file=sys.stderr)
+            return 1
         if flags.FLAGS.summary_json:
             pathlib.Path(flags.FLAGS.summary_json).write_text(json.dumps(summary, indent=1))
         return 0

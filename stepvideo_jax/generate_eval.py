@@ -5,17 +5,23 @@ r"""Step-Video-T2V-Eval: the 128-prompt benchmark list -> a folder of mp4 files 
 
 Prompt i (0-based line of the list, shipped in the package) is written to `<output_dir>/<i:03d>.mp4`
 with seed `config.seed + i`, so a video does not depend on batching or on where a run resumed.
-`manifest.json` records the settings and, per video, the prompt, seed, file and time per phase.
-Re-running skips the videos already written; an interrupted run leaves no half-written mp4 (each
-is encoded to a temporary name and renamed) and the manifest is replaced atomically after each
-batch. A folder made with other settings is refused rather than mixed.
+`manifest.json` binds the folder to its job (the settings that change the videos, and the sha256 of
+the prompt list) and records, per video, the prompt, seed, file and time per phase. Re-running
+skips the videos already written, each checked first (it decodes to the expected frames; a damaged
+one is regenerated); an interrupted run leaves no half-written mp4 (each is encoded to a temporary
+name and renamed; stale temporary files are removed on start) and the manifest is replaced
+atomically after each batch. A folder of another job (other prompts, seed or settings), or videos
+without a manifest (unknown provenance), are refused rather than mixed or adopted: use another
+`--output_dir`, or `--overwrite` to delete this runner's files there and start over.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import pathlib
+import re
 import sys
 import time
 
@@ -23,10 +29,13 @@ import ml_collections
 
 from stepvideo_jax import config_files, generate
 from stepvideo_jax.convert.safetensors_io import CheckpointError
-from stepvideo_jax.sampling.pipeline import TextToVideo
+from stepvideo_jax.sampling import video_io
+from stepvideo_jax.sampling.pipeline import TextToVideo, frame_shape
 
 EVAL_PROMPTS = pathlib.Path(__file__).resolve().parent / "assets" / "step_video_t2v_eval_prompts.txt"
 MANIFEST = "manifest.json"
+OUTPUT_NAME = re.compile(r"\d{3,}\.(mp4|npy)")   # the videos (and latents) this runner writes
+PARTIAL_NAME = re.compile(r"\..+\.partial(\.mp4)?")   # temporary files of its atomic writes
 # config fields that change the videos: a folder is only resumed with the same values
 SETTINGS_FIELDS = ("seed", "num_frames", "height", "width", "num_steps", "guidance_scale", "time_shift",
                    "pos_magic", "neg_magic", "checkpoint_dir", "dtypes", "tiny", "bf16_mask_sum",
@@ -44,41 +53,103 @@ def read_prompts(path=EVAL_PROMPTS) -> list[str]:
     return prompts
 
 
-def settings_record(config: ml_collections.ConfigDict) -> dict:
-    """The config fields that shape the videos, as they read back from JSON (tuples become lists)."""
+def prompts_digest(prompts: list[str]) -> str:
+    """sha256 of the prompt list (as read: stripped, non-empty lines, in order)."""
+    return hashlib.sha256(json.dumps(prompts, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def settings_record(config: ml_collections.ConfigDict, prompts: list[str]) -> dict:
+    """The job of a folder: the config fields that shape the videos, as they read back from JSON
+    (tuples become lists), and the prompt list's digest and length."""
     record = {k: (config[k].to_dict() if isinstance(config[k], ml_collections.ConfigDict) else config[k])
               for k in SETTINGS_FIELDS if k in config}
+    record.update(prompts_sha256=prompts_digest(prompts), num_prompts=len(prompts))
     return json.loads(json.dumps(record))
 
 
-def load_manifest(output_dir: pathlib.Path, settings: dict) -> dict:
+def remove_stale_partials(output_dir: pathlib.Path) -> list[str]:
+    """Delete the temporary files an interrupted run left (`.<name>.partial[.mp4]`); returns their names."""
+    stale = sorted(p.name for p in output_dir.iterdir() if PARTIAL_NAME.fullmatch(p.name) and p.is_file())
+    for name in stale:
+        (output_dir / name).unlink()
+    return stale
+
+
+def _way_out(output_dir: pathlib.Path) -> str:
+    return (f"use another --output_dir, or --overwrite to delete this runner's files in {output_dir} "
+            f"(NNN.mp4, NNN.npy, {MANIFEST}) and start over")
+
+
+def load_manifest(output_dir: pathlib.Path, settings: dict, *, overwrite: bool = False) -> dict:
+    """The folder's manifest, checked to be of this job (`settings`); a new one for an empty folder.
+
+    `overwrite`: delete this runner's files (NNN.mp4, NNN.npy, the manifest) first; other files stay.
+    """
     path = output_dir / MANIFEST
-    if not path.is_file():
+    outputs = sorted(p.name for p in output_dir.iterdir() if OUTPUT_NAME.fullmatch(p.name) and p.is_file())
+    if overwrite:
+        for name in outputs + ([MANIFEST] if path.is_file() else []):
+            (output_dir / name).unlink()
         return {"settings": settings, "videos": {}}
-    manifest = json.loads(path.read_text())
-    if settings != manifest.get("settings"):
-        old = manifest.get("settings", {})
+    if not path.is_file():
+        if outputs:
+            shown = ", ".join(outputs[:3]) + (", ..." if len(outputs) > 3 else "")
+            raise ValueError(f"{output_dir} holds {len(outputs)} video file(s) ({shown}) but no {MANIFEST}: their "
+                             f"prompts and settings are unknown, so they are not reused; {_way_out(output_dir)}")
+        return {"settings": settings, "videos": {}}
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("videos"), dict):
+            raise ValueError("not a manifest of this runner")
+    except ValueError as e:
+        raise ValueError(f"{path} is unreadable ({e}); {_way_out(output_dir)}") from None
+    old = manifest.get("settings") or {}
+    if settings != old:
         changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-        raise ValueError(f"{output_dir} holds videos made with other settings (changed: {', '.join(changed)}); "
-                         "use another --output_dir, or delete the folder to start over")
+        names = ["prompts (another prompt list)" if k == "prompts_sha256" else k for k in changed]
+        raise ValueError(f"{output_dir} holds videos of another job, made with other settings (changed: "
+                         f"{', '.join(names)}); {_way_out(output_dir)}")
     return manifest
 
 
 def write_manifest(output_dir: pathlib.Path, manifest: dict) -> None:
     tmp = output_dir / f".{MANIFEST}.partial"
-    tmp.write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, output_dir / MANIFEST)
+    try:
+        tmp.write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        os.replace(tmp, output_dir / MANIFEST)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
-def pending(prompts: list[str], output_dir: pathlib.Path, manifest: dict) -> list[int]:
-    """Indices still to generate; finished mp4 files missing from the manifest are recorded now."""
+def pending(job: generate.Job, indices: range, output_dir: pathlib.Path, manifest: dict,
+            expected: tuple[int, int, int]) -> list[int]:
+    """Indices of `indices` still to generate. An existing mp4 counts as done only if it decodes to
+    `expected` (frames, height, width): a damaged one is regenerated (its record dropped), a
+    complete one missing from the manifest (a run stopped between the rename and the manifest
+    write) is recorded now."""
     todo = []
-    for i, prompt in enumerate(prompts):
+    for i in indices:
         name = f"{i:03d}.mp4"
-        if (output_dir / name).is_file():
-            manifest["videos"].setdefault(name, {"index": i, "prompt": prompt, "timings": None})
-        else:
-            todo.append(i)
+        path = output_dir / name
+        problem = "missing"
+        if path.is_file():
+            try:
+                info = video_io.inspect_mp4(path)
+                found = (info.frames, info.height, info.width)
+                problem = None if found == expected else (
+                    f"{found[0]} frames of {found[1]} x {found[2]}, expected {expected[0]} of "
+                    f"{expected[1]} x {expected[2]}")
+            except video_io.VideoFileError as e:
+                problem = str(e)
+        if problem is None:
+            manifest["videos"].setdefault(name, {"index": i, "prompt": job.prompts[i], "seed": job.seeds[i],
+                                                 "file": name, "timings": None})
+            continue
+        if path.is_file():
+            print(f"{name} is damaged ({problem}): regenerating it", flush=True)
+        manifest["videos"].pop(name, None)
+        todo.append(i)
     return todo
 
 
@@ -91,21 +162,30 @@ class EvalPlan:
     manifest: dict
     todo: list[int]
     batch_size: int
+    scope: int   # prompts 0 .. scope-1 are this run's (all, or the first `limit`)
 
 
-def plan_eval(config: ml_collections.ConfigDict, prompts: list[str], output_dir, *, batch_size: int = 1
-              ) -> EvalPlan:
-    """Check everything (config, prompts, folder, settings of earlier runs) without building a model."""
+def plan_eval(config: ml_collections.ConfigDict, prompts: list[str], output_dir, *, batch_size: int = 1,
+              limit: int = 0, overwrite: bool = False) -> EvalPlan:
+    """Check everything (config, prompts, folder, job of earlier runs, the videos already there)
+    without building a model. The job is the whole prompt list; `limit` > 0 only generates its
+    first `limit` prompts (a later run of the same list continues). `overwrite`: see `load_manifest`."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if limit < 0:
+        raise ValueError(f"limit must be >= 0 (0: all prompts), got {limit}")
     output_dir = pathlib.Path(output_dir)
     job = generate.resolve(config, prompts=prompts,
                            outputs=[output_dir / f"{i:03d}.mp4" for i in range(len(prompts))])
     output_dir.mkdir(parents=True, exist_ok=True)
-    manifest = load_manifest(output_dir, settings_record(config))
-    todo = pending(job.prompts, output_dir, manifest)
+    stale = remove_stale_partials(output_dir)
+    if stale:
+        print(f"removed {len(stale)} temporary file(s) of an interrupted run: {', '.join(stale)}", flush=True)
+    manifest = load_manifest(output_dir, settings_record(config, job.prompts), overwrite=overwrite)
+    scope = range(min(limit, len(job.prompts)) if limit else len(job.prompts))
+    todo = pending(job, scope, output_dir, manifest, frame_shape(job.size, config.crop_540p))
     write_manifest(output_dir, manifest)
-    return EvalPlan(job, output_dir, manifest, todo, batch_size)
+    return EvalPlan(job, output_dir, manifest, todo, batch_size, len(scope))
 
 
 def execute(config: ml_collections.ConfigDict, plan: EvalPlan, pipe: TextToVideo | None = None) -> dict:
@@ -117,8 +197,7 @@ def execute(config: ml_collections.ConfigDict, plan: EvalPlan, pipe: TextToVideo
     loaded; each video's "tokenize+encode" is the time its batch took in that first stage.
     """
     job, manifest = plan.job, plan.manifest
-    print(f"{len(job.prompts) - len(plan.todo)} of {len(job.prompts)} videos already in {plan.output_dir}",
-          flush=True)
+    print(f"{plan.scope - len(plan.todo)} of {plan.scope} videos already in {plan.output_dir}", flush=True)
     batches = [plan.todo[s:s + plan.batch_size] for s in range(0, len(plan.todo), plan.batch_size)]
     conds, encode_seconds = [None] * len(batches), [None] * len(batches)
     if batches and config.release_text_encoders:
@@ -153,9 +232,11 @@ def execute(config: ml_collections.ConfigDict, plan: EvalPlan, pipe: TextToVideo
 
 
 def run_eval(config: ml_collections.ConfigDict, prompts: list[str], output_dir, *, batch_size: int = 1,
-             pipe: TextToVideo | None = None) -> dict:
-    """`plan_eval` then `execute`: every missing video of `prompts` into `output_dir`."""
-    return execute(config, plan_eval(config, prompts, output_dir, batch_size=batch_size), pipe)
+             pipe: TextToVideo | None = None, limit: int = 0, overwrite: bool = False) -> dict:
+    """`plan_eval` then `execute`: every missing video of `prompts` (or of its first `limit`) into
+    `output_dir`."""
+    plan = plan_eval(config, prompts, output_dir, batch_size=batch_size, limit=limit, overwrite=overwrite)
+    return execute(config, plan, pipe)
 
 
 def main(argv=None):
@@ -167,6 +248,8 @@ def main(argv=None):
     flags.DEFINE_string("prompts_file", str(EVAL_PROMPTS), "prompt list, one per line")
     flags.DEFINE_integer("limit", 0, "only the first N prompts (0: all)")
     flags.DEFINE_integer("batch_size", 1, "prompts per pipeline call")
+    flags.DEFINE_bool("overwrite", False, "delete this runner's files in --output_dir (NNN.mp4, NNN.npy, "
+                      "manifest.json) and start over, e.g. after changing the prompts or settings")
 
     def _main(args):
         if len(args) > 1:
@@ -176,8 +259,8 @@ def main(argv=None):
             prompts = read_prompts(f.prompts_file)
             if f.limit < 0:
                 raise ValueError(f"--limit must be >= 0, got {f.limit}")
-            plan = plan_eval(config_flag.value, prompts[:f.limit] if f.limit else prompts, f.output_dir,
-                             batch_size=f.batch_size)
+            plan = plan_eval(config_flag.value, prompts, f.output_dir, batch_size=f.batch_size, limit=f.limit,
+                             overwrite=f.overwrite)
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
@@ -186,6 +269,9 @@ def main(argv=None):
         except CheckpointError as e:  # weights that do not match their config; other errors keep a traceback
             print(f"error: {e}", file=sys.stderr)
             return 2
+        except OSError as e:  # e.g. a full disk: the encoder or the manifest write failed; done videos are kept
+            print(f"error: {e}", file=sys.stderr)
+            return 1
         print(f"{len(manifest['videos'])} videos in {f.output_dir}")
         return 0
 

@@ -188,7 +188,7 @@ def eval_setup(tmp_path, toy_pipeline):
 def test_eval_writes_videos_and_manifest_then_resumes(eval_setup):
     config, pipe, out = eval_setup
     prompts = ["a cat", "a dog", "a bird"]
-    manifest = generate_eval.run_eval(config, prompts[:2], out, pipe=pipe)
+    manifest = generate_eval.run_eval(config, prompts, out, pipe=pipe, limit=2)
     assert sorted(os.listdir(out)) == ["000.mp4", "001.mp4", "manifest.json"]
     assert json.loads((out / "manifest.json").read_text()) == manifest
     assert manifest["videos"]["001.mp4"]["prompt"] == "a dog"

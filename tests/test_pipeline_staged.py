@@ -170,7 +170,7 @@ def test_eval_encodes_every_prompt_before_denoising_and_resumes(tmp_path, monkey
     monkeypatch.setattr(generate, "generate", recording_generate)
     out, pos = tmp_path / "eval", config.pos_magic
 
-    generate_eval.run_eval(config, ["a cat", "a dog"], out)
+    generate_eval.run_eval(config, ["a cat", "a dog", "a bird"], out, limit=2)
     assert events == ["load text", ("encode", "a cat" + pos), ("encode", "a dog" + pos), ("load dit", 0),
                       "load vae", ("generate", "a cat", True), ("generate", "a dog", True)]
 

@@ -1,5 +1,6 @@
 """mp4 writing: H.264 at 25 fps, exact frame count and size, atomic, clear errors."""
 import os
+import pathlib
 import subprocess
 
 import imageio_ffmpeg
@@ -33,30 +34,35 @@ def test_write_then_read(tmp_path, denoise):
 
 
 def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch):
-    real = imageio_ffmpeg.write_frames
+    """Ctrl-C while ffmpeg is encoding: the encoder is killed, its temporary file removed."""
+    encoders = []
 
-    def failing(*args, **kwargs):
-        gen = real(*args, **kwargs)
-        count = [0]
+    def interrupted(self, data):
+        encoders.append(self)
+        self.stdin.write(bytes(data[:len(data) // 2]))
+        raise KeyboardInterrupt
 
-        class Wrapper:
-            def send(self, frame):
-                count[0] += 1
-                if count[0] == 5:
-                    gen.close()
-                    raise KeyboardInterrupt
-                return gen.send(frame)
-
-            def close(self):
-                gen.close()
-
-        return Wrapper()
-
-    monkeypatch.setattr(imageio_ffmpeg, "write_frames", failing)
+    monkeypatch.setattr(subprocess.Popen, "communicate", interrupted)
     target = tmp_path / "v.mp4"
     with pytest.raises(KeyboardInterrupt):
         video_io.write_mp4(target, _smooth_frames())
     assert os.listdir(tmp_path) == []
+    assert len(encoders) == 1 and encoders[0].returncode is not None, "the encoder was left running"
+
+
+def test_interrupted_before_the_rename_leaves_the_old_file(tmp_path, monkeypatch):
+    target = tmp_path / "v.mp4"
+    video_io.write_mp4(target, _smooth_frames(f=3))
+    before = target.read_bytes()
+
+    def interrupt(path):
+        assert pathlib.Path(path).name.endswith(video_io.PARTIAL_SUFFIX) and pathlib.Path(path).is_file()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(video_io, "inspect_mp4", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        video_io.write_mp4(target, _smooth_frames(f=5))
+    assert os.listdir(tmp_path) == ["v.mp4"] and target.read_bytes() == before
 
 
 def test_existing_file_replaced_only_when_complete(tmp_path):

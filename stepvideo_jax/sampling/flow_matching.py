@@ -23,6 +23,10 @@ import tqdm
 # scales it by 1000 itself); `cond` is a pytree whose leaves have the same leading batch as x.
 VelocityFn = Callable[[Any, jax.Array, jax.Array, Any], jax.Array]
 
+# Steps of one schedule at most: 20x the base preset's 50, hours of denoising at full size already;
+# checked before the schedule's arrays are allocated (1e9 steps would ask for 8 GB of them).
+MAX_STEPS = 1000
+
 
 def torch_linspace_f32(start: float, end: float, num: int) -> np.ndarray:
     """`torch.linspace(start, end, num)` in float32, bit for bit (CPU kernel).
@@ -71,6 +75,9 @@ def make_schedule(num_steps: int, shift: float) -> Schedule:
     """
     if not isinstance(num_steps, (int, np.integer)) or isinstance(num_steps, bool) or num_steps < 1:
         raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
+    if num_steps > MAX_STEPS:
+        raise ValueError(f"num_steps={num_steps} is above the limit {MAX_STEPS} (20x the base preset's 50; "
+                         "the official presets use 50 and 15)")
     if not np.isfinite(shift) or shift <= 0:
         raise ValueError(f"time shift must be a positive finite number, got {shift!r} "
                          "(the official presets use 13.0 for the base model and 17.0 for Turbo)")

@@ -34,6 +34,13 @@ from stepvideo_jax.sampling.flow_matching import FlowMatchSampler, SamplerSettin
 FRAMES_PER_CHUNK = 17          # video frames decoded from one chunk of latents
 LATENT_FRAMES_PER_CHUNK = 3
 SPATIAL_FACTOR = 16            # pixels per latent pixel along height and width
+# Upper bounds, checked before anything is allocated (a typo such as num_frames=2040 fails at once
+# instead of in the allocator): twice the release's largest output, 204 frames at 544 x 992
+# (36 x 34 x 62 = 75,888 latent positions), per axis and in latent positions. The DiT's attention
+# cost grows with the square of the positions, so the bound is already 4x the release's attention work.
+MAX_FRAMES = 2 * 204
+MAX_SIDE = 2048
+MAX_LATENT_POSITIONS = 2 * 36 * 34 * 62
 
 # Defaults of the official CLI (`stepvideo/config.py`), used by `run_parallel.py`.
 POS_MAGIC = ("超高清、HDR 视频、环境光、杜比全景声、画面稳定、流畅动作、逼真的细节、专业级构图、超现实主义、"
@@ -57,16 +64,25 @@ class VideoSize:
 
     def __post_init__(self):
         problems = []
-        for name, value, step, why in (
-                ("num_frames", self.num_frames, FRAMES_PER_CHUNK,
+        for name, value, step, limit, why in (
+                ("num_frames", self.num_frames, FRAMES_PER_CHUNK, MAX_FRAMES,
                  f"the VAE decodes each {LATENT_FRAMES_PER_CHUNK} latent frames into {FRAMES_PER_CHUNK} video frames"),
-                ("height", self.height, SPATIAL_FACTOR, "one latent pixel is 16 x 16 pixels"),
-                ("width", self.width, SPATIAL_FACTOR, "one latent pixel is 16 x 16 pixels")):
+                ("height", self.height, SPATIAL_FACTOR, MAX_SIDE, "one latent pixel is 16 x 16 pixels"),
+                ("width", self.width, SPATIAL_FACTOR, MAX_SIDE, "one latent pixel is 16 x 16 pixels")):
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
                 problems.append(f"{name}={value!r} must be an integer")
+            elif value > limit:
+                problems.append(f"{name}={value} is above the limit {limit} (twice the release's 204 frames at "
+                                "544 x 992)")
             elif value < step or value % step:
                 problems.append(f"{name}={value} must be a positive multiple of {step} ({why}); "
                                 f"nearest valid: {_nearest_multiples(max(int(value), 0), step)}")
+        if not problems:
+            f, _, h, w = self.latent_shape(1, 1)[1:]
+            if f * h * w > MAX_LATENT_POSITIONS:
+                problems.append(f"{self.num_frames} frames at {self.height} x {self.width} is {f * h * w:,} latent "
+                                f"positions ({f} x {h} x {w}), above the limit {MAX_LATENT_POSITIONS:,} (twice the "
+                                "release's 204 frames at 544 x 992)")
         if problems:
             raise ValueError("invalid video size: " + "; ".join(problems))
 
@@ -111,11 +127,25 @@ def crop_540p(frames: np.ndarray) -> np.ndarray:
     size it crops sensibly, and a no-op where it would return a sliver.
     """
     _, h, w, _ = frames.shape
+    top, bottom, left, right = crop_540p_window(h, w)
+    return frames[:, top:bottom, left:right]
+
+
+def crop_540p_window(h: int, w: int) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) of `crop_540p` on h x w frames."""
     hc, wc = h // 2, w // 2
     if wc == hc:
-        return frames
+        return 0, h, 0, w
     half_h, half_w = (270, 480) if wc > hc else (480, 270)
-    return frames[:, max(hc - half_h, 0):hc + half_h, max(wc - half_w, 0):wc + half_w]
+    return max(hc - half_h, 0), min(hc + half_h, h), max(wc - half_w, 0), min(wc + half_w, w)
+
+
+def frame_shape(size: VideoSize, crop: bool) -> tuple[int, int, int]:
+    """(frames, height, width) of the videos written for `size` (after `crop_540p` when `crop`)."""
+    if not crop:
+        return size.num_frames, size.height, size.width
+    top, bottom, left, right = crop_540p_window(size.height, size.width)
+    return size.num_frames, bottom - top, right - left
 
 
 def dit_velocity_fn(graphdef: nnx.GraphDef, *, backend: str | None = None) -> VelocityFn:
@@ -143,16 +173,28 @@ def caption_prompts(prompts: Sequence[str], *, pos_magic: str, neg_magic: str, c
     return rows + [neg_magic] * len(prompts) if cfg else rows
 
 
-def check_prompts(prompts: Sequence[str]) -> list[str]:
+def check_prompts(prompts: str | Sequence[str]) -> list[str]:
+    """A prompt or a list/tuple of prompts -> a list of non-empty strings; anything else is a
+    ValueError naming the expected type (a dict would otherwise iterate as its keys)."""
     if isinstance(prompts, str):
         prompts = [prompts]
+    if not isinstance(prompts, (list, tuple)):
+        raise ValueError(f"prompts must be a string or a list/tuple of strings, got {type(prompts).__name__} "
+                         f"{_short(prompts)}")
     prompts = list(prompts)
     if not prompts:
         raise ValueError("no prompt given: pass at least one non-empty prompt")
     for i, p in enumerate(prompts):
-        if not isinstance(p, str) or not p.strip():
+        if not isinstance(p, str):
+            raise ValueError(f"prompt {i} is of type {type(p).__name__} ({_short(p)}): every prompt must be a string")
+        if not p.strip():
             raise ValueError(f"prompt {i} is empty ({p!r}): every prompt needs some text")
     return prompts
+
+
+def _short(value, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def cond_rows(prompts: int, cfg: bool) -> int:

@@ -8,14 +8,20 @@ The ffmpeg binary is the one shipped in the imageio-ffmpeg wheel.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import pathlib
+import re
+import signal
+import subprocess
+import tempfile
 import uuid
 import warnings
 
 import numpy as np
 
 FPS = 25
+PARTIAL_SUFFIX = ".partial.mp4"   # temporary files of `write_mp4`: `.<stem>.<random>.partial.mp4`
 DENOISE_FILTER = "atadenoise=0a=0.1:0b=0.1:1a=0.1:1b=0.1"
 
 
@@ -28,7 +34,12 @@ def _ffmpeg_fork_allowed():
 
 
 def check_writable(path) -> pathlib.Path:
-    """Raise a clear error now, before any compilation, if `path` cannot be written later."""
+    """Raise a clear error now, before any compilation, if `path` cannot be written later.
+
+    The nearest existing directory on the way to `path` gets a probe file created and removed at
+    once: permission bits alone say nothing for root, and pseudo filesystems (/proc, /sys) or
+    read-only mounts refuse only a real write.
+    """
     path = pathlib.Path(path)
     if path.is_dir():
         raise ValueError(f"output path {path} is a directory; give a file name such as {path / 'video.mp4'}")
@@ -36,8 +47,14 @@ def check_writable(path) -> pathlib.Path:
     existing = next((p for p in (parent, *parent.parents) if p.exists()), None)
     if existing is None or not existing.is_dir():
         raise ValueError(f"output path {path}: {existing} is not a directory")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"output path {path}: directory {existing} is not writable")
+    if path.exists() and not path.is_file():
+        raise ValueError(f"output path {path} exists and is not a regular file")
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".stepvideo-write-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ValueError(f"output path {path}: cannot create files in {existing} ({e.strerror})") from None
     if path.exists() and not os.access(path, os.W_OK):
         raise ValueError(f"output path {path} exists and is not writable")
     return path
@@ -53,34 +70,112 @@ def check_frames(frames: np.ndarray) -> np.ndarray:
     return frames
 
 
+class VideoFileError(OSError):
+    """An mp4 could not be written completely (encoder failed, disk full) or read back."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Mp4Info:
+    """What decoding every frame of an mp4's first video stream found."""
+
+    frames: int
+    height: int
+    width: int
+
+
+def ffmpeg_exe() -> str:
+    """The ffmpeg binary of the imageio-ffmpeg wheel (or `IMAGEIO_FFMPEG_EXE`)."""
+    import imageio_ffmpeg
+
+    return imageio_ffmpeg.get_ffmpeg_exe()
+
+
+def _describe_exit(returncode: int) -> str:
+    if returncode >= 0:
+        return f"exit status {returncode}"
+    name = signal.Signals(-returncode).name if -returncode in signal.valid_signals() else str(-returncode)
+    hint = " (file size limit: the disk or quota is full?)" if name == "SIGXFSZ" else ""
+    return f"killed by {name}{hint}"
+
+
+def _tail(stderr: bytes, limit: int = 400) -> str:
+    """ffmpeg's messages on one line, without the `[in#0 @ 0x...]` prefixes."""
+    lines = [re.sub(r"^\[[^\]]* @ 0x[0-9a-f]+\] ", "", ln.strip()) for ln in stderr.decode("utf-8", "replace").splitlines()]
+    text = "; ".join(ln for ln in lines if ln)
+    return (text[:limit] + "..." if len(text) > limit else text) or "(no message)"
+
+
+def inspect_mp4(path) -> Mp4Info:
+    """Decode every frame of `path` (nothing kept) -> its frame count and size.
+
+    Raises VideoFileError when ffmpeg cannot open or decode the file (missing index of a truncated
+    write, corrupt stream) or it holds no video frame.
+    """
+    cmd = [ffmpeg_exe(), "-nostdin", "-v", "error", "-xerror", "-i", str(path), "-map", "0:v:0",
+           "-f", "framecrc", "-"]
+    with _ffmpeg_fork_allowed():
+        proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True)
+    if proc.returncode != 0:
+        raise VideoFileError(f"{path} is not a readable video: ffmpeg {_describe_exit(proc.returncode)}: "
+                             f"{_tail(proc.stderr)}")
+    lines = proc.stdout.decode("ascii", "replace").splitlines()
+    size = [ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("#dimensions 0:")]
+    frames = sum(1 for ln in lines if ln and not ln.startswith("#"))
+    if not size or frames == 0:
+        raise VideoFileError(f"{path} holds no video frame")
+    width, height = (int(v) for v in size[0].split("x"))
+    return Mp4Info(frames=frames, height=height, width=width)
+
+
 def write_mp4(path, frames: np.ndarray, *, fps: int = FPS, denoise: bool = True, quality: float = 5
               ) -> pathlib.Path:
     """Write frames (f, h, w, 3) uint8 to an H.264 mp4 at `path`.
 
-    Encodes to a temporary file in the same directory and renames it into place, so an interrupted
-    run never leaves a half-written `path`.
+    ffmpeg encodes to a temporary sibling (`.<stem>.<random>.partial.mp4`); only when it exits with
+    status 0 and the file decodes back to f frames of h x w is it renamed to `path`. Any failure
+    (encoder error, full disk, interrupt) removes the temporary file, leaves an existing `path`
+    untouched and raises (VideoFileError for a failed or incomplete encode).
+    The command is the one imageio-ffmpeg's `write_frames` builds for these arguments (quality q
+    -> `-crf int((1 - q / 10) * 51)`), run here directly because that writer ignores ffmpeg's exit
+    status.
     """
-    import imageio_ffmpeg
-
     frames = check_frames(frames)
+    if not 1 <= quality <= 10:
+        raise ValueError(f"quality={quality!r}: choose a number in [1, 10] (imageio's scale)")
     path = check_writable(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # ffmpeg creates the temporary file itself, so it gets the usual umask permissions
-    tmp = str(path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.partial.mp4"))
+    f, h, w, _ = frames.shape
+    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}{PARTIAL_SUFFIX}")
+    cmd = [ffmpeg_exe(), "-y", "-f", "rawvideo", "-vcodec", "rawvideo", "-s", f"{w}x{h}", "-pix_fmt", "rgb24",
+           "-r", str(fps), "-i", "-", "-an", "-vcodec", "libx264", "-pix_fmt", "yuv420p",
+           "-crf", str(int((1 - quality / 10.0) * 51)), "-v", "error",
+           *(["-vf", DENOISE_FILTER] if denoise else []), str(tmp)]
+    proc = None
     try:
-        writer = imageio_ffmpeg.write_frames(
-            tmp, (frames.shape[2], frames.shape[1]), fps=fps, codec="libx264", quality=quality,
-            pix_fmt_out="yuv420p", macro_block_size=1, ffmpeg_log_level="error",
-            output_params=["-vf", DENOISE_FILTER] if denoise else None)
         with _ffmpeg_fork_allowed():
-            writer.send(None)
-            for frame in frames:
-                writer.send(np.ascontiguousarray(frame))
-            writer.close()
+            # own session: Ctrl-C reaches Python only, which then kills the encoder below
+            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.PIPE, start_new_session=True)
+        _, stderr = proc.communicate(memoryview(np.ascontiguousarray(frames)).cast("B"))
+        if proc.returncode != 0:
+            raise VideoFileError(f"writing {path}: ffmpeg {_describe_exit(proc.returncode)}: {_tail(stderr)}; "
+                                 "nothing was written")
+        try:
+            info = inspect_mp4(tmp)
+        except VideoFileError as e:
+            raise VideoFileError(f"writing {path}: the encoded file does not read back ({e}); nothing was "
+                                 "written") from None
+        if (info.frames, info.height, info.width) != (f, h, w):
+            raise VideoFileError(f"writing {path}: the encoded file holds {info.frames} frames of "
+                                 f"{info.height} x {info.width}, expected {f} of {h} x {w} (disk full?); "
+                                 "nothing was written")
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if tmp.exists():
+            tmp.unlink()
         raise
     return path
 

@@ -82,13 +82,27 @@ class StepLLMTokenizer:
         """Ids and mask (b, max_length) int32 as the official wrapper returns them."""
         if not isinstance(max_length, (int, np.integer)) or max_length < 2:
             raise ValueError(f"max_length must be an integer >= 2 (room for BOS and EOS), got {max_length!r}")
-        rows = [[BOS] + ids[:max_length - 2] + [EOS] for ids in self.encode(prompts)] or [[BOS, EOS]]
+        encoded = self.encode(prompts)
+        warn_truncated(prompts, [len(ids) for ids in encoded], max_length)
+        rows = [[BOS] + ids[:max_length - 2] + [EOS] for ids in encoded] or [[BOS, EOS]]
         input_ids = np.full((len(rows), max_length), PAD, np.int32)
         attention_mask = np.zeros((len(rows), max_length), np.int32)
         for r, row in enumerate(rows):
             input_ids[r, :len(row)] = row
             attention_mask[r, :len(row)] = 1
         return TokenBatch(input_ids, attention_mask)
+
+
+def warn_truncated(texts: str | Sequence[str], lengths: Sequence[int], max_length: int) -> None:
+    """One warning line naming every text longer than `max_length - 2` pieces (BOS and EOS take the
+    other two), which the official wrapper cuts without a word; a long prompt loses its end, and
+    with it the `pos_magic` suffix the pipeline appends."""
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    cut = [(i, n) for i, n in enumerate(lengths) if n > max_length - 2]
+    if cut:
+        which = ", ".join(f"{i} ({n:,} tokens, {texts[i][:30]!r}...)" for i, n in cut)
+        log.warning(f"Step-LLM text longer than {max_length - 2} tokens, cut to the first {max_length - 2} "
+                    f"(the end, including any pos_magic suffix, is ignored): text {which}")
 
 
 def _as_prompts(texts) -> list[str]:
