@@ -11,17 +11,21 @@ Backends:
 - "cudnn": cuDNN flash attention via `jax.nn.dot_product_attention` (GPU, bf16/f16).
 - "splash": Pallas splash attention (TPU; `interpret=True` runs it on CPU for tests).
 
-`backend=None` picks by platform: TPU -> splash, GPU -> cudnn (bf16/f16 without `bias_fn`, else
-blockwise), CPU -> blockwise.
+`backend=None` asks the one selection rule, `models/attention_backend.py` (TPU -> splash, GPU ->
+cudnn where cuDNN can run the case, else blockwise; CPU -> blockwise); an explicit "cudnn" is checked
+by the same rule and falls back to blockwise, logged once, where cuDNN cannot run the case.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
+
+from stepvideo_jax.models.attention_backend import choose as choose_backend, cudnn_call_args, device_facts
 
 BiasFn = Callable[[jax.Array, jax.Array], jax.Array]
 BACKENDS = ("xla", "blockwise", "cudnn", "splash")
@@ -31,12 +35,14 @@ _NEG = -1e30  # finite "minus infinity": keeps fully masked blocks NaN-free
 
 def attention(q, k, v, *, key_mask=None, causal: bool = False, bias_fn: Optional[BiasFn] = None,
               scale: Optional[float] = None, backend=None,
-              block_q: int = 512, block_k: int = 512, interpret: bool = False, cross: bool = False):
+              block_q: int = 512, block_k: int = 512, interpret: bool = False, cross: bool = False,
+              key_mask_is_prefix: bool = False):
     """Scaled dot-product attention; see the module docstring for layouts and backends.
 
     key_mask: (b, sk) bool, True where a key may be attended. causal: query i sees keys j <= i.
     bias_fn(q_pos, k_pos) -> float32 bias broadcastable to (h, len(q_pos), len(k_pos)), evaluated per
-    block (e.g. ALiBi), never as a full (h, sq, sk) tensor.
+    block (e.g. ALiBi), never as a full (h, sq, sk) tensor. `key_mask_is_prefix=True` promises that
+    each row's valid keys are a prefix (e.g. the DiT's text keys), which cuDNN takes as lengths.
     backend may also be a sequence-parallel mode ("ulysses", "ring", "ulysses_ring") or a
     `parallel.sequence_parallel.SequenceParallel`; `cross=True` tells it that k/v are a separate,
     unsharded sequence (e.g. text keys), so only the queries are split.
@@ -53,7 +59,10 @@ def attention(q, k, v, *, key_mask=None, causal: bool = False, bias_fn: Optional
 
         return sequence_parallel_attention(q, k, v, backend, key_mask=key_mask, causal=causal,
                                            bias_fn=bias_fn, scale=scale, cross=cross)
-    backend = backend or default_backend(q.dtype, bias_fn)
+    if backend in (None, "cudnn"):
+        choice = choose_backend(q, k, causal=causal, key_mask=key_mask, key_mask_is_prefix=key_mask_is_prefix,
+                                bias_fn=bias_fn, facts=None if backend is None else _as_gpu(device_facts()))
+        backend = choice.backend
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of "
                          f"{BACKENDS + SEQUENCE_PARALLEL_BACKENDS}")
@@ -70,13 +79,9 @@ def attention(q, k, v, *, key_mask=None, causal: bool = False, bias_fn: Optional
     return splash_attention(q, k, v, key_mask=key_mask, causal=causal, scale=scale, interpret=interpret)
 
 
-def default_backend(dtype, bias_fn=None) -> str:
-    platform = jax.default_backend()
-    if platform == "tpu" and bias_fn is None:
-        return "splash"
-    if platform == "gpu" and bias_fn is None and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
-        return "cudnn"
-    return "blockwise"
+def _as_gpu(facts):
+    """An explicit "cudnn" is checked as if on a GPU (on another platform cuDNN cannot run at all)."""
+    return facts if facts.platform == "gpu" else dataclasses.replace(facts, platform="gpu")
 
 
 def _grouped(q, hkv):
@@ -263,11 +268,9 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def _cudnn(q, k, v, key_mask, causal, bias_fn, scale, block_q, block_k):
-    """cuDNN flash attention. A key mask must be a prefix of valid keys (passed as lengths)."""
+    """cuDNN flash attention. A key mask must be a prefix of valid keys (passed as lengths; the
+    selection rule sends no other here)."""
     if bias_fn is not None or q.dtype not in (jnp.bfloat16, jnp.float16):
         return _blockwise(q, k, v, key_mask, causal, bias_fn, scale, block_q, block_k)
-    lengths = None
-    if key_mask is not None:
-        lengths = jnp.sum(key_mask.astype(jnp.int32), axis=-1)
-    return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal,
-                                        key_value_seq_lengths=lengths, implementation="cudnn")
+    return jax.nn.dot_product_attention(q, k, v, **cudnn_call_args(key_mask, causal, scale),
+                                        implementation="cudnn")

@@ -135,7 +135,7 @@ class CrossAttention(_Attention):
         k = self.k_norm(self.k(tokens).reshape(b, l, n, hd))
         v = self.v(tokens).reshape(b, l, n, hd)
         _sow(self, capture, q_normed=q, k_normed=k)
-        o = attention(q, k, v, key_mask=key_mask, backend=backend, cross=True)
+        o = attention(q, k, v, key_mask=key_mask, key_mask_is_prefix=True, backend=backend, cross=True)
         return self.o(o.reshape(b, s, -1))
 
 
@@ -166,7 +166,8 @@ class Block(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x, modulation, tokens, key_mask, positions, *, backend=None, capture=False):
-        """x (b, s, d); modulation (b, 6, d); tokens (b, l, d); key_mask (b, l); positions (s, 3)."""
+        """x (b, s, d); modulation (b, 6, d); tokens (b, l, d); key_mask (b, l) valid keys
+        a prefix of each row (as `embed_text` builds it); positions (s, 3)."""
         m = (self.scale_shift_table.value[None].astype(self.dtype) + modulation)[:, :, None, :]
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (m[:, i] for i in range(6))
         h = self.norm1(x) * (1 + scale_msa) + shift_msa
