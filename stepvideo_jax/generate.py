@@ -35,7 +35,8 @@ from stepvideo_jax.convert.safetensors_io import CheckpointError
 from stepvideo_jax.parallel.mesh import MeshConfig, make_mesh
 from stepvideo_jax.sampling import components, video_io
 from stepvideo_jax.sampling.flow_matching import SamplerSettings
-from stepvideo_jax.sampling.pipeline import TextToVideo, VideoSize, check_prompts, encode_prompts
+from stepvideo_jax.sampling.pipeline import TextToVideo, VideoSize, caption_prompts, check_prompts, encode_prompts
+from stepvideo_jax.text.conditioning import LLM_LENGTH
 
 DEFAULT_CONFIG = config_files.path("generate/demo.py")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -125,6 +126,17 @@ def build_pipeline(config: ml_collections.ConfigDict, job: Job, *, loader: compo
     return TextToVideo(encode_text=loader.text_encoder() if text_encoder else None, dit=loader.dit(),
                        decode=components.vae_decoder(loader.vae()), dtype=job.dtypes["dit"],
                        attention_backend=config.attention_backend or None, mesh=loader.mesh)
+
+
+def report_long_prompts(config: ml_collections.ConfigDict, loader: components.Loader, prompts: list[str],
+                        settings: SamplerSettings) -> None:
+    """Tokenize the prompts' caption rows with the loader's Step-LLM tokenizer alone (no weights),
+    so that a prompt the model will cut is reported (one warning line, by the tokenizer) before any
+    model loads; the text encoder then uses the same tokenizer, which names each text once."""
+    tokenizer = loader.llm_tokenizer()
+    if tokenizer is not None:
+        tokenizer(caption_prompts(prompts, pos_magic=config.pos_magic, neg_magic=config.neg_magic,
+                                  cfg=settings.cfg), max_length=LLM_LENGTH)
 
 
 def live_bytes() -> int:
@@ -219,8 +231,9 @@ def run(config: ml_collections.ConfigDict, job: Job) -> dict:
     print("resolved config:\n" + str(config), flush=True)
     memory = {}
     start = time.perf_counter()
+    loader = build_loader(config, job, job_mesh(job))
+    report_long_prompts(config, loader, job.prompts, job.settings)
     if config.release_text_encoders:
-        loader = build_loader(config, job, job_mesh(job))
         conds, seconds, timings = encode_stage(config, loader, [job.prompts], job.settings, memory)
         timings = {"load text encoders": timings["load text encoders"], "tokenize+encode": sum(seconds),
                    "release": timings["release"]}
@@ -230,7 +243,7 @@ def run(config: ml_collections.ConfigDict, job: Job) -> dict:
         note_memory(memory, "dit+vae loaded")
         summary = generate(config, job, pipe, cond=conds[0])
     else:
-        pipe = build_pipeline(config, job)
+        pipe = build_pipeline(config, job, loader=loader)
         timings = {"load": time.perf_counter() - start}
         note_memory(memory, "all models loaded")
         summary = generate(config, job, pipe)

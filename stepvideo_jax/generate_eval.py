@@ -200,11 +200,14 @@ def execute(config: ml_collections.ConfigDict, plan: EvalPlan, pipe: TextToVideo
     print(f"{plan.scope - len(plan.todo)} of {plan.scope} videos already in {plan.output_dir}", flush=True)
     batches = [plan.todo[s:s + plan.batch_size] for s in range(0, len(plan.todo), plan.batch_size)]
     conds, encode_seconds = [None] * len(batches), [None] * len(batches)
+    loader = None
+    if batches and pipe is None:
+        loader = generate.build_loader(config, job, generate.job_mesh(job))
+        generate.report_long_prompts(config, loader, [job.prompts[i] for i in plan.todo], job.settings)
     if batches and config.release_text_encoders:
         texts = [[job.prompts[i] for i in idx] for idx in batches]
         if pipe is None:
             memory = {}
-            loader = generate.build_loader(config, job, generate.job_mesh(job))
             conds, encode_seconds, _ = generate.encode_stage(config, loader, texts, job.settings, memory)
             pipe = generate.build_pipeline(config, job, loader=loader, text_encoder=False)
             generate.note_memory(memory, "dit+vae loaded")
@@ -215,7 +218,7 @@ def execute(config: ml_collections.ConfigDict, plan: EvalPlan, pipe: TextToVideo
             conds, encode_seconds = generate.encode_batches(config, pipe.encode_text, texts, job.settings,
                                                             pipe.mesh)
     elif batches and pipe is None:
-        pipe = generate.build_pipeline(config, job)
+        pipe = generate.build_pipeline(config, job, loader=loader)
     for n, (idx, cond, seconds) in enumerate(zip(batches, conds, encode_seconds)):
         batch = dataclasses.replace(job, prompts=[job.prompts[i] for i in idx], seeds=[job.seeds[i] for i in idx],
                                     outputs=[job.outputs[i] for i in idx])

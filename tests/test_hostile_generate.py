@@ -282,8 +282,31 @@ def test_long_prompt_is_cut_with_one_warning_line(caplog):
     assert batch.attention_mask[0].sum() == LLM_LENGTH
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        tokenizer(rows[1:], max_length=LLM_LENGTH)
+        tokenizer(rows, max_length=LLM_LENGTH)      # the same texts again (the text encoder's call)
+        StepLLMTokenizer()(rows[1:], max_length=LLM_LENGTH)
     assert not caplog.records
+
+
+def test_long_prompt_is_reported_before_any_model_loads(tmp_path, caplog, monkeypatch):
+    from stepvideo_jax.sampling import components
+
+    class Loading(Exception):
+        pass
+
+    def refuse(self):
+        raise Loading
+
+    for name in ("text_encoder", "dit", "vae"):
+        monkeypatch.setattr(components.TinyRandomLoader, name, refuse)
+    config = load_config()
+    config.update(prompt="a red panda " * 850, output=str(tmp_path / "v.mp4"))
+    for staged in (True, False):
+        config.release_text_encoders = staged
+        caplog.clear()
+        with caplog.at_level(logging.WARNING), pytest.raises(Loading):
+            generate.run(config, generate.resolve(config))
+        assert [r.getMessage()[:41] for r in caplog.records] == ["Step-LLM text longer than 318 tokens, cut"]
+    assert os.listdir(tmp_path) == []
 
 
 @pytest.mark.parametrize("output, message", [

@@ -115,6 +115,11 @@ class Loader(abc.ABC):
     def vae(self) -> nnx.Module:
         """The `VideoVAE`."""
 
+    def llm_tokenizer(self):
+        """The Step-LLM tokenizer the text encoder will use (no weights loaded), so that prompts can
+        be tokenized before any model loads; None where the loader cannot give it alone."""
+        return None
+
     def models(self) -> Models:
         """All four at once."""
         return Models(text=self.text_encoder(), dit=self.dit(), vae=self.vae())
@@ -147,10 +152,18 @@ class ConvertedLoader(Loader):
 
         self.path = check_checkpoint_dir(path)
         self.mesh, self.attention_backend, self.bf16_mask_sum = mesh, attention_backend, bf16_mask_sum
+        self._llm_tokenizer = None
         self.dtypes = {"transformer": dit_dtype, "vae": vae_dtype, "step_llm": llm_dtype, "hunyuan_clip": clip_dtype}
         cfgs = {c: cli.config_from_record(orbax_io.read_manifest(self.path / c)["config"], c) for c in CONVERTED_FILES}
         check_fit(cfgs["transformer"], cfgs["step_llm"].hidden_size, cfgs["hunyuan_clip"].hidden_size,
                   cfgs["vae"].z_channels)
+
+    def llm_tokenizer(self):
+        from stepvideo_jax.text.sentencepiece_tokenizer import StepLLMTokenizer
+
+        if self._llm_tokenizer is None:
+            self._llm_tokenizer = StepLLMTokenizer(self.path / "step_llm" / "step1_chat_tokenizer.model")
+        return self._llm_tokenizer
 
     def _load(self, component: str):
         from stepvideo_jax.convert import cli
@@ -159,11 +172,9 @@ class ConvertedLoader(Loader):
 
     def text_encoder(self):
         from stepvideo_jax.text.conditioning import TextConditioner
-        from stepvideo_jax.text.sentencepiece_tokenizer import StepLLMTokenizer
         from stepvideo_jax.text.wordpiece_tokenizer import WordPieceTokenizer
 
-        return TextConditioner(step_llm=self._load("step_llm"),
-                               llm_tokenizer=StepLLMTokenizer(self.path / "step_llm" / "step1_chat_tokenizer.model"),
+        return TextConditioner(step_llm=self._load("step_llm"), llm_tokenizer=self.llm_tokenizer(),
                                clip=self._load("hunyuan_clip"),
                                clip_tokenizer=WordPieceTokenizer.from_dir(self.path / "hunyuan_clip" / "tokenizer"),
                                attention_backend=self.attention_backend, bf16_mask_sum=self.bf16_mask_sum)
@@ -194,6 +205,7 @@ class ReleaseLoader(Loader):
         self.path = check_checkpoint_dir(path)
         self.dit_dtype, self.vae_dtype, self.llm_dtype, self.clip_dtype = dit_dtype, vae_dtype, llm_dtype, clip_dtype
         self.attention_backend, self.bf16_mask_sum = attention_backend, bf16_mask_sum
+        self._llm_tokenizer = None
         check_fit(dit_convert.read_config(self.path / "transformer"),
                   llm_convert.read_config(self.path / "step_llm").hidden_size,
                   clip_convert.read_config(self.path / "hunyuan_clip").hidden_size,
@@ -203,8 +215,17 @@ class ReleaseLoader(Loader):
         from stepvideo_jax.text.conditioning import TextConditioner
 
         return TextConditioner.from_release(self.path, llm_dtype=self.llm_dtype, clip_dtype=self.clip_dtype,
+                                            llm_tokenizer=self.llm_tokenizer(),
                                             attention_backend=self.attention_backend,
                                             bf16_mask_sum=self.bf16_mask_sum)
+
+    def llm_tokenizer(self):
+        from stepvideo_jax.convert import step_llm as llm_convert
+        from stepvideo_jax.text.sentencepiece_tokenizer import StepLLMTokenizer
+
+        if self._llm_tokenizer is None:
+            self._llm_tokenizer = StepLLMTokenizer(self.path / llm_convert.COMPONENT / llm_convert.TOKENIZER)
+        return self._llm_tokenizer
 
     def dit(self) -> nnx.Module:
         from stepvideo_jax.convert import dit as dit_convert
@@ -247,8 +268,8 @@ class TinyRandomLoader(Loader):
         self.seed, self.mesh = seed, mesh
         self.dit_dtype, self.vae_dtype, self.llm_dtype, self.clip_dtype = dit_dtype, vae_dtype, llm_dtype, clip_dtype
         self.attention_backend, self.bf16_mask_sum = attention_backend, bf16_mask_sum
-        self.llm_tokenizer, self.clip_tokenizer = StepLLMTokenizer(), WordPieceTokenizer.released()
-        self.llm_cfg = StepLLMConfig(**{"vocab_size": self.llm_tokenizer.vocab_size, **_fields(dims["step_llm"])})
+        self._llm_tokenizer, self.clip_tokenizer = StepLLMTokenizer(), WordPieceTokenizer.released()
+        self.llm_cfg = StepLLMConfig(**{"vocab_size": self._llm_tokenizer.vocab_size, **_fields(dims["step_llm"])})
         self.clip_cfg = HunyuanClipConfig(**{"vocab_size": max(self.clip_tokenizer.vocab.values()) + 1,
                                              **_fields(dims["clip"])})
         self.vae_cfg = VAEConfig(**_fields(dims["vae"]))
@@ -269,11 +290,14 @@ class TinyRandomLoader(Loader):
 
         place = _placer(self.mesh)
         return TextConditioner(step_llm=place(StepLLM(self.llm_cfg, **self._kw("step_llm", self.llm_dtype))),
-                               llm_tokenizer=self.llm_tokenizer,
+                               llm_tokenizer=self._llm_tokenizer,
                                clip=place(HunyuanClip(self.clip_cfg, attention_backend=self.attention_backend,
                                                       **self._kw("clip", self.clip_dtype))),
                                clip_tokenizer=self.clip_tokenizer, attention_backend=self.attention_backend,
                                bf16_mask_sum=self.bf16_mask_sum)
+
+    def llm_tokenizer(self):
+        return self._llm_tokenizer
 
     def dit(self) -> nnx.Module:
         from stepvideo_jax.models.dit import StepVideoDiT

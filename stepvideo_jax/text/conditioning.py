@@ -75,9 +75,10 @@ class TextConditioner:
 
     @classmethod
     def from_release(cls, release_dir: str | os.PathLike, *, llm_dtype=jnp.bfloat16, clip_dtype=jnp.float32,
-                     **kwargs) -> "TextConditioner":
+                     llm_tokenizer=None, **kwargs) -> "TextConditioner":
         """Convert `step_llm/` and `hunyuan_clip/` of a release directory in memory, with the
-        tokenizer files found there. Dtypes default to the official deployment's."""
+        tokenizer files found there (`llm_tokenizer`: one already made from that file). Dtypes
+        default to the official deployment's."""
         from stepvideo_jax.convert import hunyuan_clip as clip_convert
         from stepvideo_jax.convert import step_llm as llm_convert
         from stepvideo_jax.text.sentencepiece_tokenizer import StepLLMTokenizer
@@ -86,7 +87,7 @@ class TextConditioner:
         release_dir = pathlib.Path(release_dir)
         llm_dir, clip_dir = release_dir / llm_convert.COMPONENT, release_dir / "hunyuan_clip"
         return cls(step_llm=llm_convert.load(llm_dir, dtype=llm_dtype),
-                   llm_tokenizer=StepLLMTokenizer(llm_dir / llm_convert.TOKENIZER),
+                   llm_tokenizer=llm_tokenizer or StepLLMTokenizer(llm_dir / llm_convert.TOKENIZER),
                    clip=clip_convert.load(clip_dir, dtype=clip_dtype),
                    clip_tokenizer=WordPieceTokenizer.from_dir(clip_dir / clip_convert.TOKENIZER_DIR), **kwargs)
 

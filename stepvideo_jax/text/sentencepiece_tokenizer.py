@@ -58,6 +58,7 @@ class StepLLMTokenizer:
             raise FileNotFoundError(f"sentencepiece model {path} not found (the release ships it as "
                                     "step_llm/step1_chat_tokenizer.model)")
         self.model_file = path
+        self._warned: set[str] = set()   # texts whose cut was reported: each is reported once
         tf, tft = import_tensorflow_text()
         self._tf = tf
         try:
@@ -83,7 +84,7 @@ class StepLLMTokenizer:
         if not isinstance(max_length, (int, np.integer)) or max_length < 2:
             raise ValueError(f"max_length must be an integer >= 2 (room for BOS and EOS), got {max_length!r}")
         encoded = self.encode(prompts)
-        warn_truncated(prompts, [len(ids) for ids in encoded], max_length)
+        self._warned.update(warn_truncated(prompts, [len(ids) for ids in encoded], max_length, skip=self._warned))
         rows = [[BOS] + ids[:max_length - 2] + [EOS] for ids in encoded] or [[BOS, EOS]]
         input_ids = np.full((len(rows), max_length), PAD, np.int32)
         attention_mask = np.zeros((len(rows), max_length), np.int32)
@@ -93,16 +94,19 @@ class StepLLMTokenizer:
         return TokenBatch(input_ids, attention_mask)
 
 
-def warn_truncated(texts: str | Sequence[str], lengths: Sequence[int], max_length: int) -> None:
+def warn_truncated(texts: str | Sequence[str], lengths: Sequence[int], max_length: int,
+                   skip: set[str] | frozenset = frozenset()) -> list[str]:
     """One warning line naming every text longer than `max_length - 2` pieces (BOS and EOS take the
     other two), which the official wrapper cuts without a word; a long prompt loses its end, and
-    with it the `pos_magic` suffix the pipeline appends."""
+    with it the `pos_magic` suffix the pipeline appends. Texts in `skip` are not named again.
+    Returns the texts named."""
     texts = [texts] if isinstance(texts, str) else list(texts)
-    cut = [(i, n) for i, n in enumerate(lengths) if n > max_length - 2]
+    cut = [(i, n) for i, n in enumerate(lengths) if n > max_length - 2 and texts[i] not in skip]
     if cut:
         which = ", ".join(f"{i} ({n:,} tokens, {texts[i][:30]!r}...)" for i, n in cut)
         log.warning(f"Step-LLM text longer than {max_length - 2} tokens, cut to the first {max_length - 2} "
                     f"(the end, including any pos_magic suffix, is ignored): text {which}")
+    return [texts[i] for i, _ in cut]
 
 
 def _as_prompts(texts) -> list[str]:
