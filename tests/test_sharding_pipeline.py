@@ -78,8 +78,9 @@ def test_restore_into_mesh(converted, mesh_spec, num_devices):
 
 def test_sampler_steps_sharded(converted):
     case = fixture_case()
-    cond = {"y": case["encoder_hidden_states"], "y_mask": case["encoder_attention_mask"],
-            "clip": case["encoder_hidden_states_2"]}  # rows [cond, uncond]
+    rows = [0, min(1, len(case["hidden_states"]) - 1)]  # [cond, uncond]; a one-row case is repeated
+    cond = {"y": case["encoder_hidden_states"][rows], "y_mask": case["encoder_attention_mask"][rows],
+            "clip": case["encoder_hidden_states_2"][rows]}
     noise = case["hidden_states"][:1]
     settings = SamplerSettings(num_steps=3, guidance_scale=7.0, shift=13.0)
 
@@ -98,6 +99,8 @@ def test_sampler_steps_sharded(converted):
     print(f"\n3 CFG steps [data=2,sequence=4, ring]: latents rel err {err:.2e}")
     assert err <= REL
     b, f, c, h, w = noise.shape
-    # The CFG batch (2 rows) is split over data: one row and a quarter of the tokens per device.
-    local = f"f32[1,{f * h * w // 4},{fixture_config().dim}]"
+    p = fixture_config().patch_size
+    # The CFG batch (2 rows) is split over data: one row and a quarter of the tokens per device
+    # (a token count 4 does not divide is padded up).
+    local = f"f32[1,{-(-f * (h // p) * (w // p) // 4)},{fixture_config().dim}]"
     assert local in hlo and "collective-permute" in hlo, local

@@ -1,7 +1,7 @@
 """Sample videos during training (`samples.every`, `samples.vae`) on the tiny config.
 
-A few steps with sampling every 2 steps through the tiny release-layout VAE (z_channels 4, the
-tiny DiT's in_channels) must leave latents and decodable mp4s of the expected frame count and size
+A few steps with sampling every 2 steps through the tiny release-layout VAE (the DiT's channels
+are set to its z_channels) must leave latents and decodable mp4s of the expected frame count and size
 for every sampled step, and must not change the training trajectory (same losses and final state
 as the same run without sampling). `eval_every = 0`: the held-out prompts exist for sampling alone.
 """
@@ -18,15 +18,22 @@ from tests.fixtures import fixtures_root, load_config
 STEPS, EVERY = 4, 2
 
 
-def config(**overrides):
+VAE_DIR = fixtures_root() / "release_layout" / "stepvideo-t2v" / "vae"
+
+
+def config(channels=None, **overrides):
+    """The tiny config with the DiT's latent channels equal to the fixture VAE's z_channels
+    (or `channels`)."""
+    c = vae_convert.read_config(VAE_DIR).z_channels if channels is None else channels
     defaults = {"stop_at_step": STEPS, "log_every": STEPS, "eval_every": 0, "checkpoint.every": STEPS,
-                "checkpoint.async_save": False, "data.synthetic.buckets": ((3, 2, 2),)}
+                "checkpoint.async_save": False, "data.synthetic.buckets": ((3, 2, 2),),
+                "model.in_channels": c, "model.out_channels": c, "data.synthetic.channels": c}
     return load_config("configs/train/tiny_cpu.py", **{**defaults, **overrides})
 
 
 @pytest.fixture(scope="module")
 def vae_dir():
-    return fixtures_root() / "release_layout" / "stepvideo-t2v" / "vae"
+    return VAE_DIR
 
 
 def test_samples_write_mp4s_and_leave_training_unchanged(tmp_path, vae_dir, compile_cache):
@@ -67,8 +74,8 @@ def test_samples_write_mp4s_and_leave_training_unchanged(tmp_path, vae_dir, comp
 
 
 def test_vae_latent_channels_must_match_the_dit(tmp_path, vae_dir):
-    cfg = config(**{"samples.every": EVERY, "samples.vae": str(vae_dir), "model.in_channels": 8,
-                    "model.out_channels": 8, "data.synthetic.channels": 8})
-    with pytest.raises(ValueError, match=r"z_channels \(4\) must be the DiT's in_channels \(8\)"):
+    z = vae_convert.read_config(vae_dir).z_channels
+    cfg = config(2 * z, **{"samples.every": EVERY, "samples.vae": str(vae_dir)})
+    with pytest.raises(ValueError, match=rf"z_channels \({z}\) must be the DiT's in_channels \({2 * z}\)"):
         train(cfg, tmp_path, printer=None)
     assert not (tmp_path / "checkpoints").exists()

@@ -39,20 +39,26 @@ def test_chunk_arithmetic_matches_official_probes():
 def test_total_frame_arithmetic_matches_official_probes():
     for n, want in PROBES["encode_total_frames"].items():
         if want == "RuntimeError":
-            with pytest.raises(ValueError, match=rf"cannot encode {n} frames.*must be one of 0, 1-4, 9-12"):
+            with pytest.raises(ValueError, match=rf"cannot encode {n} frames"):
                 vae_model.latent_frames(cfg(), int(n))
         else:
             assert vae_model.latent_frames(cfg(), int(n)) == want
-    # the pipeline's counts: 204 frames <-> 36 latents
-    assert vae_model.latent_frames(cfg(), 204) == 36 and vae_model.video_frames(cfg(), 36) == 204
-    assert [vae_model.video_frames(cfg(), n) for n in (1, 2, 3, 4, 5, 6, 8)] == [1, 9, 17, 18, 26, 34, 43]
+    # whole decoder chunks plus a last partial one, each as the official code decodes it
+    per_chunk = {int(k): v for k, v in PROBES["decode_chunk_latents"].items()}
+    latent_len = max(per_chunk)
+    for n in range(1, 4 * latent_len):
+        full, rest = divmod(n, latent_len)
+        want = full * per_chunk[latent_len] + (per_chunk[rest] if rest else 0)
+        assert vae_model.video_frames(cfg(), n) == want, f"{n} latents"
+        if n % latent_len == 0:  # whole chunks round-trip (the pipeline's 204 frames <-> 36 latents)
+            assert vae_model.latent_frames(cfg(), want) == n
 
 
 def test_spatial_sizes():
     f = cfg().spatial_factor
     for size, want in PROBES["spatial"].items():
         size = int(size)
-        shape = (1, 17, 3, size, 2 * f)
+        shape = (1, cfg().frame_len, cfg().in_channels, size, 2 * f)
         if size % f == 0:
             vae_model.check_video(cfg(), shape)
             assert want == size // f
@@ -61,27 +67,66 @@ def test_spatial_sizes():
                 vae_model.check_video(cfg(), shape)
 
 
-@pytest.mark.parametrize("shape, message", [
-    ((17, 3, 32, 48), r"rank 5 \(b f c h w\)"),
-    ((1, 17, 32, 48, 3), r"has 32 channels on axis 2.*expects 3.*channel-last"),
-    ((1, 17, 4, 32, 48), r"has 4 channels on axis 2; the VAE expects 3"),
-    ((1, 17, 3, 32, 40), r"width 40 is not a multiple of 16; use e\.g\. 32 or 48"),
-    ((1, 17, 3, 8, 48), r"height 8 is not a multiple of 16; use e\.g\. 16"),
-    ((1, 30, 3, 32, 48), r"cannot encode 30 frames.*0, 1-4, 9-12.*nearest valid counts: 29 or 34"),
-    ((1, 5, 3, 32, 48), r"cannot encode 5 frames.*nearest valid counts: 4 or 9"),
-])
-def test_bad_video_is_rejected_up_front(shape, message):
+def _bad_videos():
+    """(shape, message) pairs built from the VAE's own channel count and spatial factor."""
+    c, s, f = cfg().in_channels, cfg().spatial_factor, cfg().frame_len
+    h, w = 2 * s, 3 * s
+    return [
+        ((f, c, h, w), r"rank 5 \(b f c h w\)"),
+        ((1, f, h, w, c), rf"has {h} channels on axis 2.*expects {c}.*channel-last"),
+        ((1, f, c + 1, h, w), rf"has {c + 1} channels on axis 2; the VAE expects {c} in the layout b f c h w$"),
+        ((1, f, c, h, w + s // 2), rf"width {w + s // 2} is not a multiple of {s}; use e\.g\. {w} or {w + s}"),
+        ((1, f, c, s // 2, w), rf"height {s // 2} is not a multiple of {s}; use e\.g\. {s}$"),
+    ] + [((1, n, c, h, w), message) for n, message in _bad_frame_counts()]
+
+
+def _bad_frame_counts():
+    """(frames, message) for every count the official code rejected in the probes, the accepted
+    last-chunk sizes and nearest valid counts read from its per-chunk probes."""
+    chunk = {int(n): v != "RuntimeError" for n, v in PROBES["encode_chunk_frames"].items()}
+    frame_len = max(chunk)
+    ok = [r for r in range(1, frame_len) if chunk[r]]
+    runs = [[ok[0], ok[0]]]
+    for r in ok[1:]:
+        if r == runs[-1][1] + 1:
+            runs[-1][1] = r
+        else:
+            runs.append([r, r])
+    runs_text = ", ".join(["0"] + [str(a) if a == b else f"{a}-{b}" for a, b in runs])
+    valid = lambda m: m % frame_len == 0 or chunk[m % frame_len]
+    bad = sorted({int(n) for n, v in PROBES["encode_total_frames"].items() if v == "RuntimeError"}
+                 | {n for n, ok_ in chunk.items() if not ok_})
+    out = []
+    for n in bad:
+        lower = next((m for m in range(n - 1, 0, -1) if valid(m)), None)
+        upper = next(m for m in range(n + 1, n + 2 * frame_len) if valid(m))
+        near = f"{lower} or {upper}" if lower else f"{upper}"
+        out.append((n, rf"cannot encode {n} frames.*must be one of {runs_text} .*nearest valid counts: {near}$"))
+    assert out, "the probes name no rejected frame count"
+    return out
+
+
+@pytest.mark.parametrize("case", range(len(_bad_videos())))
+def test_bad_video_is_rejected_up_front(case):
+    shape, message = _bad_videos()[case]
     with pytest.raises(ValueError, match=message):
         abstract_model().encode_moments(np.zeros(shape, np.float32))
 
 
-@pytest.mark.parametrize("shape, message", [
-    ((6, 4, 2, 3), r"latents must have rank 5"),
-    ((1, 6, 2, 3, 4), r"have 2 channels on axis 2.*z_channels = 4.*channel-last"),
-    ((1, 6, 8, 2, 3), r"have 8 channels on axis 2.*z_channels = 4 in the layout b f c h w$"),
-    ((1, 0, 4, 2, 3), r"empty axis"),
-])
-def test_bad_latents_are_rejected_up_front(shape, message):
+def _bad_latents():
+    """(shape, message) pairs built from the VAE's z_channels (any value, 1 included)."""
+    z = cfg().z_channels
+    return [
+        ((6, z, 2, 3), r"latents must have rank 5"),
+        ((1, 6, z + 1, 3, z), rf"have {z + 1} channels on axis 2.*z_channels = {z}.*channel-last"),
+        ((1, 6, 2 * z + 1, 2, z + 1), rf"have {2 * z + 1} channels on axis 2.*z_channels = {z} in the layout b f c h w$"),
+        ((1, 0, z, 2, 3), r"empty axis"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_bad_latents())))
+def test_bad_latents_are_rejected_up_front(case):
+    shape, message = _bad_latents()[case]
     with pytest.raises(ValueError, match=message):
         abstract_model().decode(np.zeros(shape, np.float32))
 
