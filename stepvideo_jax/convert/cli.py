@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from stepvideo_jax import hub
-from stepvideo_jax.convert import config_records, orbax_io
+from stepvideo_jax.convert import config_records, orbax_io, release_paths
 from stepvideo_jax.convert.keymap import convert_tensors, flat_shapes
 from stepvideo_jax.convert.safetensors_io import DTYPES, CheckpointError, TensorSource
 
@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 class Component:
     """How one release folder is converted.
 
-    `module` exposes `read_config(dir)`, `tensor_source(dir)`, `rules(cfg)`, `IGNORE`,
+    `module` exposes `read_config(dir, root)`, `tensor_source(dir, root)`, `rules(cfg)`, `IGNORE`,
     `build(cfg, *, dtype, param_dtype, rngs)`. `config`: the `config_records.REGISTRY` name of the
     component's model config. `files`: paths relative to the release folder
     (files or folders) copied to the output when present: what generation needs besides weights.
@@ -111,16 +111,19 @@ class _Plan:
     source: Any
     rules: list
     targets: dict
+    copies: dict  # release-relative path -> release_paths.contained_files(...)
 
 
-def _plan(release: pathlib.Path, name: str, dtype) -> _Plan:
-    """Everything about one component that can be checked without converting a tensor."""
+def _plan(release: pathlib.Path, name: str, dtype, allowed_root=None) -> _Plan:
+    """Everything about one component that can be checked without converting a tensor (including
+    that every file it reads or copies lies inside its allowed root, see `release_paths`)."""
     module = converter(name)
     folder = release / name
     if not folder.is_dir():
         raise CheckpointError(f"{release}: has no {name}/ folder (component {name!r})")
-    cfg = module.read_config(folder)
-    source = module.tensor_source(folder)
+    root = release_paths.default_root(folder) if allowed_root is None else pathlib.Path(allowed_root)
+    cfg = module.read_config(folder, root)
+    source = module.tensor_source(folder, root)
     rules = module.rules(cfg)
     targets = flat_shapes(nnx.state(abstract_model(module, cfg, dtype)))
     try:
@@ -133,7 +136,12 @@ def _plan(release: pathlib.Path, name: str, dtype) -> _Plan:
         if bad:
             raise CheckpointError(f"{folder}: unsupported tensor dtypes: {', '.join(bad[:8])}; "
                                   f"supported: {sorted(DTYPES)}")
-    return _Plan(name, folder, module, cfg, source, rules, targets)
+    copies = {}
+    for rel in COMPONENTS[name].files:
+        release_paths.check_name(rel, what=f"{folder}: file {rel!r}")
+        if os.path.lexists(folder / rel):
+            copies[rel] = release_paths.contained_files(folder / rel, root)
+    return _Plan(name, folder, module, cfg, source, rules, targets, copies)
 
 
 def config_from_record(record: Mapping, component: str | None = None) -> Any:
@@ -143,18 +151,6 @@ def config_from_record(record: Mapping, component: str | None = None) -> Any:
     return config_records.config_from_record(record, expect=expect)
 
 
-def _copy(src: pathlib.Path, dst: pathlib.Path) -> None:
-    """Copy a file or folder's contents only (not its permissions: a read-only release must not
-    make the output undeletable)."""
-    if src.is_dir():
-        dst.mkdir(parents=True, exist_ok=True)
-        for child in sorted(src.iterdir()):
-            _copy(child, dst / child.name)
-    else:
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src, dst)
-
-
 def _convert_component(plan: _Plan, out: pathlib.Path, dtype_name: str, group_bytes: int) -> dict:
     dst = out / plan.name
     dst.mkdir(parents=True)
@@ -162,10 +158,9 @@ def _convert_component(plan: _Plan, out: pathlib.Path, dtype_name: str, group_by
                               ignore=plan.module.IGNORE, label=str(plan.folder))
     groups = orbax_io.write_params(dst, tensors, group_bytes=group_bytes, log=log.info)
     copied = []
-    for rel in COMPONENTS[plan.name].files:
-        if (plan.folder / rel).exists():
-            _copy(plan.folder / rel, dst / rel)
-            copied.append(rel)
+    for rel, files in plan.copies.items():
+        release_paths.copy_files(files, dst / rel)
+        copied.append(rel)
     manifest = orbax_io.write_manifest(dst, component=plan.name, dtype=dtype_name, groups=groups,
                                        config=config_records.config_record(plan.config), files=copied,
                                        source=str(plan.folder.resolve()))
@@ -176,12 +171,20 @@ def _convert_component(plan: _Plan, out: pathlib.Path, dtype_name: str, group_by
 
 def convert_release(release: str | os.PathLike, out: str | os.PathLike, *,
                     components: Sequence[str] | None = None, dtype: str = "float32",
-                    overwrite: bool = False, group_bytes: int = orbax_io.GROUP_BYTES) -> pathlib.Path:
+                    overwrite: bool = False, group_bytes: int = orbax_io.GROUP_BYTES,
+                    allowed_root: str | os.PathLike | None = None) -> pathlib.Path:
     """Convert `components` of the release directory `release` into `out` (atomically).
 
     `components=None` converts every registered component whose folder the release has.
+    `allowed_root`: where the files of every component must resolve (default: per component, see
+    `release_paths.default_root`; an installer passes e.g. a hub cache's repo folder).
+    `out` must not overlap the release (equal, inside it, or one of its parents); an existing `out`
+    is replaced only with `overwrite` and only if this converter wrote it (`conversion.json`).
     """
     release, out = pathlib.Path(release), pathlib.Path(out)
+    if isinstance(group_bytes, bool) or not isinstance(group_bytes, int) or group_bytes <= 0:
+        raise CheckpointError(f"group size must be a positive number of bytes (--group-mb >= 1), "
+                              f"got {group_bytes!r}")
     if dtype not in OUTPUT_DTYPES:
         raise CheckpointError(f"unsupported output dtype {dtype!r}; choose from {sorted(OUTPUT_DTYPES)}")
     if not release.is_dir():
@@ -196,12 +199,9 @@ def convert_release(release: str | os.PathLike, out: str | os.PathLike, *,
     unknown = [c for c in components if c not in COMPONENTS]
     if unknown:
         raise CheckpointError(f"unknown components {unknown}; choose from {sorted(COMPONENTS)}")
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a directory; it is never replaced")
+    _check_destination(release, [release / c for c in components], out, overwrite)
 
-    plans = [_plan(release, c, OUTPUT_DTYPES[dtype]) for c in components]
+    plans = [_plan(release, c, OUTPUT_DTYPES[dtype], allowed_root) for c in components]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
     try:
@@ -218,13 +218,49 @@ def convert_release(release: str | os.PathLike, out: str | os.PathLike, *,
     return out
 
 
+def _overlap(a: pathlib.Path, b: pathlib.Path) -> bool:
+    return a == b or a in b.parents or b in a.parents
+
+
+def _check_destination(release: pathlib.Path, folders: Sequence[pathlib.Path], out: pathlib.Path,
+                       overwrite: bool) -> None:
+    """Refuse an `out` that overlaps the release or a component folder (after symlinks), or an
+    existing `out` that is not a previous conversion (or is without `overwrite`)."""
+    target = out.resolve()
+    for src in (release, *folders):
+        if _overlap(target, src.resolve()):
+            raise FileExistsError(f"--out {out} overlaps the release's {src} (the same folder, inside it or "
+                                  "one of its parents); choose a destination outside the release")
+    if not os.path.lexists(out):
+        return
+    if not overwrite:
+        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+    _check_replaceable(out)
+
+
+def _check_replaceable(out: pathlib.Path) -> None:
+    """`out` is replaced only if it is a real directory holding this converter's `conversion.json`."""
+    if out.is_symlink() or not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a directory (or is a symlink); it is never replaced")
+    try:
+        summary = json.loads((out / SUMMARY).read_text())
+        ok = isinstance(summary, dict) and "components" in summary
+    except (OSError, ValueError):
+        ok = False
+    if not ok:
+        raise FileExistsError(f"{out} exists but is not a conversion this converter wrote (no valid {SUMMARY}); "
+                              "it is never replaced: remove it yourself or choose another --out")
+
+
 def _replace(tmp: pathlib.Path, out: pathlib.Path, overwrite: bool) -> None:
-    """Rename the complete `tmp` to `out`; an existing `out` is moved aside first, then deleted."""
-    if not out.exists():
+    """Rename the complete `tmp` to `out`; an existing `out` (checked again: a previous conversion)
+    is moved aside first, then deleted."""
+    if not os.path.lexists(out):
         tmp.rename(out)
         return
     if not overwrite:
         raise FileExistsError(f"{out} appeared during the conversion; pass --overwrite to replace it")
+    _check_replaceable(out)
     old = out.parent / f".{out.name}.replaced-{uuid.uuid4().hex[:8]}"
     out.rename(old)
     tmp.rename(out)
@@ -247,6 +283,16 @@ def load_converted(root: str | os.PathLike, component: str, *, dtype=None, param
     return orbax_io.restore(folder, model, shardings=shardings, mesh=mesh)
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m stepvideo_jax.convert", description=__doc__.split("\n")[0])
     p.add_argument("--release", required=True,
@@ -258,7 +304,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bfloat16", choices=sorted(OUTPUT_DTYPES),
                    help="stored parameter dtype (default bfloat16: the released shards' dtype, so nothing is lost)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out once the new one is complete")
-    p.add_argument("--group-mb", type=int, default=orbax_io.GROUP_BYTES // 2**20,
+    p.add_argument("--group-mb", type=_positive_int, default=orbax_io.GROUP_BYTES // 2**20,
                    help="size of one Orbax parameter group in MiB (bounds host memory while writing)")
     return p
 

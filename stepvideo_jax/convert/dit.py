@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from stepvideo_jax.convert import release_paths
 from stepvideo_jax.convert.keymap import Rule, convert_model, expand, transpose
 from stepvideo_jax.convert.safetensors_io import CheckpointError, TensorSource
 from stepvideo_jax.models.dit import DiTConfig, StepVideoDiT
@@ -49,8 +50,10 @@ def config_from_dict(raw: dict, *, label: str = "transformer/config.json") -> Di
     return DiTConfig(**kw)
 
 
-def read_config(component_dir) -> DiTConfig:
+def read_config(component_dir, root=None) -> DiTConfig:
+    """`config.json` of a release `transformer/` folder; `root`: see `release_paths`."""
     path = pathlib.Path(component_dir) / "config.json"
+    release_paths.release_file(component_dir, "config.json", root)
     if not path.is_file():
         raise CheckpointError(f"{path}: not found (expected the release's transformer/config.json)")
     try:
@@ -60,8 +63,9 @@ def read_config(component_dir) -> DiTConfig:
     return config_from_dict(raw, label=str(path))
 
 
-def tensor_source(component_dir) -> TensorSource:
-    return TensorSource.from_index(pathlib.Path(component_dir) / INDEX)
+def tensor_source(component_dir, root=None) -> TensorSource:
+    """The shards the folder's index names, each checked to lie inside `root` (see `release_paths`)."""
+    return TensorSource.from_index(pathlib.Path(component_dir) / INDEX, root)
 
 
 def _fused(n_heads: int, n_parts: int, part: int):

@@ -17,6 +17,11 @@ or `--transformer DIR` (re-export a converted release). With `--release`, DIR be
 release directory: `DIR/transformer/` is the export and every other entry of RELEASE (vae/,
 step_llm/, hunyuan_clip/, scheduler/, model_index.json) is symlinked, so `python -m
 stepvideo_jax.generate --config.checkpoint_dir=DIR` samples from the trained (raw or EMA) weights.
+
+Atomic: the export is written into a temporary sibling of the destination and renamed into place
+when complete; on any error the destination is untouched (absent, or the previous export). An
+existing destination is replaced only if it is empty or an export this tool wrote (its index's
+`metadata.exported_by`); files get mode 0644.
 """
 from __future__ import annotations
 
@@ -25,6 +30,9 @@ import dataclasses
 import json
 import os
 import pathlib
+import re
+import shutil
+import uuid
 from typing import Iterator, Mapping
 
 import ml_dtypes
@@ -39,6 +47,9 @@ from stepvideo_jax.models.dit import DiTConfig
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 LINKED = ("vae", "step_llm", "hunyuan_clip")   # the release components an exported transformer/ is paired with
+EXPORTED_BY = "stepvideo_jax.convert.export_dit"
+FILE_MODE = 0o644
+_SHARD = re.compile(r"diffusion_pytorch_model-\d{5}-of-\d{5}\.safetensors")
 
 
 def official_shapes(cfg: DiTConfig) -> dict[str, tuple[int, ...]]:
@@ -117,8 +128,6 @@ def flat_params(model: nnx.Module) -> dict[str, object]:
 def export(model: nnx.Module, out_dir: str | os.PathLike, *, dtype: str = "bfloat16",
            max_shard_bytes: int = 5 * 2**30) -> pathlib.Path:
     """Write `model` (a `StepVideoDiT`) as an official `transformer/` directory; returns its path."""
-    from safetensors.numpy import save_file
-
     if dtype not in DTYPES:
         raise ValueError(f"unknown export dtype {dtype!r}; choose one of {sorted(DTYPES)}")
     cfg = model.cfg
@@ -129,11 +138,27 @@ def export(model: nnx.Module, out_dir: str | os.PathLike, *, dtype: str = "bfloa
         raise CheckpointError("the official StepVideoModel cannot express this DiT (its config.json fixes "
                               f"these values): {', '.join(differ)}")
     out = pathlib.Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    _check_replaceable(out)
     params = flat_params(model)
     missing = sorted(set(flat_shapes(nnx.state(model, nnx.Param))) - set(params))
     if missing:
         raise CheckpointError(f"model state lacks {missing[:8]}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.mkdir()
+        _write(cfg, params, tmp, dtype, max_shard_bytes)
+        _replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _write(cfg: DiTConfig, params, out: pathlib.Path, dtype: str, max_shard_bytes: int) -> None:
+    """Shards (at most `max_shard_bytes` each, unless one tensor is larger), index and config in `out`."""
+    from safetensors.numpy import save_file
+
     shards: list[dict[str, np.ndarray]] = [{}]
     sizes = [0]
     for key, tensor in official_tensors(cfg, params):
@@ -149,10 +174,46 @@ def export(model: nnx.Module, out_dir: str | os.PathLike, *, dtype: str = "bfloa
         name = f"diffusion_pytorch_model-{i + 1:05d}-of-{n:05d}.safetensors"
         save_file(shard, str(out / name), metadata={"format": "pt"})
         weight_map.update({k: name for k in shard})
-    index = {"metadata": {"total_size": int(sum(sizes))}, "weight_map": dict(sorted(weight_map.items()))}
+    index = {"metadata": {"total_size": int(sum(sizes)), "exported_by": EXPORTED_BY},
+             "weight_map": dict(sorted(weight_map.items()))}
     (out / dit_convert.INDEX).write_text(json.dumps(index, indent=2))
     (out / "config.json").write_text(json.dumps(release_config(cfg), indent=2))
-    return out
+    for path in out.iterdir():
+        os.chmod(path, FILE_MODE)
+
+
+def _check_replaceable(out: pathlib.Path) -> None:
+    """An existing `out` may be replaced only if it is an empty directory or an export of this tool
+    (only its file names, and an index marked `exported_by`): never a release or other data."""
+    if not os.path.lexists(out):
+        return
+    if out.is_symlink() or not out.is_dir():
+        raise CheckpointError(f"{out} exists and is not a directory (or is a symlink); it is never replaced")
+    names = sorted(p.name for p in out.iterdir())
+    if not names:
+        return
+    foreign = [n for n in names if n not in ("config.json", dit_convert.INDEX) and not _SHARD.fullmatch(n)]
+    try:
+        marked = json.loads((out / dit_convert.INDEX).read_text())["metadata"]["exported_by"] == EXPORTED_BY
+    except (OSError, ValueError, KeyError, TypeError):
+        marked = False
+    if foreign or not marked:
+        why = f"it holds {foreign[:4]}" if foreign else f"its index is not marked exported_by={EXPORTED_BY!r}"
+        raise CheckpointError(f"{out} exists and is not an export this tool wrote ({why}); it is never "
+                              "replaced: remove it yourself or choose another --out")
+
+
+def _replace(tmp: pathlib.Path, out: pathlib.Path) -> None:
+    """Rename the complete `tmp` to `out`; an existing `out` (checked again) is moved aside first,
+    then deleted."""
+    if not os.path.lexists(out):
+        tmp.rename(out)
+        return
+    _check_replaceable(out)
+    old = out.parent / f".{out.name}.replaced-{uuid.uuid4().hex[:8]}"
+    out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old)
 
 
 def main(argv=None) -> None:

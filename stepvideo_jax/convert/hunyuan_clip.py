@@ -19,6 +19,7 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 from flax import nnx
 
+from stepvideo_jax.convert import release_paths
 from stepvideo_jax.convert.keymap import Rule, convert_model, expand, transpose
 from stepvideo_jax.convert.safetensors_io import CheckpointError, TensorSource
 from stepvideo_jax.convert.torch_pickle import TorchPickleFile
@@ -103,9 +104,11 @@ def config_from_dict(raw: Mapping[str, Any], *, label: str = "config") -> Hunyua
         raise CheckpointError(f"{label}: invalid BertConfig ({e})") from None
 
 
-def read_config(component_dir) -> HunyuanClipConfig:
-    """The encoder config of a release `hunyuan_clip/` folder (`clip_text_encoder/config.json`)."""
+def read_config(component_dir, root=None) -> HunyuanClipConfig:
+    """The encoder config of a release `hunyuan_clip/` folder (`clip_text_encoder/config.json`);
+    `root`: see `release_paths`."""
     path = pathlib.Path(component_dir) / CONFIG_FILE
+    release_paths.release_file(component_dir, CONFIG_FILE, root)
     if not path.is_file():
         raise CheckpointError(f"{path}: config not found (expected the release layout "
                               f"hunyuan_clip/{CONFIG_FILE})")
@@ -116,13 +119,14 @@ def read_config(component_dir) -> HunyuanClipConfig:
     return config_from_dict(raw, label=str(path))
 
 
-def tensor_source(component_dir):
+def tensor_source(component_dir, root=None):
     """The weights: `clip_text_encoder/pytorch_model.bin` (torch pickle) or, failing that,
-    `clip_text_encoder/model.safetensors`."""
+    `clip_text_encoder/model.safetensors`, inside `root` (see `release_paths`)."""
     component_dir = pathlib.Path(component_dir)
     for name in WEIGHT_FILES:
         path = component_dir / name
         if path.is_file():
+            release_paths.release_file(component_dir, name, root)
             return TorchPickleFile(path) if path.suffix == ".bin" else TensorSource.single(path)
     raise CheckpointError(f"{component_dir}: no weights found; expected one of {list(WEIGHT_FILES)}")
 

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from stepvideo_jax.convert import release_paths
 from stepvideo_jax.convert.keymap import Rule, convert_model, expand, identity, transpose
 from stepvideo_jax.convert.safetensors_io import CheckpointError, TensorSource
 from stepvideo_jax.models.step_llm import StepLLM, StepLLMConfig
@@ -60,8 +61,10 @@ def config_from_dict(raw: dict, *, label: str = "step_llm/config.json") -> StepL
         raise CheckpointError(f"{label}: {e}") from None
 
 
-def read_config(component_dir) -> StepLLMConfig:
+def read_config(component_dir, root=None) -> StepLLMConfig:
+    """`config.json` of a release `step_llm/` folder; `root`: see `release_paths`."""
     path = pathlib.Path(component_dir) / "config.json"
+    release_paths.release_file(component_dir, "config.json", root)
     if not path.is_file():
         raise CheckpointError(f"{path}: not found (expected the release's step_llm/config.json)")
     try:
@@ -71,18 +74,20 @@ def read_config(component_dir) -> StepLLMConfig:
     return config_from_dict(raw, label=str(path))
 
 
-def tensor_source(path: str | os.PathLike) -> TensorSource:
+def tensor_source(path: str | os.PathLike, root=None) -> TensorSource:
     """Weights of `path`: a `step_llm/` directory (its index json, else `model.safetensors`), an
-    index json, or a single `.safetensors` file."""
+    index json, or a single `.safetensors` file. Files found in or named by the directory or index
+    must lie inside `root` (see `release_paths`)."""
     path = pathlib.Path(path)
     if path.is_dir():
         if (path / INDEX).is_file():
-            return TensorSource.from_index(path / INDEX)
+            return TensorSource.from_index(path / INDEX, root)
         if (path / SINGLE).is_file():
+            release_paths.release_file(path, SINGLE, root)
             return TensorSource.single(path / SINGLE)
         raise CheckpointError(f"{path}: neither {INDEX} nor {SINGLE} found")
     if path.name.endswith(".json"):
-        return TensorSource.from_index(path)
+        return TensorSource.from_index(path, root)
     return TensorSource.single(path)
 
 

@@ -10,6 +10,14 @@ and every storage a persistent id `("storage", torch.<Dtype>Storage, key, locati
 storage types and `collections.OrderedDict`; any other global is refused, so loading a file cannot
 run code. Tensors become lazy references; `read(key)` copies one storage out of the zip (its CRC is
 checked) and views it with the recorded offset, size and stride.
+
+Resource limits (a zip entry can decompress to ~1000x its stored size): checked on the zip directory
+before anything is decompressed, and again while reading (never more than the declared bytes).
+- each storage entry must decompress to exactly the bytes its storage declares (numel x dtype size);
+- `data.pkl` at most `MAX_PICKLE_BYTES` (100 MB; a state dict of 100k tensors takes ~20 MB), other
+  small entries (`byteorder`) at most `MAX_SMALL_ENTRY_BYTES`;
+- all entries together at most `MAX_EXPANSION` (4) x the archive's size (`torch.save` stores entries
+  uncompressed, so a genuine file is at 1x).
 """
 from __future__ import annotations
 
@@ -40,6 +48,10 @@ STORAGE_DTYPES: Mapping[str, tuple[np.dtype, str]] = {
     "ByteStorage": (np.dtype(np.uint8), "U8"),
     "BoolStorage": (np.dtype(np.bool_), "BOOL"),
 }
+
+MAX_PICKLE_BYTES = 100_000_000
+MAX_SMALL_ENTRY_BYTES = 4096
+MAX_EXPANSION = 4
 
 _LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"  # pickled legacy magic number
 
@@ -158,9 +170,10 @@ class TorchPickleFile:
             raise CheckpointError(f"{self.path}: expected exactly one '<name>/data.pkl' in the zip, found "
                                   f"{pkl or 'none'}")
         self._prefix = pkl[0][: -len("data.pkl")]
+        self._check_total_size()
         self._byteorder = self._read_byteorder(names)
         try:
-            payload = self._zip.read(pkl[0])
+            payload = self._read_entry(self._zip.getinfo(pkl[0]), MAX_PICKLE_BYTES, "data.pkl")
         except (zipfile.BadZipFile, OSError, EOFError) as e:
             raise CheckpointError(f"{self.path}: corrupt data.pkl ({e})") from None
         unpickler = _RestrictedUnpickler(io.BytesIO(payload), str(self.path))
@@ -178,11 +191,32 @@ class TorchPickleFile:
         self._flatten(obj, "")
         self._check_storages(unpickler.storages)
 
+    def _check_total_size(self) -> None:
+        archive = self.path.stat().st_size
+        total = sum(i.file_size for i in self._zip.infolist())
+        if total > MAX_EXPANSION * archive:
+            raise CheckpointError(
+                f"{self.path}: the zip entries would decompress to {total} bytes, more than {MAX_EXPANSION} x "
+                f"the archive's {archive} bytes (torch.save stores entries uncompressed); refusing a zip bomb")
+
+    def _read_entry(self, info: zipfile.ZipInfo, limit: int, what: str) -> bytes:
+        """The bytes of `info`, refusing (before decompressing) more than `limit`, and reading to the
+        end so the CRC is checked."""
+        if info.file_size > limit:
+            raise CheckpointError(f"{self.path}: {what} ({info.filename}) would decompress to {info.file_size} "
+                                  f"bytes; at most {limit} are allowed")
+        with self._zip.open(info) as f:
+            data = f.read(limit)
+            if f.read(1):
+                raise CheckpointError(f"{self.path}: {what} ({info.filename}) holds more than {limit} bytes")
+        return data
+
     def _read_byteorder(self, names) -> str:
         name = self._prefix + "byteorder"
         if name not in names:
             return "little"
-        order = self._zip.read(name).decode("ascii", "replace").strip()
+        raw = self._read_entry(self._zip.getinfo(name), MAX_SMALL_ENTRY_BYTES, "byteorder")
+        order = raw.decode("ascii", "replace").strip()
         if order not in ("little", "big"):
             raise CheckpointError(f"{self.path}: byteorder entry says {order!r}; expected 'little' or 'big'")
         return order
@@ -201,7 +235,7 @@ class TorchPickleFile:
         for ref in storages.values():
             info = self._entry(ref.key)
             want = ref.numel * ref.dtype.itemsize
-            if info.file_size < want:
+            if info.file_size != want:
                 raise CheckpointError(
                     f"{self.path}: storage {ref.key!r} should hold {ref.numel} x {ref.dtype} = {want} bytes, "
                     f"the archive entry has {info.file_size}")
@@ -234,7 +268,8 @@ class TorchPickleFile:
         """The tensor `key` as a fresh contiguous numpy array of its stored dtype."""
         t = self.tensors[key]
         try:
-            raw = self._zip.read(self._entry(t.storage.key))
+            raw = self._read_entry(self._entry(t.storage.key), t.storage.numel * t.storage.dtype.itemsize,
+                                   f"storage of {key!r}")
         except (zipfile.BadZipFile, OSError, EOFError) as e:
             raise CheckpointError(f"{self.path}: corrupt data for {key!r} ({e})") from None
         dtype = t.storage.dtype.newbyteorder("<" if self._byteorder == "little" else ">")

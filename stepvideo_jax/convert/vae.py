@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from stepvideo_jax.convert import release_paths
 from stepvideo_jax.convert.keymap import Rule, convert_model
 from stepvideo_jax.convert.safetensors_io import CheckpointError, TensorSource
 from stepvideo_jax.models.vae import VAEConfig, VideoVAE
@@ -25,12 +26,14 @@ FILENAME = "vae_v2.safetensors"
 IGNORE: tuple[str, ...] = ()
 
 
-def _file(component_dir) -> pathlib.Path:
-    """`component_dir/vae_v2.safetensors`, or the path itself when it names a file."""
+def _file(component_dir, root=None) -> pathlib.Path:
+    """`component_dir/vae_v2.safetensors` (inside `root`, see `release_paths`), or the path itself
+    when it names a file."""
     path = pathlib.Path(component_dir)
     if path.is_file():
         return path
     target = path / FILENAME
+    release_paths.release_file(path, FILENAME, root)
     if not target.is_file():
         found = sorted(p.name for p in path.glob("*.safetensors")) if path.is_dir() else []
         raise CheckpointError(f"{target}: not found (the release keeps the version-2 VAE in "
@@ -38,8 +41,8 @@ def _file(component_dir) -> pathlib.Path:
     return target
 
 
-def tensor_source(component_dir) -> TensorSource:
-    source = TensorSource.single(_file(component_dir))
+def tensor_source(component_dir, root=None) -> TensorSource:
+    source = TensorSource.single(_file(component_dir, root))
     if "decoder.conv_out.conv.weight" in source.keys():
         raise CheckpointError(
             f"{_file(component_dir)}: holds 'decoder.conv_out.conv.weight', i.e. a module state_dict; "
@@ -92,9 +95,9 @@ def config_from_shapes(shapes: dict[str, tuple[int, ...]], *, label: str = FILEN
     return cfg
 
 
-def read_config(component_dir) -> VAEConfig:
-    source = tensor_source(component_dir)
-    return config_from_shapes({k: source.shape(k) for k in source.keys()}, label=str(_file(component_dir)))
+def read_config(component_dir, root=None) -> VAEConfig:
+    source = tensor_source(component_dir, root)
+    return config_from_shapes({k: source.shape(k) for k in source.keys()}, label=str(_file(component_dir, root)))
 
 
 def _conv3d(w: np.ndarray) -> np.ndarray:
