@@ -22,11 +22,12 @@ def main(argv) -> None:
     del argv
     import jax
 
+    from stepvideo_jax.training.failure import run_or_exit
     from stepvideo_jax.training.loop import train
 
     if _MULTIHOST.value:
         jax.distributed.initialize()
-    train(_CONFIG.value, _WORKDIR.value)
+    run_or_exit(train, _CONFIG.value, _WORKDIR.value, prog="train")
 
 
 def cli() -> None:

@@ -38,6 +38,7 @@ from stepvideo_jax.models.dit import DiTConfig, StepVideoDiT
 from stepvideo_jax.parallel.rules import state_shardings
 from stepvideo_jax.training import lora
 from stepvideo_jax.training.dpo_step import DPOSettings, make_dpo_step
+from stepvideo_jax.training.failure import run_or_exit
 from stepvideo_jax.training.loop import Objective, TrainResult, dit_config, train
 
 SOURCES = ('"" (seed init / initial policy)', "a training workdir [:ema]", "a release transformer dir",
@@ -50,7 +51,11 @@ def dpo_settings(config) -> DPOSettings:
 
 
 def open_preferences(config, workdir: pathlib.Path) -> preferences.PairDataset:
+    """`config.data.path` when set (it wins over a config's default synthetic set), else the
+    synthetic pairs written into the workdir."""
     d = config.data
+    if d.get("path"):
+        return preferences.PairDataset(d.path)
     if d.get("synthetic"):
         root = workdir / "synthetic_preferences"
         if not (root / preferences.PAIRS_FILE).exists():
@@ -61,9 +66,7 @@ def open_preferences(config, workdir: pathlib.Path) -> preferences.PairDataset:
                                         clip_length=s.clip_length, caption_channels=tuple(s.caption_channels),
                                         seed=s.seed)
         return preferences.PairDataset(root)
-    if not d.get("path"):
-        raise ValueError("config.data needs `path` (a stepvideo-preferences-v1 directory) or `synthetic`")
-    return preferences.PairDataset(d.path)
+    raise ValueError("config.data needs `path` (a stepvideo-preferences-v1 directory) or `synthetic`")
 
 
 def load_weights(source: str, cfg: DiTConfig, *, dtype, param_dtype, seed: int, mesh=None) -> nnx.State:
@@ -162,7 +165,7 @@ def main(argv) -> None:
     del argv
     if _MULTIHOST.value:
         jax.distributed.initialize()
-    train_dpo(_CONFIG.value, _WORKDIR.value)
+    run_or_exit(train_dpo, _CONFIG.value, _WORKDIR.value, prog="train_dpo")
 
 
 def cli() -> None:

@@ -76,7 +76,7 @@ def get_config():
     d.step = ml_collections.ConfigDict(dict(
         timestep_distribution="uniform", logit_mean=0.0, logit_std=1.0, timestep_shift=1.0,
         cond_dropout=0.1, accum_steps=1, ema_decay=0.0, remat="none", attention_backend="xla"))
-    d.checkpoint = ml_collections.ConfigDict(dict(every=1000, keep=1, async_save=False))
+    d.checkpoint = ml_collections.ConfigDict(dict(every=1000, keep=1, async_save=False, fallback=True))
     d.metrics = ml_collections.ConfigDict(dict(tensorboard=False, peak_flops=0.0))
     c.dit_train = d
 

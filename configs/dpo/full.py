@@ -44,6 +44,6 @@ def get_config(arg: str = "v5p-256"):
     c.step = ml_collections.ConfigDict(dict(
         timestep_distribution="shifted", logit_mean=0.0, logit_std=1.0, timestep_shift=13.0,
         cond_dropout=0.0, accum_steps=1, ema_decay=0.0, remat="full", attention_backend="ulysses"))
-    c.checkpoint = ml_collections.ConfigDict(dict(every=200, keep=3, async_save=True))
+    c.checkpoint = ml_collections.ConfigDict(dict(every=200, keep=3, async_save=True, fallback=True))
     c.metrics = ml_collections.ConfigDict(dict(tensorboard=True, peak_flops=0.0))
     return c

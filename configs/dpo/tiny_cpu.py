@@ -55,6 +55,6 @@ def get_config():
         timestep_distribution="uniform", logit_mean=0.0, logit_std=1.0, timestep_shift=1.0,
         cond_dropout=0.0, accum_steps=1, ema_decay=0.0, remat="none", attention_backend="xla"))
 
-    c.checkpoint = ml_collections.ConfigDict(dict(every=30, keep=2, async_save=True))
+    c.checkpoint = ml_collections.ConfigDict(dict(every=30, keep=2, async_save=True, fallback=True))
     c.metrics = ml_collections.ConfigDict(dict(tensorboard=False, peak_flops=0.0))
     return c

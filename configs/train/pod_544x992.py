@@ -37,6 +37,6 @@ def get_config(arg: str = "v5p-256"):
     c.step = ml_collections.ConfigDict(dict(
         timestep_distribution="shifted", logit_mean=0.0, logit_std=1.0, timestep_shift=13.0,
         cond_dropout=0.1, accum_steps=1, ema_decay=0.9999, remat="full", attention_backend="ulysses"))
-    c.checkpoint = ml_collections.ConfigDict(dict(every=500, keep=3, async_save=True))
+    c.checkpoint = ml_collections.ConfigDict(dict(every=500, keep=3, async_save=True, fallback=True))
     c.metrics = ml_collections.ConfigDict(dict(tensorboard=True, peak_flops=0.0))
     return c

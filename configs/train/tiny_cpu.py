@@ -39,7 +39,7 @@ def get_config():
         timestep_distribution="uniform", logit_mean=0.0, logit_std=1.0, timestep_shift=1.0,
         cond_dropout=0.1, accum_steps=1, ema_decay=0.99, remat="none", attention_backend="xla"))
 
-    c.checkpoint = ml_collections.ConfigDict(dict(every=100, keep=2, async_save=True))
+    c.checkpoint = ml_collections.ConfigDict(dict(every=100, keep=2, async_save=True, fallback=True))
     # sample latents of held-out prompts (EMA weights) every `every` steps; `vae`: a release vae/
     # directory to also write mp4s (its z_channels must be the DiT's in_channels)
     c.samples = ml_collections.ConfigDict(dict(every=0, count=2, num_steps=10, guidance=5.0, shift=7.0,

@@ -25,7 +25,7 @@ import numpy as np
 import tqdm
 
 from stepvideo_jax import hub
-from stepvideo_jax.data.format import Writer
+from stepvideo_jax.data.format import DatasetError, Writer, check_new_output
 
 # encode_video(video (1, f, 3, h, w) float32 in [-1, 1]) -> (mean, logvar), each (f', c, h', w')
 VideoEncoder = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
@@ -95,31 +95,62 @@ def to_model_video(frames: np.ndarray) -> np.ndarray:
     return (np.asarray(frames, np.float32) / 127.5 - 1.0).transpose(0, 3, 1, 2)[None]
 
 
+def read_captions(videos: str | pathlib.Path, captions: str | pathlib.Path) -> list[dict]:
+    """The (video, caption) entries of a captions JSONL, every video file checked to exist: a
+    `DatasetError` naming the file and line of the first bad entry, before any work starts."""
+    videos, captions = pathlib.Path(videos), pathlib.Path(captions)
+    if not videos.is_dir():
+        raise DatasetError(f"--videos {videos} is not a directory")
+    if not captions.is_file():
+        raise DatasetError(f"--captions {captions} not found")
+    entries = []
+    with open(captions, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                e = json.loads(line.rstrip("\r\n"))
+            except json.JSONDecodeError as err:
+                raise DatasetError(f"{captions}:{line_no}: not JSON ({err.msg} at column {err.colno})") from None
+            if not (isinstance(e, dict) and isinstance(e.get("video"), str) and isinstance(e.get("caption"), str)):
+                raise DatasetError(f"{captions}:{line_no}: expected {{\"video\": name, \"caption\": text}} (strings), "
+                                   f"got {e!r}")
+            if not (videos / e["video"]).is_file():
+                raise DatasetError(f"{captions}:{line_no}: video {videos / e['video']} not found")
+            entries.append(e)
+    if not entries:
+        raise DatasetError(f"{captions} holds no entries")
+    return entries
+
+
 def precompute(videos: str | pathlib.Path, captions: str | pathlib.Path, out: str | pathlib.Path, *,
                encode_video: VideoEncoder, encode_text: TextEncoder, valid_frames: Callable[[int], bool],
                latent_channels: int, buckets: Sequence[tuple[int, int]], num_frames: int,
                negative_prompt: str = "", dtype=np.float16, progress: bool = True) -> int:
-    """Encode every (video, caption) line of `captions`; returns the number of samples written."""
+    """Encode every (video, caption) line of `captions`; returns the number of samples written.
+    Inputs are checked first (`read_captions`, `format.check_new_output`); the dataset appears at
+    `out` only when complete (`format.Writer`), a failure leaves nothing behind."""
     videos = pathlib.Path(videos)
-    with open(captions) as f:
-        entries = [json.loads(line) for line in f if line.strip()]
-    for i, e in enumerate(entries):
-        if not isinstance(e, dict) or "video" not in e or "caption" not in e:
-            raise ValueError(f"{captions} line {i + 1}: expected {{\"video\": ..., \"caption\": ...}}, got {e!r}")
+    entries = read_captions(videos, captions)
+    check_new_output(out)
     negative = {k: np.asarray(v)[0] for k, v in encode_text([negative_prompt]).items()}
-    writer = Writer(out, latent_channels=latent_channels,
-                    caption_channels=(negative["y"].shape[-1], negative["clip"].shape[-1]),
-                    text_length=negative["y"].shape[0], clip_length=negative["clip"].shape[0], dtype=dtype)
-    writer.set_negative(negative)
-    for e in tqdm.tqdm(entries, desc="precompute", unit="video", disable=not progress):
-        frames = read_frames(videos / e["video"], num_frames)
-        n = usable_frames(len(frames), num_frames, valid_frames)
-        height, width = choose_bucket(frames.shape[1], frames.shape[2], buckets)
-        video = to_model_video(resize_crop(frames[:n], height, width))
-        mean, logvar = encode_video(video)
-        text = {k: np.asarray(v)[0] for k, v in encode_text([e["caption"]]).items()}
-        writer.add({"mean": np.asarray(mean), "logvar": np.asarray(logvar), **text}, e["caption"])
-    writer.close()
+    with Writer(out, latent_channels=latent_channels,
+                caption_channels=(negative["y"].shape[-1], negative["clip"].shape[-1]),
+                text_length=negative["y"].shape[0], clip_length=negative["clip"].shape[0], dtype=dtype) as writer:
+        writer.set_negative(negative)
+        for e in tqdm.tqdm(entries, desc="precompute", unit="video", disable=not progress):
+            path = videos / e["video"]
+            try:
+                frames = read_frames(path, num_frames)
+                n = usable_frames(len(frames), num_frames, valid_frames)
+            except (OSError, ValueError) as err:
+                raise DatasetError(f"{path}: {err}") from None
+            height, width = choose_bucket(frames.shape[1], frames.shape[2], buckets)
+            video = to_model_video(resize_crop(frames[:n], height, width))
+            mean, logvar = encode_video(video)
+            text = {k: np.asarray(v)[0] for k, v in encode_text([e["caption"]]).items()}
+            writer.add({"mean": np.asarray(mean), "logvar": np.asarray(logvar), **text}, e["caption"])
+        writer.close()
     return len(entries)
 
 
@@ -166,10 +197,21 @@ def main(argv=None) -> None:
     ap.add_argument("--negative", default="", help="negative prompt encoded for conditioning dropout")
     ap.add_argument("--dtype", default="float16", choices=["float16", "float32"])
     args = ap.parse_args(argv)
+    try:   # every input checked before the release loads
+        buckets = parse_buckets(args.buckets)
+        if args.num_frames < 1:
+            raise DatasetError(f"--num_frames {args.num_frames} must be >= 1")
+        read_captions(args.videos, args.captions)
+        check_new_output(args.out)
+    except (DatasetError, ValueError) as e:
+        ap.error(str(e))
     encode_video, encode_text, valid, channels = release_encoders(args.release)
-    n = precompute(args.videos, args.captions, args.out, encode_video=encode_video, encode_text=encode_text,
-                   valid_frames=valid, latent_channels=channels, buckets=parse_buckets(args.buckets),
-                   num_frames=args.num_frames, negative_prompt=args.negative, dtype=np.dtype(args.dtype))
+    try:
+        n = precompute(args.videos, args.captions, args.out, encode_video=encode_video, encode_text=encode_text,
+                       valid_frames=valid, latent_channels=channels, buckets=buckets, num_frames=args.num_frames,
+                       negative_prompt=args.negative, dtype=np.dtype(args.dtype))
+    except DatasetError as e:
+        ap.exit(1, f"precompute: error: {e} (nothing was written to {args.out})\n")
     print(f"wrote {n} samples to {args.out}")
 
 

@@ -39,7 +39,7 @@ from typing import Callable, Iterable, Mapping, Optional, Sequence
 import numpy as np
 
 from stepvideo_jax.data import synthetic_motion
-from stepvideo_jax.data.format import COND_KEYS, Dataset, DatasetError, Writer
+from stepvideo_jax.data.format import COND_KEYS, Dataset, DatasetError, Writer, check_new_output
 
 FORMAT = "stepvideo-preferences-v1"
 PAIRS_FILE = "pairs.jsonl"
@@ -64,7 +64,12 @@ class PairDataset:
             for line_no, line in enumerate(f, 1):
                 if not line.strip():
                     continue
-                rec = json.loads(line)
+                try:
+                    rec = json.loads(line.rstrip("\r\n"))
+                except json.JSONDecodeError as e:
+                    raise DatasetError(f"{path}:{line_no}: not JSON ({e.msg} at column {e.colno})") from None
+                if not isinstance(rec, dict):
+                    raise DatasetError(f"{path}:{line_no}: expected an object with chosen, rejected")
                 w, l = rec.get("chosen"), rec.get("rejected")
                 if not (isinstance(w, int) and isinstance(l, int) and 0 <= w < n and 0 <= l < n and w != l):
                     raise DatasetError(f"{path}:{line_no}: chosen/rejected must be two different sample "
@@ -81,6 +86,10 @@ class PairDataset:
 
     def bucket(self, i: int) -> tuple[int, int, int]:
         return self.videos.bucket(self.pairs[i][0])
+
+    def check(self, **kw) -> None:
+        """The videos' `format.Dataset.check` (the pairs were checked on opening)."""
+        self.videos.check(**kw)
 
     def load(self, i: int) -> dict[str, np.ndarray]:
         w, l = self.pairs[i]
@@ -112,7 +121,7 @@ def read_choices(path: str | os.PathLike) -> list[Choice]:
             if not line.strip():
                 continue
             try:
-                rec = json.loads(line)
+                rec = json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as e:
                 raise DatasetError(f"{path}:{line_no}: not JSON ({e})") from None
             missing = [k for k in ("prompt", "chosen", "rejected") if not isinstance(rec.get(k), str)]
@@ -136,36 +145,48 @@ def build(root: str | os.PathLike, choices: Sequence[Choice], *, load_video: Cal
     load_video(key) -> uint8 (f, h, w, 3); encode_video(video) -> (mean, logvar), each (f', c, h', w');
     encode_prompt(prompt) -> {"y": (l_text, d_llm), "y_mask": (l_clip + l_text,), "clip": (l_clip, d_clip)}.
     """
-    root = pathlib.Path(root)
-    writer: Optional[Writer] = None
-    index: dict[tuple[str, str], int] = {}
-    prompts: dict[str, dict] = {}
-    pairs = []
+    root = check_new_output(root)
+    if not choices:
+        raise DatasetError("no choices given")
     for c in choices:
         if c.chosen == c.rejected:
             raise DatasetError(f"choice for {c.prompt!r} names the same video {c.chosen} twice")
-        cond = prompts.get(c.prompt)
-        if cond is None:
-            cond = prompts[c.prompt] = {k: np.asarray(v) for k, v in encode_prompt(c.prompt).items()}
-        ids = []
-        for key in (c.chosen, c.rejected):
-            if (c.prompt, key) not in index:
-                mean, logvar = (np.asarray(a) for a in encode_video(load_video(key)))
-                if writer is None:
-                    writer = Writer(root, latent_channels=mean.shape[1],
-                                    caption_channels=(cond["y"].shape[-1], cond["clip"].shape[-1]),
-                                    text_length=cond["y"].shape[0], clip_length=cond["clip"].shape[0], dtype=dtype)
-                index[(c.prompt, key)] = writer.meta["num_samples"]
-                writer.add({"mean": mean, "logvar": logvar, **cond}, caption=c.prompt)
-            ids.append(index[(c.prompt, key)])
-        pairs.append({"chosen": ids[0], "rejected": ids[1], "prompt": c.prompt})
-    if writer is None:
-        raise DatasetError("no choices given")
-    writer.set_negative(encode_prompt(negative_prompt))
-    with open(root / PAIRS_FILE, "w") as f:
-        for p in pairs:
-            f.write(json.dumps(p, ensure_ascii=False) + "\n")
-    writer.close()
+    writer: Optional[Writer] = None
+    index: dict[tuple[str, str], int] = {}
+    shapes: dict[int, tuple] = {}
+    prompts: dict[str, dict] = {}
+    pairs = []
+    try:
+        for c in choices:
+            cond = prompts.get(c.prompt)
+            if cond is None:
+                cond = prompts[c.prompt] = {k: np.asarray(v) for k, v in encode_prompt(c.prompt).items()}
+            ids = []
+            for key in (c.chosen, c.rejected):
+                if (c.prompt, key) not in index:
+                    mean, logvar = (np.asarray(a) for a in encode_video(load_video(key)))
+                    if writer is None:
+                        writer = Writer(root, latent_channels=mean.shape[1],
+                                        caption_channels=(cond["y"].shape[-1], cond["clip"].shape[-1]),
+                                        text_length=cond["y"].shape[0], clip_length=cond["clip"].shape[0],
+                                        dtype=dtype)
+                    index[(c.prompt, key)] = writer.meta["num_samples"]
+                    shapes[writer.meta["num_samples"]] = mean.shape
+                    writer.add({"mean": mean, "logvar": logvar, **cond}, caption=c.prompt)
+                ids.append(index[(c.prompt, key)])
+            if shapes[ids[0]] != shapes[ids[1]]:
+                raise DatasetError(f"choice for {c.prompt!r}: {c.chosen} and {c.rejected} have different latent "
+                                   f"shapes {shapes[ids[0]]} vs {shapes[ids[1]]}")
+            pairs.append({"chosen": ids[0], "rejected": ids[1], "prompt": c.prompt})
+        writer.set_negative(encode_prompt(negative_prompt))
+        with open(writer.staging / PAIRS_FILE, "w") as f:
+            for p in pairs:
+                f.write(json.dumps(p, ensure_ascii=False) + "\n")
+        writer.close()
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
     return PairDataset(root)
 
 
@@ -286,7 +307,17 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
     a = p.parse_args(None if argv is None else list(argv))
     from stepvideo_jax.sampling.video_io import read_mp4
 
-    choices = read_choices(a.choices)
+    try:   # every input checked before the models load
+        choices = read_choices(a.choices)
+        check_new_output(a.out)
+        missing = sorted({v for c in choices for v in (c.chosen, c.rejected) if not pathlib.Path(v).is_file()})
+        if missing:
+            raise DatasetError(f"{a.choices}: {len(missing)} video(s) not found, e.g. {missing[:3]}")
+        same = [c for c in choices if c.chosen == c.rejected]
+        if same:
+            raise DatasetError(f"{a.choices}: the choice for {same[0].prompt!r} names {same[0].chosen} twice")
+    except DatasetError as e:
+        p.error(str(e))
     encode_video, encode_prompt = checkpoint_encoders(a.models)
     ds = build(a.out, choices, load_video=lambda path: read_mp4(path)[0], encode_video=encode_video,
                encode_prompt=encode_prompt, negative_prompt=a.negative_prompt,

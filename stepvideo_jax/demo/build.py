@@ -100,6 +100,9 @@ def write_training_latents(config, root, vae, step_llm, clip):
 
 def dit_train_config(config, workdir: pathlib.Path):
     """`config.dit_train` with the workdir, data path and DiT channels of this build filled in."""
+    if config.dit_train.data.path:
+        raise ValueError(f"dit_train.data.path = {config.dit_train.data.path!r}: the build trains on the latents it "
+                         "writes (<workdir>/latents); leave it empty")
     d = config.dit_train.copy_and_resolve_references()
     d.unlock()
     d.workdir = str(workdir / "dit")

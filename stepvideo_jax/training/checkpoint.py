@@ -6,15 +6,34 @@ directory and renames it when complete, so a run killed at any moment, also duri
 only complete steps behind; `latest_step()` only ever sees those and restore never reads a
 half-written one. Restore takes an abstract state whose leaves carry the target shardings, so a
 checkpoint restores onto a mesh of another size.
+
+Failures are `CheckpointError`s with one-line messages: a save that fails in the background (full
+disk, unwritable directory) is reported by the next `poll()` (the loop calls it every step), not
+50 steps later at the next save; a step that does not restore (corrupt files) is named, and
+`restore_latest(fallback=True)` moves it to `<dir>.corrupt/<step>` (nothing is deleted) and
+resumes from the newest step that does restore.
 """
 from __future__ import annotations
 
 import os
 import pathlib
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import orbax.checkpoint as ocp
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def short_reason(error: BaseException, limit: int = 300) -> str:
+    """The first line of an error, without tensorstore's spec dump, at most `limit` characters:
+    Orbax/tensorstore messages run to thousands of characters."""
+    text = (str(error).strip().splitlines() or [""])[0]
+    text = text.split(" [tensorstore_spec=")[0].split("See full TensorStore details")[0].strip()
+    text = f"{type(error).__name__}: {text}" if text else type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class Checkpointer:
@@ -25,11 +44,16 @@ class Checkpointer:
         if save_every < 1 or keep < 1:
             raise ValueError(f"save_every ({save_every}) and keep ({keep}) must be >= 1")
         self.directory = pathlib.Path(directory).absolute()
-        self.manager = ocp.CheckpointManager(
-            self.directory,
-            options=ocp.CheckpointManagerOptions(save_interval_steps=save_every, max_to_keep=keep,
-                                                 enable_async_checkpointing=async_save,
-                                                 create=True))
+        self._pending: Optional[int] = None    # step of a started save not yet known to have succeeded
+        self._failed = False
+        try:
+            self.manager = ocp.CheckpointManager(
+                self.directory,
+                options=ocp.CheckpointManagerOptions(save_interval_steps=save_every, max_to_keep=keep,
+                                                     enable_async_checkpointing=async_save,
+                                                     create=True))
+        except Exception as e:  # noqa: BLE001  (Orbax raises whatever the filesystem raised)
+            raise CheckpointError(f"checkpoint directory {self.directory} cannot be opened: {short_reason(e)}") from e
 
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()
@@ -39,9 +63,41 @@ class Checkpointer:
 
     def save(self, step: int, state, data_state: Optional[dict] = None, *, force: bool = False) -> bool:
         """Starts a save if `step` is due (or `force`); returns whether one started. The device
-        arrays are copied to host before returning, so `state` may be donated right after."""
-        return self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state or {})), force=force)
+        arrays are copied to host before returning, so `state` may be donated right after.
+        Raises `CheckpointError` if this save or an earlier background one failed."""
+        try:
+            started = self.manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state or {})), force=force)
+        except Exception as e:  # noqa: BLE001
+            self._fail(self._pending if self._pending is not None else step, e)
+        if started:
+            self._pending = step
+        return started
+
+    def poll(self) -> None:
+        """Raises `CheckpointError` if the last background save has finished with an error; cheap
+        (no I/O, no wait) while it is still running or after it was found to have succeeded."""
+        if self._pending is None or self.manager.is_saving_in_progress():
+            return
+        self.wait()
+
+    def wait(self) -> None:
+        """Blocks until the background save is done; `CheckpointError` if it failed."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            self._fail(self._pending, e)
+        self._pending = None
+
+    def _fail(self, step, error: BaseException):
+        self._failed = True
+        raise CheckpointError(f"saving checkpoint step {step} in {self.directory} failed: {short_reason(error)}; "
+                              "the run stops (check free space and permissions; the last complete step is "
+                              f"{self._complete_on_disk()})") from error
+
+    def _complete_on_disk(self) -> Optional[int]:
+        steps = [int(p.name) for p in self.directory.glob("*") if p.name.isdigit()] if self.directory.is_dir() else []
+        return max(steps, default=None)
 
     def restore(self, abstract_state, step: Optional[int] = None) -> tuple[Any, dict]:
         """(state, data_state) of `step` (default: the latest complete one).
@@ -56,11 +112,66 @@ class Checkpointer:
             state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
         return out.state, dict(out.data or {})
 
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
+    def restore_latest(self, abstract_state, *, fallback: bool,
+                       printer: Optional[Callable[[str], Any]] = print) -> tuple[int, Any, dict]:
+        """(step, state, data_state) of the newest step that restores.
+
+        A step that fails to restore is named in a `CheckpointError` (`fallback=False`), or, with
+        `fallback=True`, the next older step is tried; once one restores, the failed newer ones are
+        moved to `<dir>.corrupt/` (kept for inspection; Orbax would otherwise refuse to save their
+        step numbers again). If no step restores, nothing is moved (the cause is then more likely
+        a changed model or optimizer config than corrupt files).
+        """
+        failed: list[tuple[int, str]] = []
+        for step in sorted(self.all_steps(), reverse=True):
+            try:
+                state, data = self.restore(abstract_state, step)
+            except Exception as e:  # noqa: BLE001  (tensorstore, msgpack, JSON, OS errors alike)
+                failed.append((step, short_reason(e)))
+                if not fallback:
+                    raise CheckpointError(
+                        f"checkpoint step {step} in {self.directory} does not restore ({failed[-1][1]}); "
+                        "set checkpoint.fallback=True to resume from the previous complete step, or move "
+                        f"{self.directory / str(step)} away") from e
+                if printer:
+                    printer(f"checkpoint step {step} does not restore ({failed[-1][1]}); trying the previous one")
+                continue
+            if failed:
+                self._set_aside([s for s, _ in failed])
+                if printer:
+                    printer(f"resuming from step {step}; the unreadable step(s) {[s for s, _ in failed]} were moved "
+                            f"to {self._corrupt_dir()}")
+            return step, state, data
+        raise CheckpointError(f"no checkpoint in {self.directory} restores: " +
+                              "; ".join(f"step {s}: {r}" for s, r in failed) +
+                              " (a changed model/optimizer config also does this; nothing was moved)")
+
+    def _corrupt_dir(self) -> pathlib.Path:
+        return self.directory.with_name(self.directory.name + ".corrupt")
+
+    def _set_aside(self, steps: list[int]) -> None:
+        if jax.process_index() == 0:
+            self._corrupt_dir().mkdir(exist_ok=True)
+            for s in steps:
+                target = self._corrupt_dir() / str(s)
+                n = 1
+                while target.exists():
+                    target, n = self._corrupt_dir() / f"{s}.{n}", n + 1
+                (self.directory / str(s)).rename(target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("stepvideo_jax checkpoint set-aside")
+        self.manager.reload()
 
     def close(self) -> None:
-        self.manager.close()
+        """Waits for the background save and closes; after a failed save it only lets go (waiting
+        again would re-raise, and Orbax's threads of the failed save never finish)."""
+        if not self._failed:
+            try:
+                self.manager.close()
+            except Exception as e:  # noqa: BLE001
+                self._fail(self._pending, e)
 
 
 def abstract_with_shardings(abstract_state, shardings):

@@ -30,7 +30,7 @@ from stepvideo_jax.data import pipeline, synthetic
 from stepvideo_jax.models.dit import DiTConfig, StepVideoDiT
 from stepvideo_jax.parallel.rules import logical_to_spec, state_shardings
 from stepvideo_jax.training import optimizer as optim
-from stepvideo_jax.training import train_state
+from stepvideo_jax.training import startup, train_state
 from stepvideo_jax.training.checkpoint import Checkpointer, abstract_with_shardings
 from stepvideo_jax.training.metrics import MetricsWriter, peak_flops_per_device, train_flops
 from stepvideo_jax.training.train_step import StepSettings, heldout_loss, make_train_step
@@ -122,7 +122,11 @@ def optimizer_of(config):
 
 
 def open_dataset(config, workdir: pathlib.Path) -> data_format.Dataset:
+    """`config.data.path` when set (it wins over a config's default synthetic set), else the
+    synthetic set written into the workdir."""
     d = config.data
+    if d.get("path"):
+        return data_format.Dataset(d.path)
     if d.get("synthetic"):
         root = workdir / "synthetic_data"
         if not (root / "meta.json").exists():
@@ -131,9 +135,19 @@ def open_dataset(config, workdir: pathlib.Path) -> data_format.Dataset:
                             channels=s.channels, text_length=s.text_length, clip_length=s.clip_length,
                             caption_channels=tuple(s.caption_channels), seed=s.seed)
         return data_format.Dataset(root)
-    if not d.get("path"):
-        raise ValueError("config.data needs `path` (a stepvideo-latents-v1 directory) or `synthetic`")
-    return data_format.Dataset(d.path)
+    raise ValueError("config.data needs `path` (a stepvideo-latents-v1 directory) or `synthetic`")
+
+
+def _resume(ckpt: Checkpointer, abstract_state, config, writer: MetricsWriter, printer):
+    """(state, data_state) of the newest checkpoint that restores (`config.checkpoint.fallback`,
+    default True: an unreadable newest step is set aside, see `Checkpointer.restore_latest`); the
+    metrics of the steps the run will replay are dropped from `metrics.jsonl`."""
+    step, state, data_state = ckpt.restore_latest(abstract_state, fallback=config.checkpoint.get("fallback", True),
+                                                  printer=printer)
+    writer.discard_after(step)
+    if printer:
+        printer(f"resumed from {ckpt.directory}/{step}")
+    return state, data_state
 
 
 def batch_shardings(example: dict, mesh: Mesh) -> dict:
@@ -168,7 +182,7 @@ def train(config, workdir=None, *, printer: Optional[Callable[[str], Any]] = pri
     replaces the flow-matching parts (see `Objective`)."""
     objective = objective or Objective()
     workdir = pathlib.Path(workdir or config.workdir).absolute()
-    workdir.mkdir(parents=True, exist_ok=True)
+    startup.check_run_directories(workdir, workdir / "checkpoints")
     mesh = build_mesh(dict(config.mesh))
     init_from = config.model.get("init_from", "")
     cfg = _init_config(init_from) if init_from else dit_config(config.model)
@@ -198,6 +212,7 @@ def train(config, workdir=None, *, printer: Optional[Callable[[str], Any]] = pri
     state_sh = state_shardings(abstract_state, mesh)
 
     dataset = (objective.open_dataset or open_dataset)(config, workdir)
+    startup.check_dataset(dataset, config.data.get("path") or workdir)
     data_iter = pipeline.batches(dataset, config.data.global_batch, seed=config.data.seed,
                                  process_index=jax.process_index(), process_count=jax.process_count(),
                                  num_threads=config.data.num_threads, prefetch=config.data.prefetch)
@@ -225,11 +240,11 @@ def train(config, workdir=None, *, printer: Optional[Callable[[str], Any]] = pri
     try:
         with jax.set_mesh(mesh):
             if ckpt.latest_step() is not None:
-                state, data_state = ckpt.restore(abstract_with_shardings(abstract_state, state_sh))
+                state, data_state = _resume(ckpt, abstract_with_shardings(abstract_state, state_sh), config,
+                                            writer, printer)
                 data_iter.set_state(data_state)
-                if printer:
-                    printer(f"resumed from {ckpt.directory}/{ckpt.latest_step()}")
             else:
+                writer.discard_after(-1)  # records of an earlier attempt that saved no checkpoint
                 state = jax.jit(init_state, out_shardings=state_sh)()
                 if objective.init_params is not None:
                     state = objective.init_params(config, state, state_sh)
@@ -280,6 +295,7 @@ def train(config, workdir=None, *, printer: Optional[Callable[[str], Any]] = pri
                     sampler(workdir, step, state.ema if state.ema is not None else state.params, heldout, aux)
                     window["t0"] += time.perf_counter() - t_samples
                 ckpt.save(step, state, data_iter.get_state())
+                ckpt.poll()
             ckpt.save(step, state, data_iter.get_state(), force=step not in ckpt.all_steps())
             ckpt.wait()
     finally:

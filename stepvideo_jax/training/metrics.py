@@ -79,6 +79,20 @@ class MetricsWriter:
         if self.printer is not None:
             self.printer(f"step {step}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in scalars.items()))
 
+    def discard_after(self, step: int) -> int:
+        """Drops the records of steps after `step` (a resumed run replays them from its checkpoint,
+        so they would appear twice); rewrites the file atomically. Returns how many were dropped.
+        The TensorBoard event file is append-only: TensorBoard itself shows the newest value."""
+        self._file.close()
+        lines = self.path.read_text().splitlines(keepends=True)
+        keep = [ln for ln in lines if not ln.strip() or _step_of(ln) is None or _step_of(ln) <= step]
+        if len(keep) != len(lines):
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(keep))
+            os.replace(tmp, self.path)
+        self._file = open(self.path, "a")
+        return len(lines) - len(keep)
+
     def close(self) -> None:
         self._file.close()
         if self._tb is not None:
@@ -116,6 +130,13 @@ class _EventFile:
 def _fmt(v: float) -> str:
     v = float(v)
     return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.3e}"
+
+
+def _step_of(line: str):
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
