@@ -1,7 +1,8 @@
 """`python -m stepvideo_jax.convert`: the official release directory -> Orbax checkpoints.
 
     python -m stepvideo_jax.convert --release stepvideo-t2v/ --out ckpt/ \
-        [--components transformer,vae,step_llm,hunyuan_clip] [--dtype bfloat16|float32] [--overwrite]
+        [--components transformer,vae,step_llm,hunyuan_clip] [--dtype bfloat16|float32] [--overwrite] \
+        [--allowed-root DIR]
 
 Output (`<out>/`): `conversion.json` (what was converted, from where, in which dtype) and one
 directory per component, `<out>/<component>/`, laid out as `orbax_io` describes (manifest, Orbax
@@ -304,6 +305,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bfloat16", choices=sorted(OUTPUT_DTYPES),
                    help="stored parameter dtype (default bfloat16: the released shards' dtype, so nothing is lost)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out once the new one is complete")
+    p.add_argument("--allowed-root", default=None,
+                   help="folder every release file must resolve into (default: each component folder, or the "
+                        "hub cache's models--org--name/); for releases whose files link into another store")
     p.add_argument("--group-mb", type=_positive_int, default=orbax_io.GROUP_BYTES // 2**20,
                    help="size of one Orbax parameter group in MiB (bounds host memory while writing)")
     return p
@@ -321,7 +325,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     try:
         out = convert_release(release, args.out, components=components, dtype=args.dtype,
-                              overwrite=args.overwrite, group_bytes=args.group_mb * 2**20)
+                              overwrite=args.overwrite, group_bytes=args.group_mb * 2**20,
+                              allowed_root=args.allowed_root)
     except (CheckpointError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

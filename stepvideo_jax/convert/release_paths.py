@@ -46,7 +46,8 @@ def contained(path: str | os.PathLike, root: str | os.PathLike, *, what: str) ->
     resolved = pathlib.Path(path).resolve()
     if resolved != root and root not in resolved.parents:
         raise CheckpointError(f"{what}: resolves to {resolved}, outside the allowed root {root}; files a "
-                              "release names must stay inside it (symlinks out of the release are refused)")
+                              "release names must stay inside it (symlinks out of the release are refused; a "
+                              "release that deliberately links into another store: convert --allowed-root STORE)")
     return resolved
 
 
