@@ -14,7 +14,7 @@ import pytest
 
 from stepvideo_jax.sampling import components
 from stepvideo_jax.sampling import pipeline as P
-from stepvideo_jax.sampling.flow_matching import SamplerSettings
+from stepvideo_jax.sampling.flow_matching import SamplerSettings, classifier_free_guidance
 from tests.fixtures import assert_close, fixture_dir, load_npz
 from tests.test_flow_matching import count_compiles
 
@@ -71,10 +71,12 @@ def test_prompt_to_frames(name):
     velocity = jax.jit(P.dit_velocity_fn(t2v.dit_graphdef))
     for i in range(settings.num_steps):
         lat = d["initial_noise"] if i == 0 else d["latents"][i - 1]
-        t = jnp.full((2,), d["timesteps"][i])
+        t = jnp.full((2 * len(lat),), d["timesteps"][i])
         raw = velocity(t2v.dit_state, jnp.concatenate([lat, lat]), t, {k: jnp.asarray(d[v]) for k, v in
                        (("y", "y"), ("y_mask", "y_mask"), ("clip", "clip_embedding"))})
         assert_close(raw, d["noise_pred_raw"][i], **LATENT_TOL, name=f"{name}.noise_pred_raw[{i}]")
+        guided = classifier_free_guidance(raw, np.float32(settings.guidance_scale))
+        assert_close(guided, d["noise_pred"][i], **GUIDED_TOL, name=f"{name}.noise_pred[{i}]")
 
     steps = {}
     out = t2v([prompt], size=size, settings=settings, seeds=[int(d["seed"])], pos_magic=pos, neg_magic=neg,
