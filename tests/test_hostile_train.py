@@ -291,3 +291,19 @@ def test_preferences_build_checks_inputs_first_and_writes_atomically(tmp_path, m
     with pytest.raises(OSError, match="cannot decode"):
         preferences.build(tmp_path / "prefs", plan, load_video=load, **enc)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["choices.jsonl"]
+
+
+def test_startup_dataset_check_is_presence_only_on_remote_paths(tmp_path):
+    from stepvideo_jax.training import startup
+
+    ds = write_tiny_dataset(tmp_path / "d")
+    arrays = ds.load(0)
+    arrays["clip"] = arrays["clip"][:-1]                        # a header disagreement
+    np.savez(ds.root / ds.records[0]["file"], **arrays)
+    with pytest.raises(data_format.DatasetError, match="clip has shape"):
+        startup.check_dataset(ds, str(ds.root))
+    startup.check_dataset(ds, "gs://bucket/d")                  # index + presence only
+    startup.check_dataset(ds, str(ds.root), headers=False)
+    (ds.root / ds.records[1]["file"]).unlink()
+    with pytest.raises(data_format.DatasetError, match="is missing"):
+        startup.check_dataset(ds, "gs://bucket/d")

@@ -30,6 +30,8 @@ def get_config(arg: str = "v5p-256"):
     c.data.seed = 0
     c.data.num_threads = 16
     c.data.prefetch = 2
+    c.data.check_headers = True       # start-up: every sample file present and its npy headers agree (~0.6 ms
+    #                                   a file on local disk); False: presence only (gs:// paths: always)
     c.data.synthetic = None
     c.optim = ml_collections.ConfigDict(dict(
         learning_rate=1e-5, warmup_steps=500, schedule="constant", end_fraction=1.0,

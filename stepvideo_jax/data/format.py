@@ -18,6 +18,7 @@ range). Every step draws a fresh latent `mean + exp(logvar / 2) * eps` from the 
 """
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import pathlib
@@ -193,14 +194,20 @@ class Dataset:
         and meta.json give and float16/float32 (y_mask int32) dtypes; `arrays`: also reads every
         array in full (zip CRCs) and requires finite values (`python -m stepvideo_jax.verify`).
         The message names the first `limit` problems and how many there are."""
-        problems = []
         jobs = [(self.root / r["file"], i, f"index.jsonl line {r['line']}") for i, r in enumerate(self.records)]
-        for path, i, where in [(self.root / "negative.npz", None, "negative prompt")] + jobs:
+
+        def problems_of(job) -> list[str]:
+            path, i, where = job
             if not path.is_file():
-                problems.append(f"{path} ({where}) is missing")
-            elif headers or arrays:
-                problems.extend(f"{path} ({where}): {p}"
-                                for p in _file_problems(path, self.expected_shapes(i), arrays=arrays))
+                return [f"{path} ({where}) is missing"]
+            if headers or arrays:
+                return [f"{path} ({where}): {p}" for p in _file_problems(path, self.expected_shapes(i), arrays=arrays)]
+            return []
+
+        # threads: on network filesystems each file costs a round trip
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            problems = [p for found in pool.map(problems_of, [(self.root / "negative.npz", None, "negative prompt")]
+                                                + jobs) for p in found]
         if problems:
             more = f" (and {len(problems) - limit} more)" if len(problems) > limit else ""
             raise DatasetError(f"{self.root}: {len(problems)} problem(s): " + "; ".join(problems[:limit]) + more)

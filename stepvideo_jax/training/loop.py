@@ -212,7 +212,7 @@ def train(config, workdir=None, *, printer: Optional[Callable[[str], Any]] = pri
     state_sh = state_shardings(abstract_state, mesh)
 
     dataset = (objective.open_dataset or open_dataset)(config, workdir)
-    startup.check_dataset(dataset, config.data.get("path") or workdir)
+    startup.check_dataset(dataset, config.data.get("path") or workdir, headers=config.data.get("check_headers", True))
     data_iter = pipeline.batches(dataset, config.data.global_batch, seed=config.data.seed,
                                  process_index=jax.process_index(), process_count=jax.process_count(),
                                  num_threads=config.data.num_threads, prefetch=config.data.prefetch)

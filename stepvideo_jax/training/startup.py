@@ -45,7 +45,8 @@ def check_run_directories(workdir: str | os.PathLike, checkpoint_dir: str | os.P
     check_writable(checkpoint_dir, "checkpoint directory")
 
 
-def check_dataset(dataset, source) -> None:
-    """`dataset.check(headers=...)` (see `data.format.Dataset.check`): headers are read unless
-    `source`, the configured data path, is remote."""
-    dataset.check(headers=not is_remote(source))
+def check_dataset(dataset, source, *, headers: bool = True) -> None:
+    """`dataset.check(headers=...)` (see `data.format.Dataset.check`): headers are read when
+    `headers` (`config.data.check_headers`; ~0.6 ms a file on local disk, 2 busy CPU cores) and
+    `source`, the configured data path, is not remote."""
+    dataset.check(headers=headers and not is_remote(source))
