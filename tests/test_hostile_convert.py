@@ -77,6 +77,29 @@ def test_shipped_demo_transformer_restores(tmp_path):
     assert model.cfg.num_layers == record["num_layers"]
 
 
+@pytest.mark.parametrize("edit, match", [
+    (lambda m, out: m["groups"][0].update(dir=str(out)), "group 0 dir"),
+    (lambda m, out: m["groups"][0].update(dir="../../outside"), "group 0 dir '../../outside'"),
+    (lambda m, out: m["groups"][0]["params"].update({"x": ["1"]}), "group 0 must be"),
+    (lambda m, out: m.update(groups={"dir": "params"}), "'groups' must be a list"),
+    (lambda m, out: m.update(dtype="int4"), "dtype 'int4'"),
+])
+def test_manifest_groups_stay_inside_the_checkpoint(tmp_path, monkeypatch, edit, match):
+    """A manifest's group folders are read by Orbax: one outside the checkpoint is refused unread."""
+    root = demo_component(tmp_path, "transformer")
+    outside = tmp_path / "outside"
+    shutil.copytree(root / "transformer" / "params", outside)
+    path = root / "transformer" / orbax_io.MANIFEST
+    manifest = json.loads(path.read_text())
+    edit(manifest, outside)
+    path.write_text(json.dumps(manifest))
+    restored = []
+    monkeypatch.setattr(orbax_io.ocp.StandardCheckpointer, "restore", lambda self, *a, **k: restored.append(a))
+    with pytest.raises(CheckpointError, match=match):
+        cli.load_converted(root, "transformer")
+    assert restored == []
+
+
 def _demo_values(component):
     return dict(orbax_io.read_manifest(DEMO / component)["config"]["values"])
 

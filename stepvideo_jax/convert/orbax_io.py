@@ -29,6 +29,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from orbax.checkpoint import type_handlers
 
+from stepvideo_jax.convert import release_paths
 from stepvideo_jax.convert.keymap import unflatten
 from stepvideo_jax.convert.safetensors_io import CheckpointError
 
@@ -38,6 +39,7 @@ MANIFEST = "manifest.json"
 PARAMS = "params"
 GROUP_BYTES = 256 * 2**20
 CHUNK_BYTES = 64 * 2**20
+MANIFEST_DTYPES = ("float32", "bfloat16")
 
 
 def _nested(flat: Mapping[str, object]) -> dict:
@@ -131,10 +133,28 @@ def read_manifest(component_dir: str | pathlib.Path) -> dict:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
-        raise CheckpointError(f"{path}: format {manifest.get('format')!r} version {manifest.get('version')!r}; "
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        got = (manifest.get("format"), manifest.get("version")) if isinstance(manifest, dict) else (None, None)
+        raise CheckpointError(f"{path}: format {got[0]!r} version {got[1]!r}; "
                               f"this code reads {FORMAT!r} version {VERSION}")
+    _check_groups(path, manifest.get("groups"))
+    if manifest.get("dtype") not in MANIFEST_DTYPES:
+        raise CheckpointError(f"{path}: dtype {manifest.get('dtype')!r:.40}; expected one of {list(MANIFEST_DTYPES)}")
     return manifest
+
+
+def _check_groups(path: pathlib.Path, groups) -> None:
+    """`groups` must be [{"dir": relative folder inside the component, "params": {path: [int, ...]}}]:
+    a manifest is shared data, so a group may not point Orbax at a folder outside the checkpoint."""
+    if not isinstance(groups, list):
+        raise CheckpointError(f"{path}: 'groups' must be a list, got {type(groups).__name__}")
+    for i, group in enumerate(groups):
+        if not (isinstance(group, dict) and isinstance(group.get("params"), dict)
+                and all(isinstance(k, str) and isinstance(v, list)
+                        and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in v)
+                        for k, v in group["params"].items())):
+            raise CheckpointError(f"{path}: group {i} must be {{'dir': ..., 'params': {{path: [sizes]}}}}")
+        release_paths.release_file(path.parent, group.get("dir"), what=f"{path}: group {i} dir {group.get('dir')!r}")
 
 
 def _flat_state(tree) -> dict[str, object]:
