@@ -278,3 +278,31 @@ def test_trace_through_the_projects_dit():
     for i in range(n):
         raw = velocity(state, jnp.asarray(tr[f"step{i}_model_in"]), jnp.asarray(tr[f"step{i}_timestep_in"]), text)
         assert_close(raw, tr[f"step{i}_noise_pred_raw"], atol=1e-4, rtol=1e-4, name=f"step{i}_noise_pred_raw")
+
+
+def test_cfg_with_cond_rows_only_is_named_before_the_dit_runs():
+    """CFG needs [cond, uncond] rows; the cond rows alone fail with the expected row count named,
+    not with a reshape error inside the DiT."""
+    from stepvideo_jax.convert import dit as dit_convert
+    from stepvideo_jax.sampling import pipeline
+
+    trace = load_json(FIXTURE)["trace"]
+    model = dit_convert.build(dit_convert.config_from_dict(trace["transformer_config"]), rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    tr, *_ = _trace_arrays()
+    noise = jnp.asarray(tr["initial_latents"])
+    b = noise.shape[0]
+    cond_only = dict(y=jnp.asarray(tr["prompt_embeds"][:b]), y_mask=jnp.asarray(tr["prompt_attention_mask"][:b]),
+                     clip=jnp.asarray(tr["prompt_embeds_2"][:b]))
+    sampler = fm.FlowMatchSampler(pipeline.dit_velocity_fn(graphdef))
+    with pytest.raises(ValueError, match=rf"\by \({b}, .*expected {2 * b} rows: {b} cond \+ {b} uncond"):
+        sampler.sample(state, noise, cond_only, fm.SamplerSettings(2, 9.0, 13.0))
+
+
+def test_cond_rows_must_match_the_latents():
+    params, noise, cond = _toy(b=2)
+    with pytest.raises(ValueError, match=r"leaves emb \(4, 4\).*2 latent row\(s\): expected 2 rows, one per latent"):
+        fm.FlowMatchSampler(_toy_velocity).sample(params, noise, cond, fm.SamplerSettings(2, 1.0, 13.0))
+    with pytest.raises(ValueError, match=r"leaves emb \(3, 4\).*expected 4 rows: 2 cond \+ 2 uncond"):
+        fm.FlowMatchSampler(_toy_velocity).sample(params, noise, dict(emb=cond["emb"][:3]),
+                                                  fm.SamplerSettings(2, 9.0, 13.0))

@@ -5,6 +5,7 @@ converted checkpoint named by a relative path), the encoders must really be gone
 dead, live device bytes down by at least their parameters) before the DiT loads, and the eval runner
 must encode every pending prompt before the first denoising and still resume.
 """
+import gc
 import weakref
 
 import jax
@@ -30,7 +31,16 @@ def tiny_config(output, **overrides):
     return load_config("configs/generate/tiny.py", **{**SMALL, "output": str(output), **overrides})
 
 
+def settled_live_bytes() -> int:
+    """Live device bytes once unreachable garbage (earlier tests' models in reference cycles) is
+    collected: otherwise a collection during a measured load lowers the count, and a test's
+    memory figures depend on which tests ran before it."""
+    gc.collect()
+    return generate.live_bytes()
+
+
 def run_cli(config) -> dict:
+    settled_live_bytes()
     return generate.run(config, generate.resolve(config))
 
 
@@ -100,7 +110,7 @@ def test_text_encoders_are_released_before_the_dit_loads(tmp_path, monkeypatch):
         param_bytes.append(sum(a.nbytes for a in params))
 
     monkeypatch.setattr(conditioning.TextConditioner, "__init__", recording_init)
-    before = generate.live_bytes()
+    before = settled_live_bytes()
     memory = {}
     conds, seconds, _ = generate.encode_stage(config, generate.build_loader(config, job), [["a cat"], ["a dog"]],
                                               job.settings, memory)
@@ -121,7 +131,7 @@ def test_staged_run_from_a_relative_converted_checkpoint(tmp_path, monkeypatch, 
     release = fixture_dir("release_layout") / "stepvideo-t2v"
     cli.convert_release(release, tmp_path / "ckpt")
     monkeypatch.chdir(tmp_path)
-    before = generate.live_bytes()   # arrays other tests of this process still hold
+    before = settled_live_bytes()   # arrays other tests of this process still hold
     staged = run_cli(tiny_config(tmp_path / "staged" / "v.mp4", checkpoint_dir="ckpt"))
     loaded = run_cli(tiny_config(tmp_path / "loaded" / "v.mp4", checkpoint_dir=str(release),
                                  release_text_encoders=False))

@@ -129,13 +129,28 @@ class SamplerSettings:
         return uses_cfg(self.guidance_scale)
 
 
+def check_cond_rows(cond, latent_rows: int, *, cfg: bool) -> None:
+    """Every cond leaf must have 2b rows [b cond, b uncond] with CFG, else b; checked on shapes (at
+    trace time) so that a wrong batch is named here, not as a reshape error deep in the model."""
+    want = 2 * latent_rows if cfg else latent_rows
+    wrong = [f"{jax.tree_util.keystr(path, simple=True, separator='/')} {tuple(np.shape(leaf))}"
+             for path, leaf in jax.tree_util.tree_leaves_with_path(cond)
+             if np.ndim(leaf) < 1 or np.shape(leaf)[0] != want]
+    if wrong:
+        expected = (f"{want} rows: {latent_rows} cond + {latent_rows} uncond (classifier-free guidance "
+                    "is on: guidance_scale > 1)" if cfg else f"{want} rows, one per latent (no CFG)")
+        raise ValueError(f"conditioning leaves {', '.join(wrong)} do not fit {latent_rows} latent row(s): "
+                         f"expected {expected}")
+
+
 def denoise_step(velocity_fn: VelocityFn, params, latents, cond, t, sigma, sigma_next, guidance,
                  *, cfg: bool, model_dtype) -> jax.Array:
     """One sampler step: velocity at t (CFG batch [cond, uncond] when `cfg`), guidance, Euler.
 
-    latents (b, f, c, h, w) float32; cond leaves have 2b rows with `cfg`, else b; t, sigma,
-    sigma_next, guidance are scalars. Returns float32 latents.
+    latents (b, f, c, h, w) float32; cond leaves have 2b rows with `cfg`, else b (ValueError
+    otherwise); t, sigma, sigma_next, guidance are scalars. Returns float32 latents.
     """
+    check_cond_rows(cond, latents.shape[0], cfg=cfg)
     x = latents.astype(model_dtype)
     if cfg:
         x = jnp.concatenate([x, x], axis=0)
