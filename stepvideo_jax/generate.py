@@ -29,8 +29,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 
-from stepvideo_jax import config_files, hub
+from stepvideo_jax import config_files, hub, logs, paths
 from stepvideo_jax.convert.safetensors_io import CheckpointError
 from stepvideo_jax.parallel.mesh import MeshConfig, make_mesh
 from stepvideo_jax.sampling import components, video_io
@@ -50,7 +51,7 @@ class Job:
     seeds: list[int]
     size: VideoSize
     settings: SamplerSettings
-    outputs: list[pathlib.Path]
+    outputs: list[epath.Path]
     checkpoint_dir: pathlib.Path | None
     dtypes: dict
     mesh: MeshConfig | None
@@ -86,10 +87,10 @@ def resolve(config: ml_collections.ConfigDict, *, prompts=None, outputs=None) ->
         raise ValueError("this config has no tiny random models: set --config.checkpoint_dir to a release "
                          "directory (transformer/, vae/, step_llm/, hunyuan_clip/) or its converted checkpoint")
     if outputs is None:
-        output = pathlib.Path(config.output)
+        output = paths.as_path(config.output)
         outputs = [output] if len(prompts) == 1 else [
             output.with_name(f"{output.stem}_{i}{output.suffix}") for i in range(len(prompts))]
-    outputs = [pathlib.Path(p) for p in outputs]
+    outputs = [paths.as_path(p) for p in outputs]
     for path in outputs:
         if path.suffix.lower() != ".mp4":
             raise ValueError(f"output {path} must end in .mp4")
@@ -186,32 +187,48 @@ def encode_stage(config: ml_collections.ConfigDict, loader: components.Loader, b
 
 
 def generate(config: ml_collections.ConfigDict, job: Job, pipe: TextToVideo, cond: dict | None = None) -> dict:
-    """Run one batch and write its files; returns {"files", "latents", "timings"}. `cond`: the
-    batch's conditioning encoded beforehand (`encode_batches`), else `pipe` encodes the prompts."""
+    """Run one batch and write its files (process 0 only: every process computes); returns
+    {"files", "latents", "timings"}. `cond`: the batch's conditioning encoded beforehand
+    (`encode_batches`), else `pipe` encodes the prompts."""
     result = pipe(job.prompts, size=job.size, settings=job.settings, seeds=job.seeds,
                   pos_magic=config.pos_magic, neg_magic=config.neg_magic, crop=config.crop_540p,
                   progress=config.progress, cond=cond)
     start = time.perf_counter()
     latent_files = []
     for path, frames, latents in zip(job.outputs, result.frames, result.latents):
+        if config.save_latents:
+            latent_files.append(str(path.with_suffix(".npy")))
+        if not paths.writes_shared_files():
+            continue
         video_io.write_mp4(path, frames, denoise=config.denoise_filter)
         if config.save_latents:
-            latent_files.append(_save_npy(path.with_suffix(".npy"), latents[None]))
+            _save_npy(path.with_suffix(".npy"), latents[None])
     timings = dict(result.timings, write=time.perf_counter() - start)
     return {"files": [str(p) for p in job.outputs], "latents": latent_files, "timings": timings}
 
 
-def _save_npy(path: pathlib.Path, array: np.ndarray) -> str:
-    """`np.save` to a temporary sibling, renamed into place; a failed write (full disk) leaves nothing."""
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
+def _save_npy(path, array: np.ndarray) -> None:
+    with paths.local_then_move(path, ".npy") as tmp:
         with open(tmp, "wb") as f:
             np.save(f, array)
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return str(path)
+
+
+def describe(config: ml_collections.ConfigDict, job: Job, *, full: bool = False) -> str:
+    """The resolved config as a run prints it: the fields that shape the video (`full`: all)."""
+    if full:
+        return "resolved config:\n" + str(config)
+    prompts = [f"  prompt: {job.prompts[0]}"] if len(job.prompts) == 1 else [
+        f"  prompts: {len(job.prompts)} ({job.prompts[0]!r}, ...)"]
+    s = job.settings
+    dtypes = ", ".join(f"{k} {v}" for k, v in config.dtypes.items())
+    return "\n".join([
+        "resolved config (every field: --verbosity=1):",
+        f"  weights: {job.checkpoint_dir or 'tiny random (config.tiny)'}",
+        *prompts,
+        f"  video: {job.size.num_frames} frames of {job.size.height} x {job.size.width}, seed {job.seeds[0]}",
+        f"  sampler: {s.num_steps} steps, guidance {s.guidance_scale:g}, time shift {s.shift:g}",
+        f"  dtypes: {dtypes}; mesh: {config.mesh or 'one device'}",
+    ])
 
 
 def format_timings(timings: dict) -> str:
@@ -228,7 +245,7 @@ def run(config: ml_collections.ConfigDict, job: Job) -> dict:
     only then load the DiT and the VAE (peak memory: the larger stage, not the sum); else all load
     at once and the prompts are encoded inside the pipeline call.
     """
-    print("resolved config:\n" + str(config), flush=True)
+    print(describe(config, job, full=logs.verbosity() >= 1), flush=True)
     memory = {}
     start = time.perf_counter()
     loader = build_loader(config, job, job_mesh(job))
@@ -250,8 +267,9 @@ def run(config: ml_collections.ConfigDict, job: Job) -> dict:
     note_memory(memory, "generation")
     summary["timings"] = {**timings, **summary["timings"]}
     summary["live_bytes"] = memory
-    for path in summary["files"] + summary["latents"]:
-        print(f"wrote {path}")
+    if paths.writes_shared_files():
+        for path in summary["files"] + summary["latents"]:
+            print(f"wrote {path}")
     print(format_timings(summary["timings"]), flush=True)
     return summary
 
@@ -266,6 +284,7 @@ def main(argv=None):
     def _main(args):
         if len(args) > 1:
             raise app.UsageError(f"unexpected arguments {args[1:]}; settings go through --config.<field>=...")
+        logs.quiet_unless_asked()
         try:
             job = resolve(config_flag.value)
         except ValueError as e:
@@ -279,8 +298,8 @@ def main(argv=None):
         except (video_io.VideoFileError, OSError) as e:  # e.g. a full disk: the encoder or a save failed
             print(f"error: {e}", file=sys.stderr)
             return 1
-        if flags.FLAGS.summary_json:
-            pathlib.Path(flags.FLAGS.summary_json).write_text(json.dumps(summary, indent=1))
+        if flags.FLAGS.summary_json and paths.writes_shared_files():
+            paths.write_text(flags.FLAGS.summary_json, json.dumps(summary, indent=1))
         return 0
 
     app.run(_main, argv=config_files.resolve_argv(argv))

@@ -19,15 +19,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import pathlib
 import re
 import sys
 import time
 
 import ml_collections
+from etils import epath
 
-from stepvideo_jax import config_files, generate
+from stepvideo_jax import config_files, generate, logs, paths
 from stepvideo_jax.convert.safetensors_io import CheckpointError
 from stepvideo_jax.sampling import video_io
 from stepvideo_jax.sampling.pipeline import TextToVideo, frame_shape
@@ -44,7 +44,7 @@ SETTINGS_FIELDS = ("seed", "num_frames", "height", "width", "num_steps", "guidan
 
 def read_prompts(path=EVAL_PROMPTS) -> list[str]:
     """One prompt per non-empty line."""
-    path = pathlib.Path(path)
+    path = paths.as_path(path)
     if not path.is_file():
         raise ValueError(f"prompt list {path} not found")
     prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -67,8 +67,11 @@ def settings_record(config: ml_collections.ConfigDict, prompts: list[str]) -> di
     return json.loads(json.dumps(record))
 
 
-def remove_stale_partials(output_dir: pathlib.Path) -> list[str]:
-    """Delete the temporary files an interrupted run left (`.<name>.partial[.mp4]`); returns their names."""
+def remove_stale_partials(output_dir) -> list[str]:
+    """Delete the temporary files an interrupted run left (`.<name>.partial[.mp4]`); returns their
+    names (process 0 only: the others return [])."""
+    if not paths.writes_shared_files():
+        return []
     stale = sorted(p.name for p in output_dir.iterdir() if PARTIAL_NAME.fullmatch(p.name) and p.is_file())
     for name in stale:
         (output_dir / name).unlink()
@@ -80,7 +83,7 @@ def _way_out(output_dir: pathlib.Path) -> str:
             f"(NNN.mp4, NNN.npy, {MANIFEST}) and start over")
 
 
-def load_manifest(output_dir: pathlib.Path, settings: dict, *, overwrite: bool = False) -> dict:
+def load_manifest(output_dir, settings: dict, *, overwrite: bool = False) -> dict:
     """The folder's manifest, checked to be of this job (`settings`); a new one for an empty folder.
 
     `overwrite`: delete this runner's files (NNN.mp4, NNN.npy, the manifest) first; other files stay.
@@ -89,7 +92,8 @@ def load_manifest(output_dir: pathlib.Path, settings: dict, *, overwrite: bool =
     outputs = sorted(p.name for p in output_dir.iterdir() if OUTPUT_NAME.fullmatch(p.name) and p.is_file())
     if overwrite:
         for name in outputs + ([MANIFEST] if path.is_file() else []):
-            (output_dir / name).unlink()
+            if paths.writes_shared_files():
+                (output_dir / name).unlink()
         return {"settings": settings, "videos": {}}
     if not path.is_file():
         if outputs:
@@ -112,17 +116,13 @@ def load_manifest(output_dir: pathlib.Path, settings: dict, *, overwrite: bool =
     return manifest
 
 
-def write_manifest(output_dir: pathlib.Path, manifest: dict) -> None:
-    tmp = output_dir / f".{MANIFEST}.partial"
-    try:
-        tmp.write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-        os.replace(tmp, output_dir / MANIFEST)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+def write_manifest(output_dir, manifest: dict) -> None:
+    """Atomically replace the manifest (process 0 only; a failed write leaves the old one)."""
+    if paths.writes_shared_files():
+        paths.write_text(output_dir / MANIFEST, json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
 
 
-def pending(job: generate.Job, indices: range, output_dir: pathlib.Path, manifest: dict,
+def pending(job: generate.Job, indices: range, output_dir, manifest: dict,
             expected: tuple[int, int, int]) -> list[int]:
     """Indices of `indices` still to generate. An existing mp4 counts as done only if it decodes to
     `expected` (frames, height, width): a damaged one is regenerated (its record dropped), a
@@ -158,7 +158,7 @@ class EvalPlan:
     """A checked eval run: the job over all prompts, the manifest so far, the indices still to do."""
 
     job: generate.Job
-    output_dir: pathlib.Path
+    output_dir: epath.Path
     manifest: dict
     todo: list[int]
     batch_size: int
@@ -174,7 +174,7 @@ def plan_eval(config: ml_collections.ConfigDict, prompts: list[str], output_dir,
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if limit < 0:
         raise ValueError(f"limit must be >= 0 (0: all prompts), got {limit}")
-    output_dir = pathlib.Path(output_dir)
+    output_dir = paths.as_path(output_dir)
     job = generate.resolve(config, prompts=prompts,
                            outputs=[output_dir / f"{i:03d}.mp4" for i in range(len(prompts))])
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -257,6 +257,7 @@ def main(argv=None):
     def _main(args):
         if len(args) > 1:
             raise app.UsageError(f"unexpected arguments {args[1:]}")
+        logs.quiet_unless_asked()
         f = flags.FLAGS
         try:
             prompts = read_prompts(f.prompts_file)

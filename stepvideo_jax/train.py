@@ -10,7 +10,7 @@ from __future__ import annotations
 from absl import app, flags
 from ml_collections import config_flags
 
-from stepvideo_jax import config_files
+from stepvideo_jax import config_files, logs
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "training config file (configs/train/*.py)",
                                           lock_config=True)
@@ -20,6 +20,7 @@ _MULTIHOST = flags.DEFINE_bool("multihost", False, "initialise jax.distributed (
 
 def main(argv) -> None:
     del argv
+    logs.quiet_unless_asked()
     import jax
 
     from stepvideo_jax.training.failure import run_or_exit

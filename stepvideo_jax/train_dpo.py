@@ -32,7 +32,7 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from stepvideo_jax import config_files
+from stepvideo_jax import config_files, logs
 from stepvideo_jax.data import preferences
 from stepvideo_jax.models.dit import DiTConfig, StepVideoDiT
 from stepvideo_jax.parallel.rules import state_shardings
@@ -163,6 +163,7 @@ _MULTIHOST = flags.DEFINE_bool("multihost", False, "initialise jax.distributed (
 
 def main(argv) -> None:
     del argv
+    logs.quiet_unless_asked()
     if _MULTIHOST.value:
         jax.distributed.initialize()
     run_or_exit(train_dpo, _CONFIG.value, _WORKDIR.value, prog="train_dpo")

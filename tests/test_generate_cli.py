@@ -33,8 +33,8 @@ def load_config(name="tiny"):
 pytestmark = pytest.mark.filterwarnings("ignore:os.fork\\(\\) was called:RuntimeWarning")
 
 
-def _cli(*args, timeout=600):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+def _cli(*args, timeout=600, env=None):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2") if env is None else env
     env.pop("XLA_FLAGS", None)  # the CLI runs as a user runs it: one device
     return subprocess.run([sys.executable, "-m", *args], cwd=PROJECT_ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
@@ -42,14 +42,18 @@ def _cli(*args, timeout=600):
 
 def test_default_command_follows_its_prompt(tmp_path):
     """README's main-job command: the default config is the demo model, whose video shows the
-    prompt's colour and motion (read from the written mp4 by `eval/motion_checker.py`)."""
+    prompt's colour and motion (read from the written mp4 by `eval/motion_checker.py`). Run in the
+    user's environment (no TF_CPP_MIN_LOG_LEVEL), it prints at most 40 lines (stdout + stderr;
+    carriage returns of the progress bar count as line breaks), among them the short config, the
+    phase times and the output path, and no library INFO records."""
     from stepvideo_jax.eval import motion_checker
 
     assert generate.DEFAULT_CONFIG.name == "demo.py"
     prompt = "a blue square moves up"
     out, summary = tmp_path / "video.mp4", tmp_path / "summary.json"
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
     proc = _cli("stepvideo_jax.generate", f"--config.prompt={prompt}",
-                f"--config.output={out}", "--config.save_latents=True", f"--summary_json={summary}")
+                f"--config.output={out}", "--config.save_latents=True", f"--summary_json={summary}", env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     config = load_config("demo")
     frames, fps = video_io.read_mp4(out)
@@ -65,8 +69,15 @@ def test_default_command_follows_its_prompt(tmp_path):
     memory = record["live_bytes"]
     assert memory["text encoders released"] < memory["text encoders loaded"] / 10, memory
     assert "live device arrays after text encoders released" in proc.stdout
-    assert "resolved config:" in proc.stdout and "time per phase:" in proc.stdout
+    assert "resolved config" in proc.stdout and f"prompt: {prompt}" in proc.stdout
+    assert "time per phase:" in proc.stdout and all(f"  {phase} " in proc.stdout for phase in record["timings"])
+    assert f"wrote {out}\n" in proc.stdout and f"wrote {out.with_suffix('.npy')}\n" in proc.stdout
     assert "denoise" in proc.stderr and f"{config.num_steps}/{config.num_steps}" in proc.stderr
+    lines = (proc.stdout + proc.stderr).replace("\r", "\n").splitlines()
+    assert len(lines) <= 40, "\n".join(lines)
+    noise = [line for line in lines if line.startswith(("I0", "I1", "W0", "E0", "WARNING: All log"))
+             or "cuda" in line.lower() or "oneDNN" in line]
+    assert not noise, noise
 
 
 def test_tiny_random_config_writes_a_valid_mp4(tmp_path):
@@ -156,6 +167,17 @@ def test_presets(name, steps, guidance, shift):
     config.output = "/tmp/stepvideo_preset_probe.mp4"
     job = generate.resolve(config)
     assert job.size.latent_shape(1, 64) == (1, 36, 64, 34, 62)
+
+
+def test_run_prints_a_short_config_and_all_fields_on_request():
+    config = load_config("demo")
+    config.prompt = "a red circle grows"
+    job = generate.resolve(config)
+    short = generate.describe(config, job)
+    assert short.splitlines()[0] == "resolved config (every field: --verbosity=1):" and len(short.splitlines()) <= 8
+    assert f"prompt: {config.prompt}" in short and f"{config.num_steps} steps" in short
+    full = generate.describe(config, job, full=True)
+    assert full == "resolved config:\n" + str(config)
 
 
 def test_batch_outputs_and_seeds():

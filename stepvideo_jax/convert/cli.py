@@ -32,7 +32,7 @@ from typing import Any, Mapping, Sequence
 import jax.numpy as jnp
 from flax import nnx
 
-from stepvideo_jax import hub
+from stepvideo_jax import hub, paths
 from stepvideo_jax.convert import config_records, orbax_io, release_paths
 from stepvideo_jax.convert.keymap import convert_tensors, flat_shapes
 from stepvideo_jax.convert.safetensors_io import DTYPES, CheckpointError, TensorSource
@@ -276,7 +276,7 @@ def load_converted(root: str | os.PathLike, component: str, *, dtype=None, param
     `param_dtype`); `mesh` / `shardings` as in `orbax_io.restore`; `build_kwargs` go to the
     component's `build` (e.g. `attention_backend`).
     """
-    folder = pathlib.Path(root) / component
+    folder = paths.as_path(root) / component
     manifest = orbax_io.read_manifest(folder)
     param_dtype = OUTPUT_DTYPES[manifest["dtype"]] if param_dtype is None else param_dtype
     model = abstract_model(converter(component), config_from_record(manifest["config"], component), param_dtype, dtype,

@@ -29,6 +29,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from orbax.checkpoint import type_handlers
 
+from stepvideo_jax import paths
 from stepvideo_jax.convert import release_paths
 from stepvideo_jax.convert.keymap import unflatten
 from stepvideo_jax.convert.safetensors_io import CheckpointError
@@ -125,7 +126,7 @@ def write_manifest(component_dir: str | pathlib.Path, *, component: str, dtype: 
 
 
 def read_manifest(component_dir: str | pathlib.Path) -> dict:
-    path = pathlib.Path(component_dir) / MANIFEST
+    path = paths.as_path(component_dir) / MANIFEST
     if not path.is_file():
         raise CheckpointError(f"{path}: not found; {component_dir} is not a converted component directory "
                               "(write one with `python -m stepvideo_jax.convert`)")
@@ -154,7 +155,11 @@ def _check_groups(path: pathlib.Path, groups) -> None:
                         and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in v)
                         for k, v in group["params"].items())):
             raise CheckpointError(f"{path}: group {i} must be {{'dir': ..., 'params': {{path: [sizes]}}}}")
-        release_paths.release_file(path.parent, group.get("dir"), what=f"{path}: group {i} dir {group.get('dir')!r}")
+        what = f"{path}: group {i} dir {group.get('dir')!r}"
+        if paths.is_uri(path):   # no symlinks in a bucket: the name alone must stay inside
+            release_paths.check_name(group.get("dir"), what=what)
+        else:
+            release_paths.release_file(path.parent, group.get("dir"), what=what)
 
 
 def _flat_state(tree) -> dict[str, object]:
@@ -172,7 +177,7 @@ def restore_arrays(component_dir: str | pathlib.Path, targets: Mapping[str, jax.
 
     Raises if the stored tensors and `targets` differ in keys or shapes.
     """
-    root = pathlib.Path(component_dir).absolute()  # Orbax needs absolute paths
+    root = paths.absolute(component_dir)  # Orbax needs absolute paths; a gs:// URI stays one
     manifest = read_manifest(root)
     stored = {k: tuple(s) for g in manifest["groups"] for k, s in g["params"].items()}
     missing, unexpected = sorted(set(targets) - set(stored)), sorted(set(stored) - set(targets))

@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from stepvideo_jax import config_files
+from stepvideo_jax import config_files, logs
 from stepvideo_jax.data import synthetic_motion as sm
 from stepvideo_jax.demo import architecture, export, latents
 from stepvideo_jax.models.vae import VideoVAE
@@ -262,6 +262,7 @@ def main(argv=None):
     flags.DEFINE_string("export_to", "", "also copy the trained demo checkpoint and curves here")
 
     def _main(args):
+        logs.quiet_unless_asked()
         summary = build(config_flag.value, flags.FLAGS.workdir, export_to=flags.FLAGS.export_to)
         print(json.dumps(summary, indent=1))
 

@@ -185,14 +185,15 @@ class FlowMatchSampler:
 
         `cond`: pytree of conditioning with 2b rows [cond, uncond] if `settings.cfg`, else b rows.
         `progress`: a stderr bar with the time of the last step and the ETA (each step is then
-        waited for, so the times are real). `on_step(i, latents)` sees the latents after step i; it
+        waited for, so the times are real); redrawn live on a terminal, else (a log file) written
+        at the start and the end only. `on_step(i, latents)` sees the latents after step i; it
         must copy what it keeps, since that buffer is donated to the next step.
         """
         sched = make_schedule(settings.num_steps, settings.shift)
         latents = jnp.array(noise, jnp.float32, copy=True)
         guidance = np.float32(settings.guidance_scale)
         bar = tqdm.tqdm(total=sched.num_steps, desc="denoise", unit="step", file=sys.stderr,
-                        disable=not progress)
+                        disable=not progress, mininterval=0.1 if sys.stderr.isatty() else float("inf"))
         with bar:
             for i in range(sched.num_steps):
                 start = time.perf_counter()
@@ -202,6 +203,6 @@ class FlowMatchSampler:
                     on_step(i, latents)
                 if progress:
                     latents.block_until_ready()
-                    bar.set_postfix_str(f"last step {time.perf_counter() - start:.2f} s")
+                    bar.set_postfix_str(f"last step {time.perf_counter() - start:.2f} s", refresh=False)
                     bar.update()
         return latents

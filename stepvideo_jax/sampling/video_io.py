@@ -20,6 +20,8 @@ import warnings
 
 import numpy as np
 
+from stepvideo_jax import paths
+
 FPS = 25
 PARTIAL_SUFFIX = ".partial.mp4"   # temporary files of `write_mp4`: `.<stem>.<random>.partial.mp4`
 DENOISE_FILTER = "atadenoise=0a=0.1:0b=0.1:1a=0.1:1b=0.1"
@@ -33,13 +35,17 @@ def _ffmpeg_fork_allowed():
         yield
 
 
-def check_writable(path) -> pathlib.Path:
-    """Raise a clear error now, before any compilation, if `path` cannot be written later.
+def check_writable(path):
+    """Raise a clear error now, before any compilation, if `path` cannot be written later; returns
+    it as a path (`pathlib.Path`, or an `epath.Path` for a URI such as `gs://bucket/v.mp4`, which
+    is checked when written).
 
     The nearest existing directory on the way to `path` gets a probe file created and removed at
     once: permission bits alone say nothing for root, and pseudo filesystems (/proc, /sys) or
     read-only mounts refuse only a real write.
     """
+    if paths.is_uri(path):
+        return paths.as_path(path)
     path = pathlib.Path(path)
     if path.is_dir():
         raise ValueError(f"output path {path} is a directory; give a file name such as {path / 'video.mp4'}")
@@ -109,8 +115,14 @@ def inspect_mp4(path) -> Mp4Info:
     """Decode every frame of `path` (nothing kept) -> its frame count and size.
 
     Raises VideoFileError when ffmpeg cannot open or decode the file (missing index of a truncated
-    write, corrupt stream) or it holds no video frame.
+    write, corrupt stream) or it holds no video frame. A URI (`gs://...`) is copied to a local
+    temporary file first.
     """
+    if paths.is_uri(path):
+        with tempfile.TemporaryDirectory(prefix="stepvideo-") as folder:
+            local = os.path.join(folder, "video.mp4")
+            paths.as_path(path).copy(local)
+            return inspect_mp4(local)
     cmd = [ffmpeg_exe(), "-nostdin", "-v", "error", "-xerror", "-i", str(path), "-map", "0:v:0",
            "-f", "framecrc", "-"]
     with _ffmpeg_fork_allowed():
@@ -128,8 +140,9 @@ def inspect_mp4(path) -> Mp4Info:
 
 
 def write_mp4(path, frames: np.ndarray, *, fps: int = FPS, denoise: bool = True, quality: float = 5
-              ) -> pathlib.Path:
-    """Write frames (f, h, w, 3) uint8 to an H.264 mp4 at `path`.
+              ):
+    """Write frames (f, h, w, 3) uint8 to an H.264 mp4 at `path` (a URI such as
+    `gs://bucket/v.mp4`: encoded to a local temporary file as below, then copied there).
 
     ffmpeg encodes to a temporary sibling (`.<stem>.<random>.partial.mp4`); only when it exits with
     status 0 and the file decodes back to f frames of h x w is it renamed to `path`. Any failure
@@ -143,6 +156,10 @@ def write_mp4(path, frames: np.ndarray, *, fps: int = FPS, denoise: bool = True,
     if not 1 <= quality <= 10:
         raise ValueError(f"quality={quality!r}: choose a number in [1, 10] (imageio's scale)")
     path = check_writable(path)
+    if paths.is_uri(path):
+        with paths.local_then_move(path, ".mp4") as local:
+            write_mp4(local, frames, fps=fps, denoise=denoise, quality=quality)
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     f, h, w, _ = frames.shape
     tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}{PARTIAL_SUFFIX}")

@@ -18,6 +18,8 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
+from stepvideo_jax import logs
+
 BOS, EOS, PAD = 1, 2, 2
 # Pieces the official `StepChatTokenizer.__init__` requires in the model file.
 REQUIRED_PIECES = ("<|BOT|>", "<|EOT|>", "<|CALL_START|>", "<|CALL_END|>", "<|THINK_START|>",
@@ -36,15 +38,17 @@ class TokenBatch(NamedTuple):
 
 
 def import_tensorflow_text():
-    """(tensorflow, tensorflow_text), with GPUs hidden from TensorFlow before it initialises them."""
-    import tensorflow as tf
+    """(tensorflow, tensorflow_text), with GPUs hidden from TensorFlow before it initialises them
+    (and its native start-up lines dropped in a quiet CLI run, `logs.native_stderr_quiet`)."""
+    with logs.native_stderr_quiet():
+        import tensorflow as tf
 
-    try:
-        tf.config.set_visible_devices([], "GPU")
-    except RuntimeError:  # TensorFlow was initialised elsewhere first; its choice stands
-        if tf.config.get_visible_devices("GPU"):
-            log.warning("TensorFlow was initialised with visible GPUs before the tokenizer hid them")
-    import tensorflow_text
+        try:
+            tf.config.set_visible_devices([], "GPU")
+        except RuntimeError:  # TensorFlow was initialised elsewhere first; its choice stands
+            if tf.config.get_visible_devices("GPU"):
+                log.warning("TensorFlow was initialised with visible GPUs before the tokenizer hid them")
+        import tensorflow_text
 
     return tf, tensorflow_text
 
@@ -62,8 +66,9 @@ class StepLLMTokenizer:
         tf, tft = import_tensorflow_text()
         self._tf = tf
         try:
-            self._sp = tft.SentencepieceTokenizer(model=path.read_bytes(), out_type=tf.int32)
-            self.vocab_size = int(self._sp.vocab_size())
+            with logs.native_stderr_quiet():   # the op logs "precompiled_charsmap is empty" at INFO
+                self._sp = tft.SentencepieceTokenizer(model=path.read_bytes(), out_type=tf.int32)
+                self.vocab_size = int(self._sp.vocab_size())
         except tf.errors.OpError as e:
             raise ValueError(f"{path} is not a valid sentencepiece model: {e.message}") from None
         unk = int(self._sp.string_to_id("<unk>"))

@@ -16,11 +16,13 @@ resumes from the newest step that does restore.
 from __future__ import annotations
 
 import os
-import pathlib
 from typing import Any, Callable, Optional
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
+
+from stepvideo_jax import paths
 
 
 class CheckpointError(RuntimeError):
@@ -43,7 +45,7 @@ class Checkpointer:
                  async_save: bool = True):
         if save_every < 1 or keep < 1:
             raise ValueError(f"save_every ({save_every}) and keep ({keep}) must be >= 1")
-        self.directory = pathlib.Path(directory).absolute()
+        self.directory = paths.absolute(directory)
         self._pending: Optional[int] = None    # step of a started save not yet known to have succeeded
         self._failed = False
         try:
@@ -146,7 +148,7 @@ class Checkpointer:
                               "; ".join(f"step {s}: {r}" for s, r in failed) +
                               " (a changed model/optimizer config also does this; nothing was moved)")
 
-    def _corrupt_dir(self) -> pathlib.Path:
+    def _corrupt_dir(self) -> epath.Path:
         return self.directory.with_name(self.directory.name + ".corrupt")
 
     def _set_aside(self, steps: list[int]) -> None:

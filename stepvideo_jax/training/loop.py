@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import pathlib
 import time
 from typing import Any, Callable, Optional
 
@@ -22,9 +21,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from stepvideo_jax import paths
 from stepvideo_jax.data import format as data_format
 from stepvideo_jax.data import pipeline, synthetic
 from stepvideo_jax.models.dit import DiTConfig, StepVideoDiT
@@ -121,7 +122,7 @@ def optimizer_of(config):
                                  clip_norm=o.clip_norm or None)
 
 
-def open_dataset(config, workdir: pathlib.Path) -> data_format.Dataset:
+def open_dataset(config, workdir: epath.Path) -> data_format.Dataset:
     """`config.data.path` when set (it wins over a config's default synthetic set), else the
     synthetic set written into the workdir."""
     d = config.data
@@ -181,12 +182,13 @@ def train(config, workdir=None, *, printer: Optional[Callable[[str], Any]] = pri
     """Run or resume the run of `config` in `workdir` (default `config.workdir`); `objective`
     replaces the flow-matching parts (see `Objective`)."""
     objective = objective or Objective()
-    workdir = pathlib.Path(workdir or config.workdir).absolute()
+    workdir = paths.absolute(workdir or config.workdir)
     startup.check_run_directories(workdir, workdir / "checkpoints")
     mesh = build_mesh(dict(config.mesh))
     init_from = config.model.get("init_from", "")
     cfg = _init_config(init_from) if init_from else dit_config(config.model)
-    (workdir / "dit_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+    if paths.writes_shared_files():
+        paths.write_text(workdir / "dit_config.json", json.dumps(dataclasses.asdict(cfg), indent=1))
     dtype = jnp.dtype(config.compute_dtype)
     settings = step_settings(config)
     schedule, optimizer = optimizer_of(config)
@@ -333,8 +335,9 @@ class TrainingSampler:
                                  f"the DiT's in_channels ({in_channels})")
             self.decode = vae_decoder(vae)
 
-    def __call__(self, workdir: pathlib.Path, step: int, params, heldout: dict, negative: dict) -> pathlib.Path:
-        """Sample with `params` (the EMA or raw weights) and write the files of `step`."""
+    def __call__(self, workdir, step: int, params, heldout: dict, negative: dict) -> epath.Path:
+        """Sample with `params` (the EMA or raw weights) and write the files of `step` (process 0;
+        every process samples)."""
         from stepvideo_jax.sampling.pipeline import postprocess
         from stepvideo_jax.sampling.video_io import write_mp4
 
@@ -345,19 +348,22 @@ class TrainingSampler:
                     for k, v in cond.items()}
         noise = jax.random.normal(jax.random.key(self.cfg.seed), heldout["x"][:n].shape, jnp.float32)
         latents = self.sampler.sample(params, noise, cond, self.settings)
-        out = workdir / "samples"
-        out.mkdir(exist_ok=True)
+        out = paths.as_path(workdir) / "samples"
         path = out / f"step_{step:08d}.npy"
-        np.save(path, np.asarray(latents))
-        if self.decode is not None:
-            video = np.asarray(self.decode(latents))
+        video = np.asarray(self.decode(latents)) if self.decode is not None else None
+        if not paths.writes_shared_files():
+            return path
+        out.mkdir(parents=True, exist_ok=True)
+        with paths.local_then_move(path, ".npy") as tmp:
+            np.save(tmp, np.asarray(latents))
+        if video is not None:
             for i in range(n):
                 write_mp4(out / f"step_{step:08d}_{i}.mp4", postprocess(video[i:i + 1]))
         return path
 
 
-def _converted_root(init_from) -> Optional[pathlib.Path]:
-    path = pathlib.Path(init_from)
+def _converted_root(init_from) -> Optional[epath.Path]:
+    path = paths.as_path(init_from)
     return path if (path / "transformer" / "manifest.json").is_file() else None
 
 
@@ -394,7 +400,7 @@ def _with_initial_weights(state, init_from, dtype, state_sh, mesh):
 
 def load_dit(workdir, *, step: Optional[int] = None, ema: bool = False, dtype=jnp.float32) -> StepVideoDiT:
     """The DiT of a training checkpoint (raw weights, or the EMA with `ema=True`), unsharded."""
-    workdir = pathlib.Path(workdir).absolute()
+    workdir = paths.absolute(workdir)
     cfg = DiTConfig(**{k: tuple(v) if isinstance(v, list) else v
                        for k, v in json.loads((workdir / "dit_config.json").read_text()).items()})
     model = nnx.eval_shape(lambda: StepVideoDiT(cfg, dtype=dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(0)))

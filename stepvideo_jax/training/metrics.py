@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
 from typing import Mapping, Optional
 
+from stepvideo_jax import paths
 from stepvideo_jax.models.dit import DiTConfig
 
 # Dense bf16 peak FLOP/s per chip, by the substring of `device.device_kind` (lower case).
@@ -59,21 +59,31 @@ def peak_flops_per_device(device_kind: str, override: Optional[float] = None) ->
 class MetricsWriter:
     """Appends one JSON object per logged step to `<workdir>/metrics.jsonl`, mirrors scalars to a
     TensorBoard event file under `<workdir>/tensorboard` when `tensorboard=True`, and prints a
-    one-line summary."""
+    one-line summary. Only process 0 writes the files (`paths.writes_shared_files`); a workdir URI
+    (`gs://...`), where objects cannot be appended to, gets the whole file rewritten per row."""
 
     def __init__(self, workdir: str | os.PathLike, *, tensorboard: bool = False, printer=print):
-        self.path = pathlib.Path(workdir) / "metrics.jsonl"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "a")
-        self._tb = None
-        if tensorboard:
-            self._tb = _EventFile(pathlib.Path(workdir) / "tensorboard")
+        self.path = paths.as_path(workdir) / "metrics.jsonl"
+        self.writes = paths.writes_shared_files()
+        self._file = self._lines = self._tb = None
+        if self.writes:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if paths.is_uri(self.path):
+                self._lines = self.path.read_text().splitlines(keepends=True) if self.path.exists() else []
+            else:
+                self._file = open(self.path, "a")
+            if tensorboard:
+                self._tb = _EventFile(paths.as_path(workdir) / "tensorboard")
         self.printer = printer
 
     def write(self, step: int, scalars: Mapping[str, float]) -> None:
         row = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
-        self._file.write(json.dumps(row) + "\n")
-        self._file.flush()
+        if self._file is not None:
+            self._file.write(json.dumps(row) + "\n")
+            self._file.flush()
+        elif self._lines is not None:
+            self._lines.append(json.dumps(row) + "\n")
+            paths.write_text(self.path, "".join(self._lines))
         if self._tb is not None:
             self._tb.scalars(step, scalars)
         if self.printer is not None:
@@ -94,7 +104,8 @@ class MetricsWriter:
         return len(lines) - len(keep)
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
         if self._tb is not None:
             self._tb.close()
 
@@ -103,7 +114,7 @@ class _EventFile:
     """A TensorBoard event file (TFRecord of `Event` protos with `simple_value` scalars), written
     with tensorflow's protos and record writer; the tensorboard package is not needed to write it."""
 
-    def __init__(self, directory: pathlib.Path):
+    def __init__(self, directory):
         import socket
         import time
 
@@ -140,5 +151,5 @@ def _step_of(line: str):
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    with open(path) as f:
+    with paths.as_path(path).open() as f:
         return [json.loads(line) for line in f if line.strip()]

@@ -12,18 +12,22 @@ Each failure is a `StartupError` (or the dataset's `DatasetError`) with a one-li
 from __future__ import annotations
 
 import os
-import pathlib
 import uuid
+
+from etils import epath
+
+from stepvideo_jax import paths
 
 
 class StartupError(RuntimeError):
     pass
 
 
-def check_writable(directory: str | os.PathLike, role: str) -> pathlib.Path:
+def check_writable(directory: str | os.PathLike, role: str) -> epath.Path:
     """Creates `directory` if needed and writes and removes a probe file in it; returns the
-    absolute path. `role` names the directory in the error ("workdir", "checkpoint directory")."""
-    path = pathlib.Path(directory).absolute()
+    absolute path (a URI stays one). `role` names the directory in the error ("workdir",
+    "checkpoint directory")."""
+    path = paths.absolute(directory)
     probe = path / f".write-check-{uuid.uuid4().hex}"
     try:
         path.mkdir(parents=True, exist_ok=True)
