@@ -1,5 +1,9 @@
 """DiT component: `transformer/` of the release (config.json + sharded safetensors + index).
 
+`use_additional_conditions: true` in config.json is the Step-Video-TI2V DiT (`DiTConfig.ti2v`): its
+`pos_embed.proj` reads 2 x in_channels (latents, then condition latents) and it has the four
+`adaln_single.emb.motion_score_embedder.*` tensors; the key map then expects exactly those.
+
 Official layouts handled here: `nn.Linear.weight` (out, in) -> kernel (in, out); the patch-embed conv
 (d, c, p, p) -> (c*p*p, d); the head-interleaved fused projections `attn1.wqkv` (rows per head:
 q, k, v) and `attn2.wkv` (per head: k, v) split into separate q/k/v kernels.
@@ -25,9 +29,10 @@ IGNORE: tuple[str, ...] = ()
 
 _REQUIRED = {"num_attention_heads": "num_heads", "attention_head_dim": "head_dim",
              "in_channels": "in_channels", "num_layers": "num_layers", "caption_channels": "caption_channels"}
-_OPTIONAL = {"out_channels": "out_channels", "patch_size": "patch_size", "norm_eps": "norm_eps"}
+_OPTIONAL = {"out_channels": "out_channels", "patch_size": "patch_size", "norm_eps": "norm_eps",
+             "use_additional_conditions": "ti2v"}
 _KNOWN_UNUSED = {"_class_name", "_diffusers_version", "dropout", "norm_type", "norm_elementwise_affine",
-                 "attention_type", "use_additional_conditions"}
+                 "attention_type"}
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +45,9 @@ def config_from_dict(raw: dict, *, label: str = "transformer/config.json") -> Di
     unknown = sorted(set(raw) - set(_REQUIRED) - set(_OPTIONAL) - _KNOWN_UNUSED)
     if unknown:
         log.warning("%s: ignoring unknown keys %s", label, unknown)
-    if raw.get("use_additional_conditions"):
-        raise CheckpointError(f"{label}: use_additional_conditions=true (the TI2V model) is not supported; "
-                              "Step-Video-T2V releases set it to false")
+    if not isinstance(raw.get("use_additional_conditions", False), bool):
+        raise CheckpointError(f"{label}: use_additional_conditions must be true (Step-Video-TI2V) or false "
+                              f"(Step-Video-T2V), got {raw['use_additional_conditions']!r}")
     kw = {ours: raw[theirs] for theirs, ours in {**_REQUIRED, **_OPTIONAL}.items() if theirs in raw}
     kw["caption_channels"] = tuple(kw["caption_channels"])
     if "out_channels" not in kw or kw["out_channels"] is None:
@@ -114,6 +119,8 @@ def rules(cfg: DiTConfig) -> list[Rule]:
         Rule("pos_embed.proj.bias", "patch_embed/bias"),
         *lin("adaln_single.emb.timestep_embedder.linear_1", "time_linear_1"),
         *lin("adaln_single.emb.timestep_embedder.linear_2", "time_linear_2"),
+        *(lin("adaln_single.emb.motion_score_embedder.linear_1", "motion_linear_1")
+          + lin("adaln_single.emb.motion_score_embedder.linear_2", "motion_linear_2") if cfg.ti2v else []),
         *lin("adaln_single.linear", "adaln"),
         *lin("caption_projection.linear_1", "caption_linear_1"),
         *lin("caption_projection.linear_2", "caption_linear_2"),

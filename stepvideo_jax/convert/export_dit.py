@@ -56,7 +56,7 @@ def official_shapes(cfg: DiTConfig) -> dict[str, tuple[int, ...]]:
     """Shape of every official tensor of `StepVideoModel` with config `cfg`."""
     d, hd, p = cfg.dim, cfg.head_dim, cfg.patch_size
     shapes = {
-        "pos_embed.proj.weight": (d, cfg.in_channels, p, p), "pos_embed.proj.bias": (d,),
+        "pos_embed.proj.weight": (d, cfg.in_channels * (2 if cfg.ti2v else 1), p, p), "pos_embed.proj.bias": (d,),
         "adaln_single.emb.timestep_embedder.linear_1.weight": (d, cfg.timestep_dim),
         "adaln_single.emb.timestep_embedder.linear_1.bias": (d,),
         "adaln_single.emb.timestep_embedder.linear_2.weight": (d, d),
@@ -73,6 +73,10 @@ def official_shapes(cfg: DiTConfig) -> dict[str, tuple[int, ...]]:
              "norm2.weight": (d,), "norm2.bias": (d,), "attn2.wq.weight": (d, d), "attn2.wkv.weight": (2 * d, d),
              "attn2.q_norm.weight": (hd,), "attn2.k_norm.weight": (hd,), "attn2.wo.weight": (d, d),
              "ff.net.0.proj.weight": (4 * d, d), "ff.net.2.weight": (d, 4 * d), "scale_shift_table": (6, d)}
+    if cfg.ti2v:
+        m = "adaln_single.emb.motion_score_embedder"
+        shapes.update({f"{m}.linear_1.weight": (d, cfg.timestep_dim), f"{m}.linear_1.bias": (d,),
+                       f"{m}.linear_2.weight": (d, d), f"{m}.linear_2.bias": (d,)})
     for i in range(cfg.num_layers):
         shapes.update({f"transformer_blocks.{i}.{k}": v for k, v in block.items()})
     return shapes
@@ -85,7 +89,7 @@ def release_config(cfg: DiTConfig) -> dict:
             "caption_channels": list(cfg.caption_channels), "dropout": 0.0, "in_channels": cfg.in_channels,
             "norm_elementwise_affine": False, "norm_eps": cfg.norm_eps, "norm_type": "ada_norm_single",
             "num_attention_heads": cfg.num_heads, "num_layers": cfg.num_layers, "out_channels": cfg.out_channels,
-            "patch_size": cfg.patch_size, "use_additional_conditions": False}
+            "patch_size": cfg.patch_size, "use_additional_conditions": cfg.ti2v}
 
 
 def official_tensors(cfg: DiTConfig, params: Mapping[str, np.ndarray]) -> Iterator[tuple[str, np.ndarray]]:

@@ -5,6 +5,12 @@ inside); Step-LLM states `y` (b, l_text, caption_channels[0]); CLIP states `clip
 caption_channels[1]); `y_mask` (b, l_clip + l_text), 1 = valid, a prefix of ones per row. Output: the
 velocity (data - noise), (b, f, c_out, h, w).
 
+Step-Video-TI2V (`ti2v=True`, the release's `use_additional_conditions`): the patch embedding reads
+`cat([x, condition], channels)` (2c input channels; `condition` (b, f, c, h, w) holds the image latent
+on frame 0 and zeros after), and a motion-score embedding (the timestep's sinusoid -> MLP, of the raw
+score: no x1000) is added to the timestep embedding, so it reaches both the blocks' AdaLN modulation
+and the final layer's shift/scale. Everything else is the T2V forward; `ti2v=False` is T2V unchanged.
+
 Tokens are ordered `(f h w)`; activations are (b, s, d). Cross-attention keeps every text key (static
 shapes, no recompilation per prompt) and masks the invalid ones, where the official code truncates
 to the longest valid length of the batch: the results are equal.
@@ -58,6 +64,8 @@ class DiTConfig:
     # Reproduce the official pipeline's timestep rounding: t cast to the compute dtype and x1000 there
     # (in bf16 0.75 -> 752, not 750). Off: x1000 in float32 (exact timestep, any compute dtype).
     timestep_in_compute_dtype: bool = True
+    # Step-Video-TI2V: condition latents concatenated to the input, motion-score embedding.
+    ti2v: bool = False
 
     @property
     def dim(self) -> int:
@@ -191,9 +199,13 @@ class StepVideoDiT(nnx.Module):
             raise ValueError(f"rope_splits {cfg.rope_splits} must sum to head_dim {cfg.head_dim}")
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.cfg, self.dtype = cfg, dtype
-        self.patch_embed = Linear(cfg.in_channels * p * p, d, axes=("conv_in", "embed"), **kw)
+        in_ch = cfg.in_channels * (2 if cfg.ti2v else 1)
+        self.patch_embed = Linear(in_ch * p * p, d, axes=("conv_in", "embed"), **kw)
         self.time_linear_1 = Linear(cfg.timestep_dim, d, axes=(None, "embed"), **kw)
         self.time_linear_2 = Linear(d, d, axes=("embed", "mlp"), **kw)
+        if cfg.ti2v:
+            self.motion_linear_1 = Linear(cfg.timestep_dim, d, axes=(None, "embed"), **kw)
+            self.motion_linear_2 = Linear(d, d, axes=("embed", "mlp"), **kw)
         self.adaln = Linear(d, 6 * d, axes=("embed", "modulation"), **kw)
         self.caption_norm = LayerNorm(cfg.caption_channels[0], eps=cfg.norm_eps, affine=False)
         self.caption_linear_1 = Linear(cfg.caption_channels[0], d, axes=("caption", "embed"), **kw)
@@ -208,13 +220,28 @@ class StepVideoDiT(nnx.Module):
 
     # -- pieces, each usable on its own (sequence-parallel and training code call them) --
 
-    def embed_timestep(self, t, *, capture=False):
-        """(b,) -> modulation (b, 6, d), embedded timestep (b, d)."""
+    def embed_timestep(self, t, motion_score=None, *, capture=False):
+        """(b,) [, motion score () or (b,)] -> modulation (b, 6, d), embedded timestep (b, d).
+
+        TI2V: the motion score's sinusoid uses the raw score (scale 1, the timestep's is x1000),
+        cast to the compute dtype like the timestep (the official `torch.tensor([ms], dtype)`).
+        """
         t_dtype = self.dtype if self.cfg.timestep_in_compute_dtype else jnp.float32
         sin = timestep_sinusoid(t, self.cfg.timestep_dim, self.cfg.timestep_scale, t_dtype)
         emb = self.time_linear_2(jax.nn.silu(self.time_linear_1(sin.astype(self.dtype))))
+        _sow(self, capture, timestep_proj=sin, timestep_emb=emb)
+        if self.cfg.ti2v:
+            if motion_score is None:
+                raise ValueError("this TI2V DiT needs a motion_score (one scalar, or one per row)")
+            ms = jnp.broadcast_to(jnp.asarray(motion_score, jnp.float32), t.shape)
+            ms_sin = timestep_sinusoid(ms, self.cfg.timestep_dim, 1.0, t_dtype)
+            ms_emb = self.motion_linear_2(jax.nn.silu(self.motion_linear_1(ms_sin.astype(self.dtype))))
+            _sow(self, capture, motion_score_proj=ms_sin, motion_score_emb=ms_emb)
+            emb = emb + ms_emb
+        elif motion_score is not None:
+            raise ValueError("motion_score given to a T2V DiT (DiTConfig.ti2v is False)")
         mod = self.adaln(jax.nn.silu(emb))
-        _sow(self, capture, timestep_proj=sin, embedded_timestep=emb, adaln_modulation=mod)
+        _sow(self, capture, embedded_timestep=emb, adaln_modulation=mod)
         return mod.reshape(mod.shape[0], 6, -1), emb
 
     def embed_text(self, y, clip, y_mask, *, capture=False):
@@ -253,18 +280,37 @@ class StepVideoDiT(nnx.Module):
         scale = self.scale_shift_table.value[1].astype(self.dtype)[None, None] + emb[:, None]
         return self.proj_out(self.norm_out(x) * (1 + scale) + shift)
 
-    def __call__(self, x, t, y, y_mask, clip, *, backend: Optional[str] = None, capture: bool = False,
-                 remat_policy=None):
-        """Velocity (b, f, c_out, h, w); see the module docstring. `capture` sows intermediates."""
+    def embed_video(self, x, condition=None):
+        """Latents (b, f, c, h, w) [+ TI2V condition, same shape] -> patch tokens (b, s, d)."""
         cfg = self.cfg
         b, f, c, h, w = x.shape
         p = cfg.patch_size
         if c != cfg.in_channels or h % p or w % p:
             raise ValueError(f"latents {x.shape} must be (b, f, {cfg.in_channels}, h, w) with h, w "
                              f"multiples of patch_size {p}")
-        modulation, emb = self.embed_timestep(t, capture=capture)
+        x = x.astype(self.dtype)
+        if cfg.ti2v:
+            if condition is None or tuple(condition.shape) != tuple(x.shape):
+                got = None if condition is None else tuple(condition.shape)
+                raise ValueError(f"this TI2V DiT needs condition latents shaped like the latents "
+                                 f"{tuple(x.shape)} (image latent on frame 0, zeros after); got {got}")
+            x = jnp.concatenate([x, condition.astype(self.dtype)], axis=2)
+        elif condition is not None:
+            raise ValueError("condition latents given to a T2V DiT (DiTConfig.ti2v is False)")
+        return self.patch_embed(self.patchify(x))
+
+    def __call__(self, x, t, y, y_mask, clip, *, condition=None, motion_score=None,
+                 backend: Optional[str] = None, capture: bool = False, remat_policy=None):
+        """Velocity (b, f, c_out, h, w); see the module docstring. `capture` sows intermediates.
+
+        TI2V only: `condition` (b, f, c, h, w) condition latents, `motion_score` () or (b,).
+        """
+        cfg = self.cfg
+        b, f, c, h, w = x.shape
+        p = cfg.patch_size
+        hidden = self.embed_video(x, condition)
+        modulation, emb = self.embed_timestep(t, motion_score, capture=capture)
         tokens, key_mask = self.embed_text(y, clip, y_mask, capture=capture)
-        hidden = self.patch_embed(self.patchify(x.astype(self.dtype)))
         hidden = constrain(hidden, ACT)
         _sow(self, capture, blocks_in=hidden)
         positions = grid_positions(f, h // p, w // p)
