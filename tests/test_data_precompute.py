@@ -70,3 +70,48 @@ def test_bucket_and_frame_helpers():
     assert pc.usable_frames(300, 204, lambda k: k % 17 == 0) == 204
     with pytest.raises(ValueError, match="usable"):
         pc.usable_frames(3, 204, lambda k: k >= 17)
+
+
+def _release():
+    from tests.fixtures import fixture_dir
+
+    return fixture_dir("release_layout") / "stepvideo-t2v"
+
+
+def test_release_encoders_reproduce_the_official_text_conditioning_and_the_vae():
+    """`release_encoders` on the fixture release directory (float32): the text rows of an end-to-end
+    case equal the official pipeline's recorded embeddings (fixture README tolerance), the latent
+    channels are the VAE's z_channels, and videos encode to the VAE's posterior of that video."""
+    import jax.numpy as jnp
+
+    from stepvideo_jax.convert import vae as vae_convert
+    from stepvideo_jax.models import vae as vae_model
+    from tests.fixtures import assert_close, load_npz
+
+    encode_video, encode_text, valid_frames, channels = pc.release_encoders(
+        _release(), vae_dtype="float32", llm_dtype="float32")
+    vae = vae_convert.load(_release() / vae_convert.COMPONENT)
+    assert channels == vae.cfg.z_channels
+
+    e2e = load_npz("release_layout", "e2e_cases.npz")
+    case = sorted({k.split(".")[0] for k in e2e if "." in k})[0]
+    cond = encode_text([str(p) for p in e2e[f"{case}.caption_prompts"]])
+    assert all(isinstance(v, np.ndarray) for v in cond.values())
+    assert cond["y"].dtype == cond["clip"].dtype == np.float32
+    assert_close(cond["y"], e2e[f"{case}.y"], atol=5e-5, rtol=1e-4, name=f"{case}.y")
+    assert_close(cond["clip"], e2e[f"{case}.clip_embedding"], atol=5e-5, rtol=1e-4, name=f"{case}.clip_embedding")
+    np.testing.assert_array_equal(cond["y_mask"], e2e[f"{case}.y_mask"])
+
+    for n in range(2 * vae.cfg.frame_len + 1):
+        try:
+            want = vae_model.latent_frames(vae.cfg, n) > 0
+        except ValueError:
+            want = False
+        assert valid_frames(n) == want, f"{n} frames"
+    s = vae.cfg.spatial_factor
+    video = np.random.default_rng(0).uniform(-1, 1, (1, 1, vae.cfg.in_channels, s, 2 * s)).astype(np.float32)
+    mean, logvar = encode_video(video)
+    post = vae.posterior(vae.encode_moments(jnp.asarray(video)))
+    assert mean.shape == logvar.shape == (1, vae.cfg.z_channels, 1, 2) and mean.dtype == np.float32
+    np.testing.assert_allclose(mean, np.asarray(post.mean[0]), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(logvar, np.asarray(post.logvar[0]), rtol=1e-5, atol=1e-6)

@@ -89,3 +89,39 @@ def test_malformed_choices_and_pairs_are_named(tmp_path):
     pairs.unlink()
     with pytest.raises(DatasetError, match="pairs.jsonl not found"):
         PairDataset(tmp_path / "p3")
+
+
+def test_checkpoint_encoders_of_a_release_directory():
+    """`checkpoint_encoders` (the tool's `--models`) on the fixture release directory, in float32: a
+    prompt gives the official pipeline's recorded embeddings (fixture README tolerance) and a uint8
+    video the VAE posterior of its [-1, 1] float version, one sample without its batch axis."""
+    import jax.numpy as jnp
+
+    from stepvideo_jax.convert import vae as vae_convert
+    from stepvideo_jax.data.preferences import checkpoint_encoders
+    from tests.fixtures import assert_close, fixture_dir, load_npz
+
+    release = fixture_dir("release_layout") / "stepvideo-t2v"
+    f32 = jnp.float32
+    encode_video, encode_prompt = checkpoint_encoders(release, vae_dtype=f32, llm_dtype=f32, clip_dtype=f32)
+
+    e2e = load_npz("release_layout", "e2e_cases.npz")
+    case = sorted({k.split(".")[0] for k in e2e if "." in k})[0]
+    for row, prompt in enumerate(e2e[f"{case}.caption_prompts"]):
+        got = encode_prompt(str(prompt))
+        assert set(got) == {"y", "y_mask", "clip"}
+        assert got["y_mask"].dtype == np.int32 and got["y"].dtype == got["clip"].dtype == np.float32
+        assert_close(got["y"], e2e[f"{case}.y"][row], atol=5e-5, rtol=1e-4, name=f"{case}.y[{row}]")
+        assert_close(got["clip"], e2e[f"{case}.clip_embedding"][row], atol=5e-5, rtol=1e-4,
+                     name=f"{case}.clip_embedding[{row}]")
+        np.testing.assert_array_equal(got["y_mask"], e2e[f"{case}.y_mask"][row])
+
+    vae = vae_convert.load(release / vae_convert.COMPONENT)
+    s = vae.cfg.spatial_factor
+    video = synthetic_motion.render(synthetic_motion.Scene("red", "circle", "left"), frames=1, height=s,
+                                    width=2 * s, seed=0)
+    mean, logvar = encode_video(video)
+    post = vae.posterior(vae.encode_moments(jnp.asarray(synthetic_motion.to_model_range(video))[None]))
+    assert mean.shape == logvar.shape == (1, vae.cfg.z_channels, 1, 2) and mean.dtype == np.float32
+    np.testing.assert_allclose(mean, np.asarray(post.mean[0]), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(logvar, np.asarray(post.logvar[0]), rtol=1e-5, atol=1e-6)

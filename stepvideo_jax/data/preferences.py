@@ -275,14 +275,15 @@ def write_synthetic(root: str | os.PathLike, *, num_pairs: int, frames: int, hei
 
 # -- the tool -----------------------------------------------------------------------------------
 
-def checkpoint_encoders(models_dir: str | os.PathLike) -> tuple[EncodeVideo, EncodePrompt]:
-    """Video-VAE and text encoders of a converted checkpoint or release directory (`sampling/components.py`)."""
+def checkpoint_encoders(models_dir: str | os.PathLike, **dtypes) -> tuple[EncodeVideo, EncodePrompt]:
+    """Video-VAE and text encoders of a converted checkpoint or release directory (`sampling/components.py`),
+    at the official dtypes unless `dtypes` (e.g. `vae_dtype=jnp.float32`) says otherwise."""
     import jax.numpy as jnp
 
     from stepvideo_jax import hub
     from stepvideo_jax.sampling import components
 
-    models = components.from_checkpoint(hub.resolve(models_dir))
+    models = components.from_checkpoint(hub.resolve(models_dir), **dtypes)
 
     def encode_video(video: np.ndarray):
         x = jnp.asarray(synthetic_motion.to_model_range(video))[None]
