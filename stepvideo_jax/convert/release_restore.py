@@ -1,0 +1,60 @@
+"""A release component straight into a device mesh, without a converted copy.
+
+Each official tensor is read from the release's shards, mapped by the component's key map and cast
+on the host (`keymap.convert_tensors`: the converter's strict key, shape and dtype accounting, all
+key errors before any tensor is read), then placed into its target sharding with
+`jax.make_array_from_callback`, so every device receives only its own slice; the host array is
+dropped before the next tensor is read. Host memory therefore stays near one large tensor (plus
+its cast), as in `python -m stepvideo_jax.convert`, and the device memory is the sharded model's.
+The shardings are the logical-axis rules' (`parallel.rules.state_shardings`) for `mesh`, the same
+targets `orbax_io.restore` gives a converted checkpoint, so both sources restore to the same
+arrays in the same shardings.
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+from flax import nnx
+
+from stepvideo_jax.convert.keymap import convert_tensors, flat_shapes, unflatten
+
+
+def load_release_component(folder: str | os.PathLike, component: str, *, param_dtype, dtype=None, mesh=None,
+                           shardings=None, **build_kwargs) -> nnx.Module:
+    """The model of the release component folder `folder` (e.g. `<release>/transformer`), its
+    parameters in `param_dtype` (computation in `dtype`, default `param_dtype`) placed in
+    `shardings` (a tree like `nnx.state(model)`), or `mesh`'s rule shardings, or on the default
+    device when neither is given. `build_kwargs` go to the component's `build`."""
+    from stepvideo_jax.convert.cli import abstract_model, converter
+
+    module = converter(component)
+    cfg = module.read_config(folder)
+    source = module.tensor_source(folder)
+    graphdef, state = nnx.split(abstract_model(module, cfg, param_dtype, dtype, **build_kwargs))
+    if shardings is None and mesh is not None:
+        from stepvideo_jax.parallel.rules import state_shardings
+
+        shardings = state_shardings(state, mesh)
+    targets = flat_shapes(state)
+    if shardings is None:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        placement = dict.fromkeys(targets, device)
+    else:
+        placement = _flat(shardings)
+    arrays = {}
+    for path, host in convert_tensors(source, module.rules(cfg), targets, dtype=np.dtype(param_dtype),
+                                      ignore=module.IGNORE, label=str(folder)):
+        arrays[path] = jax.make_array_from_callback(host.shape, placement[path], lambda index, h=host: h[index])
+        del host
+    nnx.replace_by_pure_dict(state, unflatten(arrays))
+    return nnx.merge(graphdef, state)
+
+
+def _flat(tree) -> dict:
+    """'/'-joined path -> leaf of an NNX state or a nested dict/list of shardings."""
+    if isinstance(tree, nnx.State):
+        return {"/".join(str(p) for p in path): v for path, v in nnx.to_flat_state(tree)}
+    return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): v
+            for path, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
