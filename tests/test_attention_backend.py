@@ -206,6 +206,25 @@ def test_full_size_models_on_hopper(on_hopper):
         assert case.head_dim == clip_cfg.head_dim and case.key_mask == "any" and choice.backend == expected
 
 
+@pytest.mark.parametrize("mode,cross", [("ulysses", True), ("ulysses", False)])
+def test_sequence_parallel_local_attention_on_hopper(on_hopper, mode, cross):
+    """Under a sequence-parallel mode the per-device attention (inside shard_map) still goes through
+    the rule, sees the "manual" mesh, and keeps the text keys' prefix mask: cuDNN."""
+    from stepvideo_jax.parallel.mesh import MeshConfig, make_mesh
+
+    b, s, h, d = 2, 24, 4, 16
+    sk = 10 if cross else s
+    q, k, v = _qkv(jax.random.key(8), b, s, sk, h, h, d, jnp.bfloat16)
+    mask = jnp.arange(sk)[None, :] < jnp.array([sk, sk // 2])[:, None]
+    ref = attn.attention(q, k, v, key_mask=mask, backend="xla")
+    with jax.set_mesh(make_mesh(MeshConfig.from_string("sequence=2"))):
+        out = jax.jit(lambda q, k, v, m: attn.attention(q, k, v, key_mask=m, key_mask_is_prefix=True,
+                                                         backend=mode, cross=cross))(q, k, v, mask)
+    case, choice = on_hopper[-1]
+    assert (case.mesh, case.key_mask, choice.backend) == ("manual", "prefix", "cudnn")
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=2e-2)
+
+
 # -- the conversion to cuDNN's arguments, checked through jax's XLA implementation --------------------
 
 

@@ -58,7 +58,8 @@ def attention(q, k, v, *, key_mask=None, causal: bool = False, bias_fn: Optional
         from stepvideo_jax.parallel.sequence_parallel import sequence_parallel_attention
 
         return sequence_parallel_attention(q, k, v, backend, key_mask=key_mask, causal=causal,
-                                           bias_fn=bias_fn, scale=scale, cross=cross)
+                                           bias_fn=bias_fn, scale=scale, cross=cross,
+                                           key_mask_is_prefix=key_mask_is_prefix)
     if backend in (None, "cudnn"):
         choice = choose_backend(q, k, causal=causal, key_mask=key_mask, key_mask_is_prefix=key_mask_is_prefix,
                                 bias_fn=bias_fn, facts=None if backend is None else _as_gpu(device_facts()))

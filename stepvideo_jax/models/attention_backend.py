@@ -10,10 +10,11 @@ The rule:
 - TPU: Pallas splash attention, except with an additive bias (`bias_fn`, e.g. ALiBi), which splash
   does not take: blockwise.
 - GPU: cuDNN fused (flash) attention through `jax.nn.dot_product_attention(implementation="cudnn")`
-  when every limit below holds, else blockwise. The limits are those of jax's own checks,
-  `jax/_src/cudnn/fused_attention_stablehlo.py` (jax 0.10.2): `check_layout` (q/k/v float16 or
-  bfloat16; fp8 is not used here) and `check_is_flash_attention` (head dim a multiple of 8 and
-  <= 128, or <= 256 from compute capability 9.0; cc 10.3 needs cuDNN >= 9.11), plus:
+  when every limit below holds, else blockwise. The limits are those of jax's own checks in
+  `jax/_src/cudnn/fused_attention_stablehlo.py` (jax 0.10.2; the same in 0.11.2): `check_layout`
+  (q/k/v float16 or bfloat16; fp8 is not used here) and `check_is_flash_attention` (head dim a
+  multiple of 8 and <= 128, or <= 256 from compute capability 9.0; cc 10.3 needs cuDNN >= 9.11),
+  plus:
   * compute capability >= 8.0: cuDNN's flash attention needs Ampere or newer;
   * head dim in (128, 256] only on Hopper (cc 9.x) with cuDNN >= 9.13: jax accepts it for any
     cc >= 9.0, but cuDNN's Hopper backward had head-dim bugs from 9.11 fixed in 9.13

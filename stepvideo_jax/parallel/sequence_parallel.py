@@ -68,14 +68,18 @@ class SequenceParallel:
 
 
 def sequence_parallel_attention(q, k, v, config, *, key_mask=None, causal=False, bias_fn=None,
-                                scale=None, cross=False, rules: Rules = LOGICAL_RULES):
+                                scale=None, cross=False, rules: Rules = LOGICAL_RULES,
+                                key_mask_is_prefix: bool = False):
     """Attention (see `models/attention.py`) split over the mesh by `config` (a mode or
     `SequenceParallel`). Causal masks and `bias_fn` need the whole sequence on one device, so with
-    n > 1 they are accepted by self-attention in "ulysses" mode only."""
+    n > 1 they are accepted by self-attention in "ulysses" mode only. `key_mask_is_prefix` reaches
+    the per-device attention of the cross and Ulysses paths, where the keys are whole (padding
+    keys added here go at the end, so a prefix stays a prefix)."""
     config = SequenceParallel.of(config)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     local = functools.partial(attn.attention, scale=scale, backend=config.local_backend,
-                              block_q=config.block_q, block_k=config.block_k)
+                              block_q=config.block_q, block_k=config.block_k,
+                              key_mask_is_prefix=key_mask_is_prefix or key_mask is None)
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return local(q, k, v, key_mask=key_mask, causal=causal, bias_fn=bias_fn)
