@@ -207,6 +207,7 @@ def test_inconsistent_dataset_is_refused_before_the_run_starts(tmp_path, damage)
     with pytest.raises(data_format.DatasetError, match=expect):
         train(cfg, tmp_path / "run", printer=None)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()                # before the run began
+    assert not (tmp_path / "run" / "dit_config.json").exists()
     assert verify.main(["--dataset", str(ds.root)]) == 1
 
 

@@ -320,9 +320,12 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
     except DatasetError as e:
         p.error(str(e))
     encode_video, encode_prompt = checkpoint_encoders(a.models)
-    ds = build(a.out, choices, load_video=lambda path: read_mp4(path)[0], encode_video=encode_video,
-               encode_prompt=encode_prompt, negative_prompt=a.negative_prompt,
-               dtype=np.float16 if a.float16 else np.float32)
+    try:
+        ds = build(a.out, choices, load_video=lambda path: read_mp4(path)[0], encode_video=encode_video,
+                   encode_prompt=encode_prompt, negative_prompt=a.negative_prompt,
+                   dtype=np.float16 if a.float16 else np.float32)
+    except DatasetError as e:
+        p.exit(1, f"preferences: error: {e} (nothing was written to {a.out})\n")
     print(f"{a.out}: {len(ds)} pairs over {len(ds.videos)} videos")
     return 0
 

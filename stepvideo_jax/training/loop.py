@@ -184,6 +184,8 @@ def train(config, workdir=None, *, printer: Optional[Callable[[str], Any]] = pri
     objective = objective or Objective()
     workdir = paths.absolute(workdir or config.workdir)
     startup.check_run_directories(workdir, workdir / "checkpoints")
+    dataset = (objective.open_dataset or open_dataset)(config, workdir)
+    startup.check_dataset(dataset, config.data.get("path") or workdir, headers=config.data.get("check_headers", True))
     mesh = build_mesh(dict(config.mesh))
     init_from = config.model.get("init_from", "")
     cfg = _init_config(init_from) if init_from else dit_config(config.model)
@@ -213,8 +215,6 @@ def train(config, workdir=None, *, printer: Optional[Callable[[str], Any]] = pri
     abstract_state = jax.eval_shape(init_state)
     state_sh = state_shardings(abstract_state, mesh)
 
-    dataset = (objective.open_dataset or open_dataset)(config, workdir)
-    startup.check_dataset(dataset, config.data.get("path") or workdir, headers=config.data.get("check_headers", True))
     data_iter = pipeline.batches(dataset, config.data.global_batch, seed=config.data.seed,
                                  process_index=jax.process_index(), process_count=jax.process_count(),
                                  num_threads=config.data.num_threads, prefetch=config.data.prefetch)
