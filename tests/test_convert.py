@@ -82,6 +82,7 @@ def test_restore_casts_to_the_requested_dtype(tmp_path):
         assert cast[k].dtype == jnp.bfloat16 and np.array_equal(bits(cast[k]), bits(stored[k])), k
 
 
+@pytest.mark.sharding
 def test_sharded_restore_on_8_devices(tmp_path):
     """Small groups (1 MiB) and a 4x2 (fsdp, tensor) mesh: every array arrives in the logical rules'
     sharding with the same values as an unsharded restore."""

@@ -65,12 +65,14 @@ def test_held_out_combinations_are_absent_from_the_demo_training_set():
     assert len(held_out_cases) >= 16 and not trained_captions & {c for c, _ in held_out_cases}
 
 
+@pytest.mark.slow
 def test_shipped_scores_match_the_record_and_random_weights_are_at_chance(scores):
     recorded = json.loads((DEMO_DIR / "summary.json").read_text())["accuracy"]
     assert scores["demo"]["accuracy"] == pytest.approx(recorded["demo/held_out"], abs=0.05)
     assert scores["random"]["accuracy"] <= 3 * motion_checker.CHANCE
 
 
+@pytest.mark.slow
 def test_shipped_demo_follows_held_out_prompts(scores):
     assert scores["demo"]["accuracy"] >= ISSUE_ACCURACY, [r for r in scores["demo"]["results"] if not r["ok"]]
 
@@ -94,6 +96,7 @@ def test_same_seed_same_video(config, models):
     np.testing.assert_array_equal(a[1], c[1])   # a row does not depend on the rest of the batch
 
 
+@pytest.mark.slow
 def test_short_dit_run_reproduces_the_recorded_curve(config, tmp_path):
     """The training set rebuilt from the shipped VAE and text encoders, then the first steps of the
     demo's DiT training (the project's flow-matching trainer) give the recorded losses."""

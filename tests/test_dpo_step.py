@@ -119,6 +119,8 @@ def _max_rel(a, b):
     return num / max(jax.tree.leaves(jax.tree.map(lambda y: float(jnp.max(jnp.abs(y))), b)))
 
 
+@pytest.mark.sharding
+@pytest.mark.slow
 def test_sharded_accumulated_dpo_step_equals_single_device_and_keeps_the_reference_bit_identical():
     """8 host devices as (fsdp=4, sequence=2) with 2 accumulated micro-batches and full remat against
     one device and the whole batch at once; policy, bf16 reference and batch sharded by the rules, the

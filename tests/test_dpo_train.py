@@ -49,6 +49,7 @@ def _fixed_eval(config, dataset, params_list, draws=2):
     return [{k: float(v) for k, v in evaluate(p).items()} for p in [init] + list(params_list)]
 
 
+@pytest.mark.slow
 def test_dpo_learns_the_synthetic_preferences(tmp_path, compile_cache):
     config = dpo_config()
     result = train_dpo(config, tmp_path, printer=None)
@@ -75,6 +76,7 @@ def test_dpo_learns_the_synthetic_preferences(tmp_path, compile_cache):
     assert all(np.isfinite(r["margin"]) and np.isfinite(r["mfu"] if "mfu" in r else 0.0) for r in rows)
 
 
+@pytest.mark.slow
 def test_lora_run_resumes_and_checkpoints_only_adapters(tmp_path, compile_cache):
     overrides = {"dpo.lora_rank": 4, "total_steps": 6, "checkpoint.every": 3, "log_every": 3}
     first = train_dpo(dpo_config(stop_at_step=3, **overrides), tmp_path, printer=None)

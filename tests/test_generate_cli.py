@@ -40,6 +40,7 @@ def _cli(*args, timeout=600, env=None):
                           text=True, timeout=timeout)
 
 
+@pytest.mark.e2e
 def test_default_command_follows_its_prompt(tmp_path):
     """README's main-job command: the default config is the demo model, whose video shows the
     prompt's colour and motion (read from the written mp4 by `eval/motion_checker.py`). Run in the
@@ -80,6 +81,8 @@ def test_default_command_follows_its_prompt(tmp_path):
     assert not noise, noise
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_tiny_random_config_writes_a_valid_mp4(tmp_path):
     """Random weights stay available as an explicit option (`--config configs/generate/tiny.py`)."""
     out = tmp_path / "video.mp4"
@@ -207,6 +210,7 @@ def eval_setup(tmp_path, toy_pipeline):
     return config, toy_pipeline, tmp_path / "eval"
 
 
+@pytest.mark.e2e
 def test_eval_writes_videos_and_manifest_then_resumes(eval_setup):
     config, pipe, out = eval_setup
     prompts = ["a cat", "a dog", "a bird"]
@@ -242,6 +246,7 @@ def test_eval_refuses_a_folder_made_with_other_settings(eval_setup):
         generate_eval.run_eval(config, ["a cat"], out, pipe=pipe)
 
 
+@pytest.mark.e2e
 def test_eval_interrupted_leaves_no_partial_file(eval_setup, monkeypatch):
     config, pipe, out = eval_setup
 

@@ -108,6 +108,7 @@ def test_full_size_parameter_count():
     assert count == 350_986_240
 
 
+@pytest.mark.sharding
 def test_sharded_forward_matches(clip, cases):
     """Params sharded by the logical rules on an (fsdp=2, tensor=4) mesh; output equals the fixture."""
     mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:8]).reshape(2, 4), ("fsdp", "tensor"))

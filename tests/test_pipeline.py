@@ -203,6 +203,7 @@ def test_bad_batch_inputs(toy_pipeline):
         toy_pipeline(["a"], size=SIZE, settings=SETTINGS, seeds=[1], noise=jnp.zeros((1, 3, 4, 1, 1)))
 
 
+@pytest.mark.sharding
 def test_sharded_dit_under_a_mesh_matches_one_device(toy_pipeline):
     """Parameters placed by the logical-axis rules on a (data 2, fsdp 2, tensor 2) mesh of fake CPU
     devices; the pipeline runs under the mesh and gives the one-device latents."""

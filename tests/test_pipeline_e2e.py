@@ -18,6 +18,8 @@ from stepvideo_jax.sampling.flow_matching import SamplerSettings, classifier_fre
 from tests.fixtures import assert_close, fixture_dir, load_npz
 from tests.test_flow_matching import count_compiles
 
+pytestmark = pytest.mark.e2e
+
 FIXTURE = "release_layout"
 TEXT_TOL = dict(atol=5e-5, rtol=1e-4)
 LATENT_TOL = dict(atol=2e-4, rtol=1e-4)

@@ -21,6 +21,8 @@ from stepvideo_jax.text import conditioning
 from tests.fixtures import fixture_dir, load_config
 from tests.test_pipeline import SETTINGS, SIZE, TOY, toy_decode, toy_text_encoder
 
+pytestmark = pytest.mark.e2e
+
 # the tiny config at one VAE chunk and two steps: every stage runs, compiles stay short
 SMALL = dict(num_frames=17, height=32, width=48, num_steps=2, progress=False, denoise_filter=False,
              save_latents=True)
@@ -80,6 +82,7 @@ def test_textless_pipeline_rejects_missing_or_mismatched_conditioning():
 # --- the CLI's staged flow on the tiny random models ----------------------------------------------
 
 
+@pytest.mark.slow
 def test_staged_run_equals_the_all_loaded_run(tmp_path, compile_cache):
     staged = run_cli(tiny_config(tmp_path / "staged" / "v.mp4"))
     loaded = run_cli(tiny_config(tmp_path / "loaded" / "v.mp4", release_text_encoders=False))

@@ -11,6 +11,8 @@ from stepvideo_jax.convert.release_restore import load_release_component
 from stepvideo_jax.parallel.mesh import MeshConfig, make_mesh
 from tests.fixtures import fixture_dir
 
+pytestmark = pytest.mark.sharding
+
 
 def release():
     return fixture_dir("release_layout") / "stepvideo-t2v"

@@ -13,6 +13,8 @@ from stepvideo_jax.models.attention import attention
 from stepvideo_jax.parallel.mesh import MeshConfig, make_mesh
 from stepvideo_jax.parallel.sequence_parallel import SequenceParallel
 
+pytestmark = pytest.mark.sharding
+
 REL = 1e-5
 
 

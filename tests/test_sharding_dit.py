@@ -24,6 +24,8 @@ from stepvideo_jax.parallel.mesh import MeshConfig, make_mesh, shard_model
 from stepvideo_jax.parallel.sequence_parallel import SequenceParallel
 from tests.fixtures import assert_close, fixture_dir, load_json, load_npz
 
+pytestmark = pytest.mark.sharding
+
 REL = 1e-5
 INPUTS = ("hidden_states", "timestep", "encoder_hidden_states", "encoder_attention_mask",
           "encoder_hidden_states_2")

@@ -15,6 +15,8 @@ from stepvideo_jax.parallel.mesh import (MESH_AXES, MeshConfig, initialize_distr
                                          multi_process_env, shard_model)
 from tests.fixtures import PROJECT_ROOT
 
+pytestmark = pytest.mark.sharding
+
 
 def test_sizes_fill_the_rest():
     assert MeshConfig(sequence=2, tensor=2).resolve(8) == {"data": 1, "fsdp": 2, "sequence": 2, "tensor": 2}

@@ -23,6 +23,8 @@ from stepvideo_jax.sampling.flow_matching import FlowMatchSampler, SamplerSettin
 from stepvideo_jax.sampling.pipeline import dit_velocity_fn
 from tests.fixtures import assert_close, fixture_dir, load_json, load_npz
 
+pytestmark = pytest.mark.sharding
+
 REL = 1e-5
 
 

@@ -11,6 +11,8 @@ from jax.sharding import Mesh, NamedSharding
 from stepvideo_jax.models.attention import attention
 from stepvideo_jax.parallel.rules import logical_to_spec
 
+pytestmark = pytest.mark.sharding
+
 
 def _inputs(b, sq, sk, h, hkv, d=128, seed=0):
     ks = jax.random.split(jax.random.key(seed), 3)

@@ -157,6 +157,7 @@ def test_xla_backend_agrees():
     assert_close(y, c["a_y"], atol=ATOL, rtol=RTOL, name="xla a_y")
 
 
+@pytest.mark.sharding
 def test_sharded_forward_matches():
     """FSDP x tensor mesh on 8 host devices: parameters sharded by the logical rules, same output."""
     c = cases()

@@ -11,6 +11,7 @@ import textwrap
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from stepvideo_jax.models.dit import DiTConfig, StepVideoDiT
@@ -69,6 +70,7 @@ def test_save_killed_mid_write_leaves_a_restorable_latest(tmp_path):
     np.testing.assert_array_equal(np.asarray(state["w"]), np.full((3, 1 << 22), latest, np.float32))
 
 
+@pytest.mark.sharding
 def test_restore_onto_a_mesh_of_another_size(tmp_path):
     cfg = DiTConfig(num_layers=1, num_heads=2, head_dim=16, in_channels=4, out_channels=4,
                     caption_channels=(16, 8), rope_splits=(8, 4, 4))

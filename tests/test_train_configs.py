@@ -39,6 +39,7 @@ def test_pod_configs(name, arg, chips):
     optimizer_of(c)
 
 
+@pytest.mark.sharding
 def test_full_size_state_shards_over_a_mesh():
     """The whole full-size train state (f32 params, Adam moments, EMA) has a sharding from the rules."""
     c = _config("pod_544x992", "v5p-128")

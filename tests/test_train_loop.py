@@ -33,6 +33,7 @@ def straight(tmp_path_factory, compile_cache):
     return workdir, train(tiny_config(**{"samples.every": STEPS, "samples.num_steps": 3}), workdir, printer=None)
 
 
+@pytest.mark.slow
 def test_tiny_config_learns(straight):
     workdir, result = straight
     curve = dict(result.heldout)
@@ -56,6 +57,7 @@ def test_tiny_config_learns(straight):
     assert not np.array_equal(k, np.asarray(ema.proj_out.kernel[...]))
 
 
+@pytest.mark.slow
 def test_exact_resume(straight, tmp_path, compile_cache):
     _, full = straight
     first = train(tiny_config(stop_at_step=STEPS // 2), tmp_path, printer=None)
@@ -95,6 +97,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, compile_cache):
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(nnx.state(model)))
 
 
+@pytest.mark.slow
 def test_export_of_a_training_checkpoint_loads_back(straight, tmp_path):
     from stepvideo_jax.convert import dit as dit_convert
     from stepvideo_jax.convert import export_dit
@@ -116,6 +119,8 @@ def test_export_of_a_training_checkpoint_loads_back(straight, tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.sharding
+@pytest.mark.slow
 def test_sharded_run_matches_the_single_device_run(straight, tmp_path, compile_cache):
     """The same run on 8 devices as (fsdp=4, sequence=2): same losses for the first steps."""
     _, full = straight

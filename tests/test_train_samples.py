@@ -36,6 +36,7 @@ def vae_dir():
     return VAE_DIR
 
 
+@pytest.mark.slow
 def test_samples_write_mp4s_and_leave_training_unchanged(tmp_path, vae_dir, compile_cache):
     sampled_cfg = config(**{"samples.every": EVERY, "samples.count": 2, "samples.num_steps": 2,
                             "samples.vae": str(vae_dir)})

@@ -103,6 +103,7 @@ def test_learning_rate_schedules():
         raise AssertionError("unknown schedule accepted")
 
 
+@pytest.mark.sharding
 def test_sharded_gradients_equal_single_device(reference):
     """8 host devices as (fsdp=4, sequence=2): gradients before the optimizer match one device."""
     graphdef, params, batch, loss_ref, g_ref = reference

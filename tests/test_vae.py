@@ -161,6 +161,7 @@ def test_tile_weights_cross_fade():
         fixture_model().decode(INTER["int.z"], tile=(1, 1), tile_overlap=(1, 0))
 
 
+@pytest.mark.sharding
 def test_decode_chunks_spread_over_a_mesh_equal_one_device():
     """Under a mesh, independent chunks are split over every device (padded with zero chunks)."""
     from jax.sharding import Mesh
