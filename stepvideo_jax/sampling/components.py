@@ -93,6 +93,20 @@ def vae_decoder(vae: nnx.Module, **decode_kw) -> Callable[[jax.Array], jax.Array
     return lambda latents: decode(state, latents)
 
 
+def vae_image_encoder(vae: nnx.Module) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """(video (1, 1, 3, h, w), posterior noise (1, 1, z, h/16, w/16)) -> the posterior sample, float32
+    (`image_condition.encode_condition`, the TI2V image condition), jitted once per size."""
+    from stepvideo_jax.sampling.image_condition import encode_condition
+
+    graphdef, state = nnx.split(vae)
+
+    @jax.jit
+    def encode(state, video, noise):
+        return encode_condition(nnx.merge(graphdef, state), video, noise)
+
+    return lambda video, noise: encode(state, video, noise)
+
+
 class Loader(abc.ABC):
     """Builds each component on demand and keeps no reference to what it built, so a caller that
     drops a component (e.g. the text encoders once every prompt is encoded) frees its memory.

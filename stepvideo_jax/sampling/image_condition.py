@@ -25,7 +25,6 @@ import logging
 import math
 import os
 import pathlib
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -130,22 +129,20 @@ def preprocess(image: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 
-def encode_condition(vae, video: np.ndarray, *, noise: np.ndarray | None = None,
-                     key: jax.Array | None = None, use_mean: bool = False) -> jax.Array:
-    """The VAE posterior sample of one frame: `video` (1, 1, 3, h, w) -> (1, 1, z, h/16, w/16) float32.
-
-    `vae`: a `VideoVAE`. Exactly one of `noise` (N(0, 1), the posterior's shape), `key` (drawn here)
-    or `use_mean` (the posterior mean, no noise; not the official behaviour)."""
-    if (noise is not None) + (key is not None) + bool(use_mean) != 1:
-        raise ValueError("give exactly one of noise=, key= or use_mean=True for the image's posterior")
+def encode_condition(vae, video: jax.Array, noise: jax.Array) -> jax.Array:
+    """The VAE posterior sample of one frame (pure, jittable): `video` (1, 1, 3, h, w) and N(0, 1)
+    `noise` (1, 1, z, h/16, w/16) -> `mean + std * noise` (1, 1, z, h/16, w/16) float32. `vae`: a
+    `VideoVAE`."""
     post = vae.posterior(vae.encode_moments(jnp.asarray(video, jnp.float32)))
-    if use_mean:
-        return post.mean.astype(jnp.float32)
-    if noise is None:
-        noise = jax.random.normal(key, post.mean.shape, jnp.float32)
-    if tuple(np.shape(noise)) != tuple(post.mean.shape):
-        raise ValueError(f"posterior noise {tuple(np.shape(noise))} should be {tuple(post.mean.shape)}")
-    return post.sample_from_noise(jnp.asarray(noise)).astype(jnp.float32)
+    if tuple(noise.shape) != tuple(post.mean.shape):
+        raise ValueError(f"posterior noise {tuple(noise.shape)} should be {tuple(post.mean.shape)}")
+    return post.sample_from_noise(noise).astype(jnp.float32)
+
+
+def posterior_noise(seed: int, shape: tuple[int, ...]) -> jax.Array:
+    """The image posterior's N(0, 1) noise of prompt seed `seed`: its own stream, `fold_in(key(seed), 1)`
+    (the initial noise uses `key(seed)`)."""
+    return jax.random.normal(jax.random.fold_in(jax.random.key(int(seed)), 1), shape, jnp.float32)
 
 
 def condition_frames(latent: jax.Array, latent_frames: int) -> jax.Array:

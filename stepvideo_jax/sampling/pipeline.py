@@ -13,6 +13,11 @@
    batch rows stacked along the height, clamp to [0, 255], truncating uint8 cast, (F, b*H, W, 3),
    then `crop_540p`. Done in float32 here; the official server runs it on a bf16 video.
 
+Step-Video-TI2V (a DiT with `cfg.ti2v`, `images=` and `motion_score=` given): each prompt's first-frame
+image is preprocessed, VAE-encoded (a posterior sample with its own noise) and laid out as condition
+latents (`image_condition`); every CFG row of a prompt gets the same condition and motion score, which
+ride in the conditioning pytree (`"condition"` (n, f, c, h, w), `"motion_score"` (n,)).
+
 Sizes: each 17 video frames are 3 latent frames and 16 x 16 pixels one latent pixel. The official
 code silently floors other sizes; here they are rejected before anything is compiled, naming the
 nearest valid values.
@@ -29,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from stepvideo_jax.sampling import image_condition as ic
 from stepvideo_jax.sampling.flow_matching import FlowMatchSampler, SamplerSettings, VelocityFn
 
 FRAMES_PER_CHUNK = 17          # video frames decoded from one chunk of latents
@@ -149,11 +155,13 @@ def frame_shape(size: VideoSize, crop: bool) -> tuple[int, int, int]:
 
 
 def dit_velocity_fn(graphdef: nnx.GraphDef, *, backend: str | None = None) -> VelocityFn:
-    """Velocity function over the DiT's state: cond = {"y", "y_mask", "clip"} with the batch of x."""
+    """Velocity function over the DiT's state: cond = {"y", "y_mask", "clip"} (+ TI2V: "condition",
+    "motion_score") with the batch of x."""
 
     def velocity(state, x, t, cond):
         model = nnx.merge(graphdef, state)
-        return model(x, t, cond["y"], cond["y_mask"], cond["clip"], backend=backend)
+        return model(x, t, cond["y"], cond["y_mask"], cond["clip"], condition=cond.get("condition"),
+                     motion_score=cond.get("motion_score"), backend=backend)
 
     return velocity
 
@@ -165,6 +173,8 @@ class TextEncoder(Protocol):
 
 
 VideoDecoder = Callable[[jax.Array], jax.Array]   # latents (b, f, c, h, w) -> video (b, F, 3, H, W)
+# (video (1, 1, 3, H, W), posterior noise (1, 1, c, h, w)) -> posterior sample (1, 1, c, h, w)
+ImageEncoder = Callable[[jax.Array, jax.Array], jax.Array]
 
 
 def caption_prompts(prompts: Sequence[str], *, pos_magic: str, neg_magic: str, cfg: bool) -> list[str]:
@@ -251,10 +261,14 @@ class TextToVideo:
 
     def __init__(self, *, encode_text: TextEncoder | None, dit: nnx.Module, decode: VideoDecoder,
                  dtype=jnp.float32, attention_backend: str | None = None,
-                 mesh: jax.sharding.Mesh | None = None):
+                 mesh: jax.sharding.Mesh | None = None, encode_image: ImageEncoder | None = None):
         self.mesh = mesh
         self.dit_graphdef, self.dit_state = nnx.split(dit)
         self.latent_channels = dit.cfg.in_channels
+        self.ti2v = bool(getattr(dit.cfg, "ti2v", False))
+        if self.ti2v and encode_image is None:
+            raise ValueError("a TI2V DiT needs encode_image (components.vae_image_encoder(vae))")
+        self.encode_image = encode_image
         self.encode_text = encode_text
         self.decode = decode
         self.sampler = FlowMatchSampler(dit_velocity_fn(self.dit_graphdef, backend=attention_backend),
@@ -279,16 +293,43 @@ class TextToVideo:
                  seeds: Sequence[int], pos_magic: str = POS_MAGIC, neg_magic: str = NEG_MAGIC,
                  crop: bool = True, noise: jax.Array | None = None, progress: bool = False,
                  on_step: Callable[[int, jax.Array], None] | None = None,
-                 cond: Mapping[str, np.ndarray] | None = None) -> Generation:
+                 cond: Mapping[str, np.ndarray] | None = None, images: Sequence[np.ndarray] | None = None,
+                 motion_score: float | None = None, image_noise: Sequence[jax.Array] | None = None
+                 ) -> Generation:
         """Generate one video per prompt. `noise` (b, f, c, h, w) replaces the seeded noise. `cond`:
         the prompts' conditioning from `encode` (same prompts, magics and CFG), instead of encoding
-        them here; the timings then have no "tokenize+encode"."""
+        them here; the timings then have no "tokenize+encode". TI2V DiT only: `images` one uint8
+        (H0, W0, 3) first frame per prompt, `motion_score` a finite number, `image_noise` per prompt
+        (1, 1, c, h, w) replaces the seeded posterior noise (`image_condition.posterior_noise`)."""
         with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
             return self._generate(prompts, size, settings, seeds, pos_magic, neg_magic, crop, noise,
-                                  progress, on_step, cond)
+                                  progress, on_step, cond, images, motion_score, image_noise)
+
+    def image_condition(self, images: Sequence[np.ndarray], motion_score, *, size: VideoSize,
+                        seeds: Sequence[int], cfg: bool, image_noise: Sequence[jax.Array] | None = None
+                        ) -> dict[str, jax.Array]:
+        """{"condition": (n, f, c, h, w) bf16 values, "motion_score": (n,)}, n the conditioning rows:
+        one per prompt, repeated for the uncond rows with `cfg` (same image and score)."""
+        if not self.ti2v:
+            raise ValueError("images / motion_score given, but this DiT is text-to-video (DiTConfig.ti2v is "
+                             "False): load a Step-Video-TI2V checkpoint")
+        if images is None or len(images) != len(seeds):
+            raise ValueError(f"the TI2V DiT needs one first-frame image per prompt ({len(seeds)}), got "
+                             f"{'none' if images is None else len(images)}")
+        if motion_score is None:
+            raise ValueError("the TI2V DiT needs a motion_score (e.g. 5, the official default)")
+        ms = ic.check_motion_score(motion_score)
+        _, f, c, h, w = size.latent_shape(1, self.latent_channels)
+        rows = []
+        for i, (image, seed) in enumerate(zip(images, seeds)):
+            video = ic.preprocess(image, size.height, size.width)
+            eps = ic.posterior_noise(seed, (1, 1, c, h, w)) if image_noise is None else jnp.asarray(image_noise[i])
+            rows.append(ic.condition_frames(self.encode_image(jnp.asarray(video), eps), f))
+        condition = jnp.concatenate(rows * (2 if cfg else 1))
+        return {"condition": condition, "motion_score": jnp.full((condition.shape[0],), ms, jnp.float32)}
 
     def _generate(self, prompts, size, settings, seeds, pos_magic, neg_magic, crop, noise, progress,
-                  on_step, cond) -> Generation:
+                  on_step, cond, images, motion_score, image_noise) -> Generation:
         prompts = check_prompts(prompts)
         if len(seeds) != len(prompts):
             raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts: give one seed per prompt")
@@ -296,6 +337,12 @@ class TextToVideo:
         if noise is not None and tuple(noise.shape) != shape:
             raise ValueError(f"noise {tuple(noise.shape)} does not match the latent shape {shape} of {size}")
         timings = {}
+        extra = {}
+        if self.ti2v or images is not None or motion_score is not None:
+            start = time.perf_counter()
+            extra = jax.block_until_ready(self.image_condition(images, motion_score, size=size, seeds=seeds,
+                                                               cfg=settings.cfg, image_noise=image_noise))
+            timings["image encode"] = time.perf_counter() - start
         if cond is None:
             start = time.perf_counter()
             cond = jax.block_until_ready(self.conditioning(prompts, pos_magic=pos_magic, neg_magic=neg_magic,
@@ -303,6 +350,7 @@ class TextToVideo:
             timings["tokenize+encode"] = time.perf_counter() - start
         else:
             cond = check_cond(cond, cond_rows(len(prompts), settings.cfg))
+        cond = {**cond, **extra}
 
         start = time.perf_counter()
         if noise is None:
