@@ -200,6 +200,7 @@ def test_t2v_model_rejects_ti2v_inputs():
 
 
 @pytest.mark.sharding
+@pytest.mark.sharding
 def test_sharded_equals_one_device():
     """(fsdp=2, sequence=2, tensor=2) with ring attention == one device, max|a-b|/max|b| <= 1e-5."""
     case = case_arrays(CASES[-1])

@@ -23,6 +23,7 @@ LATENT_TOL = dict(atol=2e-4, rtol=1e-4)
 GUIDED_TOL = dict(atol=5e-4, rtol=1e-4)
 COND_ATOL = 1e-4
 VAE_IN_ATOL = 1e-6
+pytestmark = pytest.mark.e2e
 
 
 @functools.lru_cache(maxsize=None)
