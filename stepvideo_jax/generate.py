@@ -3,6 +3,8 @@ r"""The main job: prompts in, H.264 mp4 files out.
     python -m stepvideo_jax.generate --config.prompt="a red circle moves to the left"
     python -m stepvideo_jax.generate --config configs/generate/base.py \
         --config.checkpoint_dir=/path/to/stepvideo-t2v --config.prompt="..."
+    python -m stepvideo_jax.generate --config configs/generate/ti2v.py \
+        --config.checkpoint_dir=stepfun-ai/stepvideo-ti2v --config.image=first.png --config.prompt="..."
 
 Without `--config` the embedded demo model runs (`configs/generate/demo.py`: the tiny Step-Video
 model trained by this project on the synthetic captioned-motion set, shipped in the package); tiny
@@ -34,7 +36,7 @@ from etils import epath
 from stepvideo_jax import config_files, hub, logs, paths
 from stepvideo_jax.convert.safetensors_io import CheckpointError
 from stepvideo_jax.parallel.mesh import MeshConfig, make_mesh
-from stepvideo_jax.sampling import components, video_io
+from stepvideo_jax.sampling import components, image_condition, video_io
 from stepvideo_jax.sampling.flow_matching import SamplerSettings
 from stepvideo_jax.sampling.pipeline import TextToVideo, VideoSize, caption_prompts, check_prompts, encode_prompts
 from stepvideo_jax.text.conditioning import LLM_LENGTH
@@ -55,12 +57,16 @@ class Job:
     checkpoint_dir: pathlib.Path | None
     dtypes: dict
     mesh: MeshConfig | None
+    images: list[np.ndarray] | None = None   # TI2V: one uint8 (H0, W0, 3) first frame per prompt
+    motion_score: float | None = None        # TI2V
 
 
-def resolve(config: ml_collections.ConfigDict, *, prompts=None, outputs=None) -> Job:
+def resolve(config: ml_collections.ConfigDict, *, prompts=None, outputs=None, images=None) -> Job:
     """Validate a config; every problem raises a ValueError naming the value and the valid choices.
 
     `prompts` / `outputs` replace the config's prompts and the file names derived from `output`.
+    TI2V configs (with an `image` field): `images` (one file per prompt) replaces `config.image`
+    (one file for every prompt); each is read and its crop checked here, before any model loads.
     """
     if prompts is None:
         prompts = config.prompts if config.prompts else config.prompt
@@ -95,8 +101,29 @@ def resolve(config: ml_collections.ConfigDict, *, prompts=None, outputs=None) ->
         if path.suffix.lower() != ".mp4":
             raise ValueError(f"output {path} must end in .mp4")
         video_io.check_writable(path)
+    loaded, motion_score = None, None
+    if "image" in config or images is not None:
+        loaded, motion_score = resolve_images(config, images, len(prompts), size)
     return Job(prompts=prompts, seeds=seeds, size=size, settings=settings, outputs=outputs,
-               checkpoint_dir=checkpoint_dir, dtypes=dtypes, mesh=mesh)
+               checkpoint_dir=checkpoint_dir, dtypes=dtypes, mesh=mesh, images=loaded, motion_score=motion_score)
+
+
+def resolve_images(config: ml_collections.ConfigDict, images, n: int, size: VideoSize):
+    """TI2V: (one uint8 image per prompt, the checked motion score); ValueError for a missing or
+    unreadable image, a crop too unlike the video's aspect ratio, or a non-finite motion score."""
+    motion_score = image_condition.check_motion_score(config.get("motion_score"))
+    if images is None:
+        if not config.get("image"):
+            raise ValueError("this is an image-to-video config: set --config.image to the first frame's file")
+        images = [config.image] * n
+    if len(images) != n:
+        raise ValueError(f"{len(images)} images for {n} prompts: give one image per prompt")
+    cache = {}
+    for path in images:
+        if str(path) not in cache:
+            cache[str(path)] = image_condition.load_image(path)
+            image_condition.cover_crop(cache[str(path)].shape[:2], (size.height, size.width))
+    return [cache[str(p)] for p in images], motion_score
 
 
 def job_mesh(job: Job):
@@ -124,9 +151,16 @@ def build_pipeline(config: ml_collections.ConfigDict, job: Job, *, loader: compo
     `cond=`). `loader`: where the components come from (default: `build_loader` on the job's mesh)."""
     if loader is None:
         loader = build_loader(config, job, job_mesh(job))
-    return TextToVideo(encode_text=loader.text_encoder() if text_encoder else None, dit=loader.dit(),
-                       decode=components.vae_decoder(loader.vae()), dtype=job.dtypes["dit"],
-                       attention_backend=config.attention_backend or None, mesh=loader.mesh)
+    dit, vae = loader.dit(), loader.vae()
+    ti2v = bool(dit.cfg.ti2v)
+    if ti2v != (job.images is not None):
+        raise ValueError("the checkpoint's DiT is Step-Video-TI2V (image to video): use configs/generate/ti2v.py "
+                         "with --config.image" if ti2v else "the checkpoint's DiT is text-to-video, but this config "
+                         "gives a first-frame image: use a Step-Video-TI2V checkpoint or a text-to-video config")
+    return TextToVideo(encode_text=loader.text_encoder() if text_encoder else None, dit=dit,
+                       decode=components.vae_decoder(vae), dtype=job.dtypes["dit"],
+                       attention_backend=config.attention_backend or None, mesh=loader.mesh,
+                       encode_image=components.vae_image_encoder(vae) if ti2v else None)
 
 
 def report_long_prompts(config: ml_collections.ConfigDict, loader: components.Loader, prompts: list[str],
@@ -192,7 +226,7 @@ def generate(config: ml_collections.ConfigDict, job: Job, pipe: TextToVideo, con
     (`encode_batches`), else `pipe` encodes the prompts."""
     result = pipe(job.prompts, size=job.size, settings=job.settings, seeds=job.seeds,
                   pos_magic=config.pos_magic, neg_magic=config.neg_magic, crop=config.crop_540p,
-                  progress=config.progress, cond=cond)
+                  progress=config.progress, cond=cond, images=job.images, motion_score=job.motion_score)
     start = time.perf_counter()
     latent_files = []
     for path, frames, latents in zip(job.outputs, result.frames, result.latents):
@@ -226,6 +260,8 @@ def describe(config: ml_collections.ConfigDict, job: Job, *, full: bool = False)
         f"  weights: {job.checkpoint_dir or 'tiny random (config.tiny)'}",
         *prompts,
         f"  video: {job.size.num_frames} frames of {job.size.height} x {job.size.width}, seed {job.seeds[0]}",
+        *([f"  first frame: {config.get('image') or 'one image per prompt'}, motion score {job.motion_score:g}"]
+          if job.images is not None else []),
         f"  sampler: {s.num_steps} steps, guidance {s.guidance_scale:g}, time shift {s.shift:g}",
         f"  dtypes: {dtypes}; mesh: {config.mesh or 'one device'}",
     ])

@@ -221,7 +221,8 @@ def execute(config: ml_collections.ConfigDict, plan: EvalPlan, pipe: TextToVideo
         pipe = generate.build_pipeline(config, job, loader=loader)
     for n, (idx, cond, seconds) in enumerate(zip(batches, conds, encode_seconds)):
         batch = dataclasses.replace(job, prompts=[job.prompts[i] for i in idx], seeds=[job.seeds[i] for i in idx],
-                                    outputs=[job.outputs[i] for i in idx])
+                                    outputs=[job.outputs[i] for i in idx],
+                                    images=None if job.images is None else [job.images[i] for i in idx])
         done = min((n + 1) * plan.batch_size, len(plan.todo))
         print(f"[{done}/{len(plan.todo)}] " + " | ".join(batch.prompts), flush=True)
         summary = generate.generate(config, batch, pipe, cond=cond)

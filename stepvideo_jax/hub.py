@@ -16,7 +16,7 @@ import re
 from typing import Sequence
 
 RELEASE_COMPONENTS = ("transformer", "vae", "step_llm", "hunyuan_clip")
-KNOWN_REPOS = ("stepfun-ai/stepvideo-t2v", "stepfun-ai/stepvideo-t2v-turbo")
+KNOWN_REPOS = ("stepfun-ai/stepvideo-t2v", "stepfun-ai/stepvideo-t2v-turbo", "stepfun-ai/stepvideo-ti2v")
 _REPO_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<revision>[\w./-]+))?$")
 
 
@@ -60,7 +60,7 @@ def resolve(source, components: Sequence[str] = RELEASE_COMPONENTS, *, cache_dir
         raise ValueError(f"{where}: the repo has no revision {revision!r}") from None
     except (errors.RepositoryNotFoundError, errors.GatedRepoError) as e:
         raise ValueError(f"{source!r} is neither a local directory nor a Hugging Face repo this machine can read "
-                         f"({type(e).__name__}); the Step-Video-T2V releases are {', '.join(KNOWN_REPOS)}") from None
+                         f"({type(e).__name__}); the Step-Video releases are {', '.join(KNOWN_REPOS)}") from None
     except errors.LocalEntryNotFoundError:
         raise ValueError(f"{source!r} is not a local directory, and the Hugging Face repo {where} is not in the hub "
                          f"cache ({cache_dir or _cache_root()}) while downloads are off (HF_HUB_OFFLINE) or the hub "

@@ -38,7 +38,7 @@ def cases():
 def ti2v_release(root):
     """A release folder: the TI2V transformer + the T2V text encoders and VAE (symlinked)."""
     release = root / "stepvideo-ti2v"
-    release.mkdir()
+    release.mkdir(parents=True)
     (release / "transformer").symlink_to(fixture_dir("ti2v") / "stepvideo-ti2v" / "transformer")
     for name in ("vae", "step_llm", "hunyuan_clip"):
         (release / name).symlink_to(fixture_dir("release_layout") / "stepvideo-t2v" / name)

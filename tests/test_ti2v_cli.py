@@ -1,0 +1,70 @@
+"""The TI2V command line: configs/generate/ti2v.py on a TI2V release folder (fixture `ti2v` transformer
++ `release_layout` text encoders and VAE), its defaults, and the input checks that run before any
+model loads."""
+import numpy as np
+import pytest
+from PIL import Image
+
+from stepvideo_jax import generate
+from stepvideo_jax.sampling import video_io
+from tests.fixtures import fixture_dir, load_config, load_json
+from tests.test_ti2v_e2e import ti2v_release
+
+E2E = load_json("ti2v", "e2e_cases.json")
+
+
+def test_defaults_are_the_official_cli_defaults():
+    c = load_config("configs/generate/ti2v.py")
+    want = E2E["cli_defaults_ti2v"]
+    assert (c.num_frames, c.height, c.width, c.num_steps) == (want["num_frames"], want["height"], want["width"],
+                                                               want["infer_steps"])
+    assert (c.guidance_scale, c.time_shift, c.motion_score, c.seed) == (want["cfg_scale"], want["time_shift"],
+                                                                       want["motion_score"], want["seed"])
+    assert (c.pos_magic, c.neg_magic) == (want["pos_magic"], want["neg_magic"])
+
+
+def _config(tmp_path, **overrides):
+    name, case = sorted(E2E["cases"].items())[0]
+    kw = dict(checkpoint_dir=str(ti2v_release(tmp_path)), image=str(fixture_dir("ti2v") / case["image_png"]),
+              prompt=case["prompt"], num_frames=case["num_frames"], height=case["height"], width=case["width"],
+              num_steps=2, motion_score=case["motion_score"], output=str(tmp_path / "out.mp4"), progress=False,
+              denoise_filter=False, **{"dtypes.dit": "float32", "dtypes.vae": "float32",
+                                       "dtypes.step_llm": "float32"})
+    kw.update(overrides)
+    return load_config("configs/generate/ti2v.py", **kw)
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+@pytest.mark.parametrize("guidance", [9.0, 1.0])
+def test_generate_writes_the_video(tmp_path, guidance):
+    """With and without CFG (guidance <= 1: no uncond branch)."""
+    config = _config(tmp_path, guidance_scale=guidance, save_latents=True)
+    job = generate.resolve(config)
+    summary = generate.run(config, job)
+    frames, _ = video_io.read_mp4(tmp_path / "out.mp4")
+    assert frames.shape == (config.num_frames, config.height, config.width, 3)
+    assert np.isfinite(np.load(tmp_path / "out.npy")).all()
+    assert "image encode" in summary["timings"]
+
+
+def test_bad_input_is_named_before_loading(tmp_path):
+    with pytest.raises(ValueError, match="set --config.image"):
+        generate.resolve(_config(tmp_path, image=""))
+    with pytest.raises(ValueError, match="not found"):
+        generate.resolve(_config(tmp_path / "b", image=str(tmp_path / "nope.png")))
+    (tmp_path / "junk.png").write_bytes(b"\x89PNG broken")
+    with pytest.raises(ValueError, match="cannot be read"):
+        generate.resolve(_config(tmp_path / "c", image=str(tmp_path / "junk.png")))
+    Image.fromarray(np.zeros((4, 400, 3), np.uint8)).save(tmp_path / "strip.png")
+    with pytest.raises(ValueError, match="too unlike"):
+        generate.resolve(_config(tmp_path / "d", image=str(tmp_path / "strip.png")))
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="motion_score"):
+            generate.resolve(_config(tmp_path / f"e{bad}", motion_score=bad))
+
+
+def test_small_images_are_accepted(tmp_path):
+    Image.fromarray(np.full((3, 5, 3), 200, np.uint8)).save(tmp_path / "tiny.png")
+    job = generate.resolve(_config(tmp_path, image=str(tmp_path / "tiny.png")))
+    assert job.images[0].shape == (3, 5, 3) and job.motion_score == float(_config(tmp_path / "x").motion_score)
