@@ -98,6 +98,7 @@ def test_inspect_mp4_counts_frames_and_refuses_a_truncated_file(tmp_path):
         video_io.inspect_mp4(path)
 
 
+@pytest.mark.slow
 def test_generate_cli_reports_an_encoder_failure(tmp_path, monkeypatch):
     """The whole main job with an encoder that fails: exit status 1, one error line, no "wrote"."""
     fake = tmp_path / "fake_ffmpeg"

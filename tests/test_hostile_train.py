@@ -122,6 +122,7 @@ def stopped_run(tmp_path_factory, compile_cache):
     return work
 
 
+@pytest.mark.slow
 def test_corrupt_latest_checkpoint_is_named_and_the_previous_one_resumes(stopped_run, tmp_path, compile_cache):
     work = tmp_path / "run"
     shutil.copytree(stopped_run, work)
@@ -153,6 +154,7 @@ def test_metrics_of_an_attempt_without_checkpoint_are_not_repeated(tmp_path, com
     assert [r["step"] for r in rows] == [1, 2, 3] and all(r["loss"] != 1.0 for r in rows)
 
 
+@pytest.mark.slow
 def test_verify_checks_every_checkpoint_step(stopped_run, tmp_path, capsys):
     work = tmp_path / "run"
     shutil.copytree(stopped_run, work)

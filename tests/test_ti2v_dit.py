@@ -136,6 +136,7 @@ def test_adaln_one_motion_score_per_row():
     assert_close(np.asarray(mod).reshape(mod.shape[0], -1), rows["adaln_modulation"], atol=ATOL, rtol=RTOL)
 
 
+@pytest.mark.slow
 def test_motion_score_changes_the_output_and_the_final_layer():
     case = case_arrays(CASES[0])
     out, _ = run(fixture_model(), case, capture=False)
@@ -201,6 +202,7 @@ def test_t2v_model_rejects_ti2v_inputs():
 
 
 @pytest.mark.sharding
+@pytest.mark.slow
 def test_sharded_equals_one_device():
     """(fsdp=2, sequence=2, tensor=2) with ring attention == one device, max|a-b|/max|b| <= 1e-5."""
     case = case_arrays(CASES[-1])
