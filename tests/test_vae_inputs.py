@@ -106,9 +106,8 @@ def _bad_frame_counts():
     return out
 
 
-@pytest.mark.parametrize("case", range(len(_bad_videos())))
-def test_bad_video_is_rejected_up_front(case):
-    shape, message = _bad_videos()[case]
+@pytest.mark.parametrize("shape, message", _bad_videos())
+def test_bad_video_is_rejected_up_front(shape, message):
     with pytest.raises(ValueError, match=message):
         abstract_model().encode_moments(np.zeros(shape, np.float32))
 
@@ -124,9 +123,8 @@ def _bad_latents():
     ]
 
 
-@pytest.mark.parametrize("case", range(len(_bad_latents())))
-def test_bad_latents_are_rejected_up_front(case):
-    shape, message = _bad_latents()[case]
+@pytest.mark.parametrize("shape, message", _bad_latents())
+def test_bad_latents_are_rejected_up_front(shape, message):
     with pytest.raises(ValueError, match=message):
         abstract_model().decode(np.zeros(shape, np.float32))
 
