@@ -13,6 +13,12 @@ name and renamed; stale temporary files are removed on start) and the manifest i
 atomically after each batch. A folder of another job (other prompts, seed or settings), or videos
 without a manifest (unknown provenance), are refused rather than mixed or adopted: use another
 `--output_dir`, or `--overwrite` to delete this runner's files there and start over.
+
+Step-Video-TI2V-Eval (`--ti2v_eval_dir`, with a TI2V config such as configs/generate/ti2v.py): the
+benchmark folder `<set>/<category>/<NNN>.png` + `<NNN>.txt` (sets `ti2v_eval_ani`, `ti2v_eval_real`;
+`--ti2v_sets` picks them); item i of the sorted (set, category, NNN) list is the prompt of the .txt with
+the .png as first frame, written to `<i:03d>.mp4`; the manifest names its `source` (`set/category/NNN`)
+and binds the folder to the images' sha256 as well as the prompts'.
 """
 from __future__ import annotations
 
@@ -39,7 +45,57 @@ PARTIAL_NAME = re.compile(r"\..+\.partial(\.mp4)?")   # temporary files of its a
 # config fields that change the videos: a folder is only resumed with the same values
 SETTINGS_FIELDS = ("seed", "num_frames", "height", "width", "num_steps", "guidance_scale", "time_shift",
                    "pos_magic", "neg_magic", "checkpoint_dir", "dtypes", "tiny", "bf16_mask_sum",
-                   "crop_540p", "denoise_filter")
+                   "crop_540p", "denoise_filter", "motion_score")
+TI2V_SETS = ("ti2v_eval_ani", "ti2v_eval_real")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalItems:
+    """A benchmark as lists aligned by index: prompts, first-frame image files (None: T2V), sources."""
+
+    prompts: list[str]
+    images: list[pathlib.Path] | None = None
+    sources: list[str] | None = None
+
+
+def read_ti2v_eval(root, sets=TI2V_SETS) -> EvalItems:
+    """Step-Video-TI2V-Eval: `<root>/<set>/<category>/<NNN>.<png|jpg...>` + `<NNN>.txt` (the prompt), in
+    sorted (set, category, NNN) order; ValueError for an unknown set, an empty set, an image without
+    its prompt file, a prompt file without its image, or an empty prompt."""
+    root = pathlib.Path(root)
+    unknown = sorted(set(sets) - set(TI2V_SETS))
+    if unknown or not sets:
+        raise ValueError(f"unknown TI2V-Eval sets {unknown or list(sets)}; choose from {list(TI2V_SETS)}")
+    if not root.is_dir():
+        raise ValueError(f"TI2V-Eval folder {root} not found (expected {', '.join(s + '/' for s in TI2V_SETS)})")
+    items = EvalItems([], [], [])
+    for name in sets:
+        folder = root / name
+        if not folder.is_dir():
+            raise ValueError(f"TI2V-Eval folder {root} has no {name}/ (expected <set>/<category>/<NNN>.png + .txt)")
+        found = 0
+        for category in sorted(p for p in folder.iterdir() if p.is_dir()):
+            stems = {}
+            for f in category.iterdir():
+                if f.is_file() and (f.suffix.lower() in IMAGE_SUFFIXES or f.suffix == ".txt"):
+                    stems.setdefault(f.stem, {})["txt" if f.suffix == ".txt" else "image"] = f
+            for stem in sorted(stems):
+                pair = stems[stem]
+                if set(pair) != {"txt", "image"}:
+                    have = next(iter(pair.values()))
+                    raise ValueError(f"{have}: no matching {'image' if 'txt' in pair else '.txt prompt'} "
+                                     f"{category / stem}.* (each item is an image and a .txt of the same name)")
+                prompt = pair["txt"].read_text(encoding="utf-8").strip()
+                if not prompt:
+                    raise ValueError(f"{pair['txt']}: empty prompt")
+                items.prompts.append(prompt)
+                items.images.append(pair["image"])
+                items.sources.append(f"{name}/{category.name}/{stem}")
+                found += 1
+        if not found:
+            raise ValueError(f"{folder} holds no <category>/<NNN>.png + <NNN>.txt items")
+    return items
 
 
 def read_prompts(path=EVAL_PROMPTS) -> list[str]:
@@ -58,12 +114,15 @@ def prompts_digest(prompts: list[str]) -> str:
     return hashlib.sha256(json.dumps(prompts, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
-def settings_record(config: ml_collections.ConfigDict, prompts: list[str]) -> dict:
+def settings_record(config: ml_collections.ConfigDict, prompts: list[str], images=None) -> dict:
     """The job of a folder: the config fields that shape the videos, as they read back from JSON
-    (tuples become lists), and the prompt list's digest and length."""
+    (tuples become lists), and the prompt list's digest and length (+ TI2V: the images' digest)."""
     record = {k: (config[k].to_dict() if isinstance(config[k], ml_collections.ConfigDict) else config[k])
               for k in SETTINGS_FIELDS if k in config}
     record.update(prompts_sha256=prompts_digest(prompts), num_prompts=len(prompts))
+    if images is not None:
+        record["images_sha256"] = hashlib.sha256(b"".join(
+            hashlib.sha256(pathlib.Path(p).read_bytes()).digest() for p in images)).hexdigest()
     return json.loads(json.dumps(record))
 
 
@@ -123,7 +182,7 @@ def write_manifest(output_dir, manifest: dict) -> None:
 
 
 def pending(job: generate.Job, indices: range, output_dir, manifest: dict,
-            expected: tuple[int, int, int]) -> list[int]:
+            expected: tuple[int, int, int], sources: list[str] | None = None) -> list[int]:
     """Indices of `indices` still to generate. An existing mp4 counts as done only if it decodes to
     `expected` (frames, height, width): a damaged one is regenerated (its record dropped), a
     complete one missing from the manifest (a run stopped between the rename and the manifest
@@ -144,7 +203,8 @@ def pending(job: generate.Job, indices: range, output_dir, manifest: dict,
                 problem = str(e)
         if problem is None:
             manifest["videos"].setdefault(name, {"index": i, "prompt": job.prompts[i], "seed": job.seeds[i],
-                                                 "file": name, "timings": None})
+                                                 "file": name, "timings": None,
+                                                 **({"source": sources[i]} if sources else {})})
             continue
         if path.is_file():
             print(f"{name} is damaged ({problem}): regenerating it", flush=True)
@@ -163,29 +223,34 @@ class EvalPlan:
     todo: list[int]
     batch_size: int
     scope: int   # prompts 0 .. scope-1 are this run's (all, or the first `limit`)
+    sources: list[str] | None = None   # TI2V-Eval: `set/category/NNN` per index
 
 
-def plan_eval(config: ml_collections.ConfigDict, prompts: list[str], output_dir, *, batch_size: int = 1,
+def plan_eval(config: ml_collections.ConfigDict, prompts: list[str] | EvalItems, output_dir, *, batch_size: int = 1,
               limit: int = 0, overwrite: bool = False) -> EvalPlan:
     """Check everything (config, prompts, folder, job of earlier runs, the videos already there)
     without building a model. The job is the whole prompt list; `limit` > 0 only generates its
-    first `limit` prompts (a later run of the same list continues). `overwrite`: see `load_manifest`."""
+    first `limit` prompts (a later run of the same list continues). `overwrite`: see `load_manifest`.
+    `prompts`: a list, or `EvalItems` (TI2V: with their first-frame images, read and checked here)."""
+    items = prompts if isinstance(prompts, EvalItems) else EvalItems(list(prompts))
+    prompts = items.prompts
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if limit < 0:
         raise ValueError(f"limit must be >= 0 (0: all prompts), got {limit}")
     output_dir = paths.as_path(output_dir)
     job = generate.resolve(config, prompts=prompts,
-                           outputs=[output_dir / f"{i:03d}.mp4" for i in range(len(prompts))])
+                           outputs=[output_dir / f"{i:03d}.mp4" for i in range(len(prompts))], images=items.images)
     output_dir.mkdir(parents=True, exist_ok=True)
     stale = remove_stale_partials(output_dir)
     if stale:
         print(f"removed {len(stale)} temporary file(s) of an interrupted run: {', '.join(stale)}", flush=True)
-    manifest = load_manifest(output_dir, settings_record(config, job.prompts), overwrite=overwrite)
+    image_files = items.images or ([config.image] * len(prompts) if config.get("image") else None)
+    manifest = load_manifest(output_dir, settings_record(config, job.prompts, image_files), overwrite=overwrite)
     scope = range(min(limit, len(job.prompts)) if limit else len(job.prompts))
-    todo = pending(job, scope, output_dir, manifest, frame_shape(job.size, config.crop_540p))
+    todo = pending(job, scope, output_dir, manifest, frame_shape(job.size, config.crop_540p), items.sources)
     write_manifest(output_dir, manifest)
-    return EvalPlan(job, output_dir, manifest, todo, batch_size, len(scope))
+    return EvalPlan(job, output_dir, manifest, todo, batch_size, len(scope), items.sources)
 
 
 def execute(config: ml_collections.ConfigDict, plan: EvalPlan, pipe: TextToVideo | None = None) -> dict:
@@ -230,12 +295,13 @@ def execute(config: ml_collections.ConfigDict, plan: EvalPlan, pipe: TextToVideo
         for i, prompt, seed, path in zip(idx, batch.prompts, batch.seeds, batch.outputs):
             manifest["videos"][path.name] = {
                 "index": i, "prompt": prompt, "seed": seed, "file": path.name, "batch": len(idx),
-                "timings": timings, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                "timings": timings, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                **({"source": plan.sources[i]} if plan.sources else {})}
         write_manifest(plan.output_dir, manifest)
     return manifest
 
 
-def run_eval(config: ml_collections.ConfigDict, prompts: list[str], output_dir, *, batch_size: int = 1,
+def run_eval(config: ml_collections.ConfigDict, prompts: list[str] | EvalItems, output_dir, *, batch_size: int = 1,
              pipe: TextToVideo | None = None, limit: int = 0, overwrite: bool = False) -> dict:
     """`plan_eval` then `execute`: every missing video of `prompts` (or of its first `limit`) into
     `output_dir`."""
@@ -250,6 +316,9 @@ def main(argv=None):
     config_flag = config_flags.DEFINE_config_file("config", str(generate.DEFAULT_CONFIG), "generation config file")
     flags.DEFINE_string("output_dir", "outputs/step_video_t2v_eval", "folder of mp4 files and manifest.json")
     flags.DEFINE_string("prompts_file", str(EVAL_PROMPTS), "prompt list, one per line")
+    flags.DEFINE_string("ti2v_eval_dir", "", "Step-Video-TI2V-Eval folder (<set>/<category>/<NNN>.png + .txt); "
+                        "replaces --prompts_file, needs a TI2V config (configs/generate/ti2v.py)")
+    flags.DEFINE_list("ti2v_sets", list(TI2V_SETS), f"TI2V-Eval sets to run, of {list(TI2V_SETS)}")
     flags.DEFINE_integer("limit", 0, "only the first N prompts (0: all)")
     flags.DEFINE_integer("batch_size", 1, "prompts per pipeline call")
     flags.DEFINE_bool("overwrite", False, "delete this runner's files in --output_dir (NNN.mp4, NNN.npy, "
@@ -261,7 +330,12 @@ def main(argv=None):
         logs.quiet_unless_asked()
         f = flags.FLAGS
         try:
-            prompts = read_prompts(f.prompts_file)
+            if f.ti2v_eval_dir:
+                if "image" not in config_flag.value:
+                    raise ValueError("--ti2v_eval_dir needs an image-to-video config (configs/generate/ti2v.py)")
+                prompts = read_ti2v_eval(f.ti2v_eval_dir, f.ti2v_sets)
+            else:
+                prompts = read_prompts(f.prompts_file)
             if f.limit < 0:
                 raise ValueError(f"--limit must be >= 0, got {f.limit}")
             plan = plan_eval(config_flag.value, prompts, f.output_dir, batch_size=f.batch_size, limit=f.limit,

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stepvideo_jax import generate
+from stepvideo_jax import generate, generate_eval
 from stepvideo_jax.sampling import video_io
 from tests.fixtures import fixture_dir, load_config, load_json
 from tests.test_ti2v_e2e import ti2v_release
@@ -68,3 +68,54 @@ def test_small_images_are_accepted(tmp_path):
     Image.fromarray(np.full((3, 5, 3), 200, np.uint8)).save(tmp_path / "tiny.png")
     job = generate.resolve(_config(tmp_path, image=str(tmp_path / "tiny.png")))
     assert job.images[0].shape == (3, 5, 3) and job.motion_score == float(_config(tmp_path / "x").motion_score)
+
+
+def make_ti2v_eval(root, per_set=2):
+    """A Step-Video-TI2V-Eval-shaped folder: <set>/<category>/<NNN>.png + <NNN>.txt."""
+    rng = np.random.default_rng(0)
+    for s, name in enumerate(generate_eval.TI2V_SETS):
+        for k in range(per_set):
+            folder = root / name / "HA"[k % 2]
+            folder.mkdir(parents=True, exist_ok=True)
+            stem = f"{k + 1:03d}"
+            Image.fromarray(rng.integers(0, 256, (30 + 7 * k, 50 - 5 * s, 3), dtype=np.uint8)).save(folder / f"{stem}.png")
+            (folder / f"{stem}.txt").write_text(f"prompt {s}-{k}: a cat jumps\n", encoding="utf-8")
+    return root
+
+
+def test_ti2v_eval_layout(tmp_path):
+    root = make_ti2v_eval(tmp_path / "bench")
+    items = generate_eval.read_ti2v_eval(root)
+    assert items.sources == sorted(items.sources) and len(items.prompts) == 2 * len(generate_eval.TI2V_SETS)
+    assert items.prompts == [(root / f"{s}.txt").read_text(encoding="utf-8").strip() for s in items.sources]
+    assert all(p.with_suffix(".txt").is_file() for p in items.images)
+    one = generate_eval.read_ti2v_eval(root, ["ti2v_eval_real"])
+    assert all(s.startswith("ti2v_eval_real/") for s in one.sources)
+    with pytest.raises(ValueError, match="unknown TI2V-Eval sets"):
+        generate_eval.read_ti2v_eval(root, ["ti2v_eval_cartoon"])
+    next(root.glob("ti2v_eval_ani/*/*.txt")).unlink()
+    with pytest.raises(ValueError, match="no matching .txt prompt"):
+        generate_eval.read_ti2v_eval(root)
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_ti2v_eval_resumes_with_manifest(tmp_path):
+    items = generate_eval.read_ti2v_eval(make_ti2v_eval(tmp_path / "bench"), ["ti2v_eval_real"])
+    config = _config(tmp_path, num_steps=1, image="")
+    out = tmp_path / "eval"
+    job = generate.resolve(config, prompts=items.prompts, outputs=[out / "x.mp4"] * len(items.prompts),
+                           images=items.images)
+    pipe = generate.build_pipeline(config, job)
+    manifest = generate_eval.run_eval(config, items, out, pipe=pipe, limit=1)
+    assert sorted(manifest["videos"]) == ["000.mp4"]
+    assert manifest["videos"]["000.mp4"]["source"] == items.sources[0]
+    assert "images_sha256" in manifest["settings"] and manifest["settings"]["motion_score"] == config.motion_score
+    first = (out / "000.mp4").stat().st_mtime_ns
+    manifest = generate_eval.run_eval(config, items, out, pipe=pipe)
+    assert sorted(manifest["videos"]) == ["000.mp4", "001.mp4"]
+    assert (out / "000.mp4").stat().st_mtime_ns == first          # resumed, not regenerated
+    assert [v["source"] for _, v in sorted(manifest["videos"].items())] == items.sources
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(items.images[0])   # another image: another job
+    with pytest.raises(ValueError, match="images_sha256"):
+        generate_eval.plan_eval(config, items, out)
