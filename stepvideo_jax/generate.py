@@ -86,9 +86,6 @@ def resolve(config: ml_collections.ConfigDict, *, prompts=None, outputs=None, im
     checkpoint_dir = None
     if config.checkpoint_dir:
         checkpoint_dir = components.check_checkpoint_dir(hub.resolve(config.checkpoint_dir))
-        if mesh is not None and not components.is_converted(checkpoint_dir):
-            raise ValueError(f"mesh={config.mesh!r} needs a converted checkpoint (python -m stepvideo_jax.convert); "
-                             f"{checkpoint_dir} is a release directory, which loads on one device")
     elif "tiny" not in config:
         raise ValueError("this config has no tiny random models: set --config.checkpoint_dir to a release "
                          "directory (transformer/, vae/, step_llm/, hunyuan_clip/) or its converted checkpoint")

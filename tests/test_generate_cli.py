@@ -142,12 +142,14 @@ def test_bad_dtype_names_the_choices():
         generate.resolve(config)
 
 
-def test_mesh_needs_a_converted_checkpoint():
+def test_mesh_takes_a_release_directory():
+    """A release directory restores straight into the mesh (tests/test_release_mesh.py): no
+    converted copy is required any more."""
     config = load_config()
     config.checkpoint_dir = str(fixture_dir("release_layout") / "stepvideo-t2v")
     config.mesh = "fsdp=-1"
-    with pytest.raises(ValueError, match="needs a converted checkpoint"):
-        generate.resolve(config)
+    job = generate.resolve(config)
+    assert job.mesh is not None and str(job.checkpoint_dir) == config.checkpoint_dir
 
 
 @pytest.mark.parametrize("missing", ["vae", "step_llm/step1_chat_tokenizer.model", "hunyuan_clip/tokenizer"])

@@ -45,3 +45,25 @@ def test_release_into_a_mesh_equals_its_converted_checkpoint(converted, componen
         sharded += not got.sharding.is_fully_replicated
     if component == "transformer":
         assert sharded > 0, "the rules shard the DiT's weights over this mesh"
+
+
+def test_generation_loader_shards_a_release_like_its_converted_checkpoint(converted):
+    """`generate`'s loader with `mesh` on the release directory: every model equals the converted
+    checkpoint's in the same mesh, and the text encoders give the same conditioning."""
+    from stepvideo_jax.sampling import components
+
+    mesh = make_mesh(MeshConfig.from_string("fsdp=2,tensor=4"))
+    f32 = dict(dit_dtype=jnp.float32, vae_dtype=jnp.float32, llm_dtype=jnp.float32, clip_dtype=jnp.float32)
+    direct = components.loader(release(), mesh=mesh, **f32)
+    restored = components.loader(converted, mesh=mesh, **f32)
+    assert isinstance(direct, components.ReleaseLoader) and direct.mesh is mesh
+    for build in ("dit", "vae"):
+        got, want = flat(getattr(direct, build)()), flat(getattr(restored, build)())
+        assert got.keys() == want.keys()
+        for k in want:
+            assert got[k].sharding.is_equivalent_to(want[k].sharding, got[k].ndim), k
+            np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]), err_msg=k)
+    got, want = direct.text_encoder()(["a red circle grows"]), restored.text_encoder()(["a red circle grows"])
+    assert got.keys() == want.keys()
+    for k in want:
+        np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]), err_msg=k)

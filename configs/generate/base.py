@@ -26,7 +26,7 @@ def get_config():
     c.checkpoint_dir = ""          # required: the release directory
     c.dtypes = ml_collections.ConfigDict(dict(dit="bfloat16", vae="bfloat16", step_llm="bfloat16",
                                               clip="float32"))   # the official deployment's
-    c.mesh = ""                    # "": one device; else e.g. "fsdp=-1", "sequence=2,tensor=4" (not a release dir)
+    c.mesh = ""                    # "": one device; else e.g. "fsdp=-1", "sequence=2,tensor=4"
     c.attention_backend = ""       # "": the platform default (see models/attention.py)
     c.bf16_mask_sum = False        # reproduce the official bf16 text-mask rounding
     c.release_text_encoders = True  # encode all prompts, free the text encoders, then load the DiT

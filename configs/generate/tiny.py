@@ -34,7 +34,7 @@ def get_config():
     ))
     c.dtypes = ml_collections.ConfigDict(dict(dit="float32", vae="float32", step_llm="float32",
                                               clip="float32"))
-    c.mesh = ""                    # "": one device; else e.g. "fsdp=-1", "sequence=2,tensor=4" (not a release dir)
+    c.mesh = ""                    # "": one device; else e.g. "fsdp=-1", "sequence=2,tensor=4"
     c.attention_backend = ""       # "": the platform default (see models/attention.py)
     c.bf16_mask_sum = False        # reproduce the official bf16 text-mask rounding
     c.release_text_encoders = True  # encode all prompts, free the text encoders, then load the DiT

@@ -140,15 +140,12 @@ class Loader(abc.ABC):
 
 
 def loader(path, *, mesh=None, **kw) -> Loader:
-    """A converted checkpoint (restored into `mesh`'s shardings if given) or a release directory
-    (converted in memory, on one device: convert it first to shard it)."""
+    """A converted checkpoint or a release directory, restored into `mesh`'s rule shardings if given
+    (a release streams each tensor to its shards, `convert.release_restore`)."""
     path = check_checkpoint_dir(path)
     if is_converted(path):
         return ConvertedLoader(path, mesh=mesh, **kw)
-    if mesh is not None:
-        raise ValueError(f"checkpoint_dir {path} is a release directory, which loads on one device; to "
-                         "shard the models over a mesh, convert it first (python -m stepvideo_jax.convert)")
-    return ReleaseLoader(path, **kw)
+    return ReleaseLoader(path, mesh=mesh, **kw)
 
 
 def from_checkpoint(path, *, mesh=None, **kw) -> Models:
@@ -207,9 +204,10 @@ def from_converted(path, *, mesh=None, **kw) -> Models:
 
 class ReleaseLoader(Loader):
     """The components of a release directory, each converted in memory (defaults: the official
-    dtypes), on one device."""
+    dtypes): on one device, or with `mesh` tensor by tensor into the mesh's rule shardings
+    (`convert.release_restore`), so no converted copy is needed to shard."""
 
-    def __init__(self, path, *, dit_dtype=jnp.bfloat16, vae_dtype=jnp.bfloat16, llm_dtype=jnp.bfloat16,
+    def __init__(self, path, *, mesh=None, dit_dtype=jnp.bfloat16, vae_dtype=jnp.bfloat16, llm_dtype=jnp.bfloat16,
                  clip_dtype=jnp.float32, attention_backend: str | None = None, bf16_mask_sum: bool = False):
         from stepvideo_jax.convert import dit as dit_convert
         from stepvideo_jax.convert import hunyuan_clip as clip_convert
@@ -217,6 +215,7 @@ class ReleaseLoader(Loader):
         from stepvideo_jax.convert import vae as vae_convert
 
         self.path = check_checkpoint_dir(path)
+        self.mesh = mesh
         self.dit_dtype, self.vae_dtype, self.llm_dtype, self.clip_dtype = dit_dtype, vae_dtype, llm_dtype, clip_dtype
         self.attention_backend, self.bf16_mask_sum = attention_backend, bf16_mask_sum
         self._llm_tokenizer = None
@@ -225,9 +224,21 @@ class ReleaseLoader(Loader):
                   clip_convert.read_config(self.path / "hunyuan_clip").hidden_size,
                   vae_convert.read_config(self.path / "vae").z_channels)
 
+    def _sharded(self, component: str, dtype) -> nnx.Module:
+        from stepvideo_jax.convert.release_restore import load_release_component
+
+        return load_release_component(self.path / component, component, param_dtype=dtype, mesh=self.mesh)
+
     def text_encoder(self):
         from stepvideo_jax.text.conditioning import TextConditioner
+        from stepvideo_jax.text.wordpiece_tokenizer import WordPieceTokenizer
 
+        if self.mesh is not None:
+            return TextConditioner(
+                step_llm=self._sharded("step_llm", self.llm_dtype), llm_tokenizer=self.llm_tokenizer(),
+                clip=self._sharded("hunyuan_clip", self.clip_dtype),
+                clip_tokenizer=WordPieceTokenizer.from_dir(self.path / "hunyuan_clip" / "tokenizer"),
+                attention_backend=self.attention_backend, bf16_mask_sum=self.bf16_mask_sum)
         return TextConditioner.from_release(self.path, llm_dtype=self.llm_dtype, clip_dtype=self.clip_dtype,
                                             llm_tokenizer=self.llm_tokenizer(),
                                             attention_backend=self.attention_backend,
@@ -244,11 +255,15 @@ class ReleaseLoader(Loader):
     def dit(self) -> nnx.Module:
         from stepvideo_jax.convert import dit as dit_convert
 
+        if self.mesh is not None:
+            return self._sharded("transformer", self.dit_dtype)
         return dit_convert.load(self.path / "transformer", dtype=self.dit_dtype, param_dtype=self.dit_dtype)
 
     def vae(self) -> nnx.Module:
         from stepvideo_jax.convert import vae as vae_convert
 
+        if self.mesh is not None:
+            return self._sharded("vae", self.vae_dtype)
         return vae_convert.load(self.path / "vae", dtype=self.vae_dtype)
 
 
