@@ -97,6 +97,8 @@ def _offline_env(cache):
     return dict(env, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(cache), JAX_PLATFORMS="cpu", PYTHONPATH=str(PROJECT_ROOT))
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_convert_and_generate_take_a_repo_id_through_the_environment(tmp_path):
     """The real CLIs with HF_HUB_OFFLINE=1 and HF_HUB_CACHE set, as a user runs them: `convert
     --release <repo id>` converts from the cache; `generate`'s config accepts the repo id and names a

@@ -88,6 +88,7 @@ def _clean_copy(dest: pathlib.Path) -> pathlib.Path:
 
 
 @pytest.mark.slow
+@pytest.mark.e2e
 def test_pip_install_then_the_demo_command_from_an_empty_directory(tmp_path):
     """`pip install --no-deps .` of a clean copy into a fresh venv that sees this interpreter's
     packages (no download), then README's demo command, as the console script, from an empty
