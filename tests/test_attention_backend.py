@@ -234,15 +234,30 @@ def _qkv(key, b, sq, sk, h, hkv, d, dtype):
             jax.random.normal(ks[2], (b, sk, hkv, d), dtype))
 
 
-@pytest.mark.parametrize("causal,masked,hkv", [(False, True, 4), (True, True, 2), (True, False, 4), (False, False, 1)])
-def test_cudnn_arguments_match_reference(causal, masked, hkv):
-    b, sq, sk, h, d = 2, 40, 40 if causal else 29, 4, 16
+@pytest.mark.parametrize("causal,masked,hkv,sq,sk", [(False, True, 4, 40, 29), (True, True, 2, 41, 41),
+                                                     (True, False, 4, 40, 40), (False, False, 1, 33, 397)])
+def test_cudnn_arguments_match_reference(causal, masked, hkv, sq, sk):
+    """`cudnn_attention` (odd lengths padded by one masked key / one dropped query, the mask as
+    lengths) through jax's XLA implementation equals the reference, output and gradients."""
+    b, h, d = 2, 4, 16
     q, k, v = _qkv(jax.random.key(3), b, sq, sk, h, hkv, d, jnp.float32)
     mask = jnp.arange(sk)[None, :] < jnp.array([sk, sk // 3])[:, None] if masked else None
     scale = 0.7 / np.sqrt(d)
-    ref = attn.attention(q, k, v, key_mask=mask, causal=causal, scale=scale, backend="xla")
-    got = jax.nn.dot_product_attention(q, k, v, **ab.cudnn_call_args(mask, causal, scale), implementation="xla")
-    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=2e-5, rtol=2e-5)
+    w = jax.random.normal(jax.random.key(4), q.shape)
+
+    def loss(fn, q, k, v):
+        o = fn(q, k, v)
+        return jnp.sum(o * w), o
+
+    ref = lambda q, k, v: attn.attention(q, k, v, key_mask=mask, causal=causal, scale=scale, backend="xla")
+    got = lambda q, k, v: ab.cudnn_attention(q, k, v, key_mask=mask, causal=causal, scale=scale,
+                                             implementation="xla")
+    (g_ref, o_ref), (g_got, o_got) = (jax.grad(lambda *a: loss(fn, *a), argnums=(0, 1, 2), has_aux=True)(q, k, v)
+                                      for fn in (ref, got))
+    assert o_got.shape == q.shape
+    np.testing.assert_allclose(np.asarray(o_got), np.asarray(o_ref), atol=2e-5, rtol=2e-5)
+    for a, r in zip(g_got, g_ref):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(r), atol=5e-5, rtol=5e-5)
 
 
 def test_dit_text_mask_is_a_prefix():

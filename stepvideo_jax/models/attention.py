@@ -25,7 +25,7 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 
-from stepvideo_jax.models.attention_backend import choose as choose_backend, cudnn_call_args, device_facts
+from stepvideo_jax.models.attention_backend import choose as choose_backend, cudnn_attention, device_facts
 
 BiasFn = Callable[[jax.Array, jax.Array], jax.Array]
 BACKENDS = ("xla", "blockwise", "cudnn", "splash")
@@ -273,5 +273,4 @@ def _cudnn(q, k, v, key_mask, causal, bias_fn, scale, block_q, block_k):
     selection rule sends no other here)."""
     if bias_fn is not None or q.dtype not in (jnp.bfloat16, jnp.float16):
         return _blockwise(q, k, v, key_mask, causal, bias_fn, scale, block_q, block_k)
-    return jax.nn.dot_product_attention(q, k, v, **cudnn_call_args(key_mask, causal, scale),
-                                        implementation="cudnn")
+    return cudnn_attention(q, k, v, key_mask=key_mask, causal=causal, scale=scale)

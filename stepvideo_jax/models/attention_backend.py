@@ -24,7 +24,8 @@ The rule:
   * masks: none, causal, and key padding that is a prefix of valid keys (passed as
     `key_value_seq_lengths`, mask type PADDING[_CAUSAL]); an arbitrary key mask would have to be a
     full (b, 1, sq, sk) bias, and `bias_fn` a full (h, sq, sk) bias (`combine_bias_and_mask`,
-    `check_layout`'s bias shape check; training with a bias also needs even lengths): blockwise;
+    `check_layout`'s bias shape check): blockwise. Odd lengths, which jax refuses under
+    differentiation, are padded by `cudnn_attention`;
   * mesh: the cuDNN custom call's partitioner refuses a sharded sequence or head-dim axis
     (`_check_qkv_bias_mask_spec`: "Sharding on sequence dim is not allowed"), so when the logical
     `length` axis of the activations is mapped to a mesh axis of size > 1 under automatic
@@ -248,3 +249,27 @@ def cudnn_call_args(key_mask, causal: bool, scale: float) -> dict:
     """
     lengths = None if key_mask is None else jnp.sum(key_mask.astype(jnp.int32), axis=-1)
     return dict(scale=scale, is_causal=causal, key_value_seq_lengths=lengths)
+
+
+def cudnn_attention(q, k, v, *, key_mask=None, causal: bool = False, scale: float,
+                    implementation: str = "cudnn"):
+    """`jax.nn.dot_product_attention` as cuDNN takes it: q (b, sq, h, d), k/v (b, sk, hkv, d).
+
+    Odd lengths are padded by one row: under differentiation jax's `check_is_flash_attention`
+    refuses odd q or kv lengths whenever a bias operand is present, and its training rule always
+    passes one (an empty placeholder when there is none), so e.g. the DiT's 397 text keys failed
+    the backward on an H200. Padded keys are masked by `key_value_seq_lengths`, padded queries are
+    sliced off. `implementation="xla"` runs the same conversion through jax's reference code (tests).
+    """
+    b, sq, sk = q.shape[0], q.shape[1], k.shape[1]
+    pad_q, pad_k = sq % 2, sk % 2
+    if pad_k and key_mask is None:
+        key_mask = jnp.ones((b, sk), bool)
+    if pad_q:
+        q = jnp.pad(q, ((0, 0), (0, 1), (0, 0), (0, 0)))
+    if pad_k:
+        k, v = (jnp.pad(x, ((0, 0), (0, 1), (0, 0), (0, 0))) for x in (k, v))
+        key_mask = jnp.pad(key_mask, ((0, 0), (0, 1)))
+    out = jax.nn.dot_product_attention(q, k, v, **cudnn_call_args(key_mask, causal, scale),
+                                       implementation=implementation)
+    return out[:, :sq]
