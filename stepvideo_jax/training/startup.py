@@ -23,11 +23,13 @@ class StartupError(RuntimeError):
     pass
 
 
-def check_writable(directory: str | os.PathLike, role: str) -> epath.Path:
+def check_writable(directory: str | os.PathLike, role: str, *, keep: bool = True) -> epath.Path:
     """Creates `directory` if needed and writes and removes a probe file in it; returns the
     absolute path (a URI stays one). `role` names the directory in the error ("workdir",
-    "checkpoint directory")."""
+    "checkpoint directory"). `keep=False`: the directories this check created are removed again,
+    so an error later in start-up leaves nothing behind."""
     path = paths.absolute(directory)
+    created = [] if keep else [p for p in (path, *path.parents) if not p.exists()]    # deepest first
     probe = path / f".write-check-{uuid.uuid4().hex}"
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -36,6 +38,12 @@ def check_writable(directory: str | os.PathLike, role: str) -> epath.Path:
     except OSError as e:
         raise StartupError(f"the {role} {path} is not writable ({type(e).__name__}: {e.strerror or e}); "
                            "choose another --workdir or fix the path") from None
+    finally:
+        for p in created:
+            try:
+                p.rmdir()
+            except OSError:
+                break
     return path
 
 
@@ -46,7 +54,7 @@ def is_remote(path) -> bool:
 
 def check_run_directories(workdir: str | os.PathLike, checkpoint_dir: str | os.PathLike) -> None:
     check_writable(workdir, "workdir")
-    check_writable(checkpoint_dir, "checkpoint directory")
+    check_writable(checkpoint_dir, "checkpoint directory", keep=False)   # Orbax creates it at its first save
 
 
 def check_dataset(dataset, source, *, headers: bool = True) -> None:
