@@ -315,3 +315,25 @@ def test_startup_dataset_check_is_presence_only_on_remote_paths(tmp_path):
     (ds.root / ds.records[1]["file"]).unlink()
     with pytest.raises(data_format.DatasetError, match="is missing"):
         startup.check_dataset(ds, "gs://bucket/d")
+
+
+def test_metrics_discard_after_on_every_kind_of_workdir(tmp_path, monkeypatch):
+    """A local file, a bucket URI (rewritten whole) and process 1 of a pod (writes nothing)."""
+    from stepvideo_jax.training.metrics import MetricsWriter
+    from tests.test_paths import fake_gcs
+
+    with fake_gcs(tmp_path / "gcs"):
+        for workdir in (tmp_path / "local", "gs://bucket/run"):
+            writer = MetricsWriter(workdir, printer=None)
+            for step in (1, 2, 3, 4):
+                writer.write(step, {"loss": float(step)})
+            assert writer.discard_after(2) == 2
+            writer.write(3, {"loss": 30.0})
+            writer.close()
+            rows = read_jsonl(f"{workdir}/metrics.jsonl")
+            assert [(r["step"], r["loss"]) for r in rows] == [(1, 1.0), (2, 2.0), (3, 30.0)], workdir
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    writer = MetricsWriter(tmp_path / "other", printer=None)
+    assert writer.discard_after(0) == 0
+    writer.close()
+    assert not (tmp_path / "other").exists()

@@ -93,9 +93,17 @@ class MetricsWriter:
         """Drops the records of steps after `step` (a resumed run replays them from its checkpoint,
         so they would appear twice); rewrites the file atomically. Returns how many were dropped.
         The TensorBoard event file is append-only: TensorBoard itself shows the newest value."""
+        if not self.writes:
+            return 0
+        kept = lambda line: not line.strip() or _step_of(line) is None or _step_of(line) <= step  # noqa: E731
+        if self._lines is not None:
+            before, self._lines = len(self._lines), [ln for ln in self._lines if kept(ln)]
+            if len(self._lines) != before:
+                paths.write_text(self.path, "".join(self._lines))
+            return before - len(self._lines)
         self._file.close()
         lines = self.path.read_text().splitlines(keepends=True)
-        keep = [ln for ln in lines if not ln.strip() or _step_of(ln) is None or _step_of(ln) <= step]
+        keep = [ln for ln in lines if kept(ln)]
         if len(keep) != len(lines):
             tmp = self.path.with_name(self.path.name + ".tmp")
             tmp.write_text("".join(keep))
