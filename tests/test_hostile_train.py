@@ -337,3 +337,21 @@ def test_metrics_discard_after_on_every_kind_of_workdir(tmp_path, monkeypatch):
     assert writer.discard_after(0) == 0
     writer.close()
     assert not (tmp_path / "other").exists()
+
+
+def test_a_dataset_in_a_bucket_opens_with_the_cheap_start_up_check(tmp_path):
+    """gs:// datasets are read through epath; the start-up check there is index + presence only."""
+    from stepvideo_jax.training import startup
+    from tests.test_paths import fake_gcs
+
+    local = write_tiny_dataset(tmp_path / "gcs" / "bucket" / "d")
+    with fake_gcs(tmp_path / "gcs"):
+        ds = data_format.Dataset("gs://bucket/d")
+        assert str(ds.root) == "gs://bucket/d" and len(ds) == len(local)
+        startup.check_dataset(ds, "gs://bucket/d")
+        np.testing.assert_array_equal(ds.load(1)["mean"], local.load(1)["mean"])
+        assert ds.negative()["y"].shape == local.negative()["y"].shape
+        ds.check(arrays=True)                                       # verify reads through the URI too
+        (tmp_path / "gcs" / "bucket" / "d" / local.records[1]["file"]).unlink()
+        with pytest.raises(data_format.DatasetError, match=r"gs://bucket/d/samples/.* is missing"):
+            startup.check_dataset(ds, "gs://bucket/d")

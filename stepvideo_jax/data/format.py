@@ -15,6 +15,7 @@ negative.npz    the encoded negative/empty prompt: y, y_mask, clip as above (con
 ```
 Floating arrays are float32 or float16 (float16 halves the size; moments and text states fit its
 range). Every step draws a fresh latent `mean + exp(logvar / 2) * eps` from the moments.
+`Dataset` reads a local directory or a URI (`gs://...`, through etils.epath); `Writer` writes locally.
 """
 from __future__ import annotations
 
@@ -27,6 +28,9 @@ import zipfile
 from typing import Iterable, Mapping, Optional
 
 import numpy as np
+from etils import epath
+
+from stepvideo_jax import paths
 
 FORMAT = "stepvideo-latents-v1"
 SAMPLE_KEYS = ("mean", "logvar", "y", "y_mask", "clip")
@@ -133,7 +137,7 @@ class Dataset:
     """Read side: `meta`, `records` (index lines), `load(i)` -> sample dict, `negative()`."""
 
     def __init__(self, root: str | os.PathLike):
-        self.root = pathlib.Path(root)
+        self.root = paths.as_path(root)     # local or a URI (gs://...): files are read through epath
         meta_path = self.root / "meta.json"
         if not meta_path.is_file():
             raise DatasetError(f"{meta_path} not found: not a {FORMAT} dataset (write one with "
@@ -163,7 +167,7 @@ class Dataset:
     def load(self, i: int) -> dict[str, np.ndarray]:
         path = self.root / self.records[i]["file"]
         try:
-            with np.load(path, allow_pickle=False) as z:
+            with path.open("rb") as f, np.load(f, allow_pickle=False) as z:
                 return {k: z[k] for k in SAMPLE_KEYS}
         except (OSError, KeyError, ValueError, zipfile.BadZipFile) as e:
             raise DatasetError(f"{path} (index.jsonl line {self.records[i]['line']}): cannot be read "
@@ -173,7 +177,7 @@ class Dataset:
         """The negative prompt's conditioning with a leading batch axis of 1."""
         path = self.root / "negative.npz"
         try:
-            with np.load(path, allow_pickle=False) as z:
+            with path.open("rb") as f, np.load(f, allow_pickle=False) as z:
                 return {k: z[k][None] for k in COND_KEYS}
         except (OSError, KeyError, ValueError, zipfile.BadZipFile) as e:
             raise DatasetError(f"{path}: cannot be read ({type(e).__name__}: {e})") from None
@@ -226,13 +230,13 @@ META_KEYS = ("latent_channels", "caption_channels", "text_length", "clip_length"
 INDEX_FIELDS = {"file": str, "frames": int, "height": int, "width": int}
 
 
-def read_index(path: pathlib.Path) -> list[dict]:
+def read_index(path: epath.Path) -> list[dict]:
     """The records of index.jsonl, each with its 1-based line number as `line`. A malformed line is
     a `DatasetError` naming the file and line; `file` must be a relative path inside the dataset."""
     if not path.is_file():
         raise DatasetError(f"{path} not found: a {FORMAT} dataset needs its index")
     records = []
-    with open(path, encoding="utf-8") as f:
+    with path.open("r", encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -255,12 +259,12 @@ def read_index(path: pathlib.Path) -> list[dict]:
     return records
 
 
-def _file_problems(path: pathlib.Path, shapes: Mapping[str, tuple[int, ...]], *, arrays: bool) -> list[str]:
+def _file_problems(path: epath.Path, shapes: Mapping[str, tuple[int, ...]], *, arrays: bool) -> list[str]:
     """What is wrong with one .npz against the expected `shapes`: missing arrays, other shapes or
     dtypes; with `arrays`, unreadable or non-finite data. Reads only the .npy headers otherwise."""
     problems = []
     try:
-        with zipfile.ZipFile(path) as z:
+        with path.open("rb") as fh, zipfile.ZipFile(fh) as z:
             names = set(z.namelist())
             for key, shape in shapes.items():
                 if f"{key}.npy" not in names:
@@ -280,9 +284,9 @@ def _file_problems(path: pathlib.Path, shapes: Mapping[str, tuple[int, ...]], *,
                 bad = z.testzip()
                 if bad is not None:
                     problems.append(f"member {bad} fails its CRC check")
-                with np.load(path, allow_pickle=False) as data:
-                    for key in shapes:
-                        if key != "y_mask" and not np.isfinite(data[key]).all():
+                for key in shapes:
+                    with z.open(f"{key}.npy") as f:
+                        if key != "y_mask" and not np.isfinite(np.lib.format.read_array(f, allow_pickle=False)).all():
                             problems.append(f"{key} holds NaN or inf")
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
         problems.append(f"cannot be read ({type(e).__name__}: {e})")

@@ -60,7 +60,7 @@ class PairDataset:
                                "(build one with python -m stepvideo_jax.data.preferences)")
         n = len(self.videos)
         self.pairs: list[tuple[int, int]] = []
-        with open(path) as f:
+        with path.open("r", encoding="utf-8") as f:
             for line_no, line in enumerate(f, 1):
                 if not line.strip():
                     continue
