@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import pathlib
 import re
 import sys
 from typing import Iterable, Optional
 
 import numpy as np
+from etils import epath
+
+from stepvideo_jax import paths
 
 
 def verify_dataset(root) -> list[str]:
@@ -33,7 +35,7 @@ def verify_dataset(root) -> list[str]:
     from stepvideo_jax.data import preferences
     from stepvideo_jax.data.format import Dataset, DatasetError
 
-    root = pathlib.Path(root)
+    root = paths.as_path(root)
     try:
         ds = Dataset(root)
         ds.check(arrays=True, limit=20)
@@ -52,7 +54,7 @@ def _leaves_with_paths(tree) -> list[tuple[str, np.ndarray]]:
     return [(jax.tree_util.keystr(p), np.asarray(v)) for p, v in jax.tree_util.tree_leaves_with_path(tree)]
 
 
-def _dit_shapes(workdir: pathlib.Path) -> Optional[dict[str, tuple]]:
+def _dit_shapes(workdir: epath.Path) -> Optional[dict[str, tuple]]:
     """Param shapes of the DiT of `dit_config.json`, keyed like a raw restore of `params`."""
     path = workdir / "dit_config.json"
     if not path.is_file():
@@ -75,7 +77,7 @@ def _strip_value(key: str) -> str:
     return key[: -len("['value']")] if key.endswith("['value']") else key
 
 
-def verify_checkpoint_step(directory: pathlib.Path, step: int, dit_shapes: Optional[dict]) -> tuple[list[str], str]:
+def verify_checkpoint_step(directory: epath.Path, step: int, dit_shapes: Optional[dict]) -> tuple[list[str], str]:
     """(problems, one-line summary) of checkpoint `step` under `directory` (`<workdir>/checkpoints`)."""
     import orbax.checkpoint as ocp
 
@@ -116,7 +118,7 @@ def verify_checkpoint_step(directory: pathlib.Path, step: int, dit_shapes: Optio
 
 def verify_checkpoint(path, step: Optional[int] = None, printer=print) -> list[str]:
     """Problems of a training workdir's checkpoints (every step, or only `step`)."""
-    path = pathlib.Path(path).absolute()
+    path = paths.absolute(path)
     workdir = path.parent if path.name == "checkpoints" else path
     directory = workdir / "checkpoints"
     if not directory.is_dir():
