@@ -25,7 +25,7 @@ from stepvideo_jax.data import precompute as pc
 from stepvideo_jax.data import preferences, synthetic
 from stepvideo_jax.models.dit import StepVideoDiT
 from stepvideo_jax.training.checkpoint import CheckpointError
-from stepvideo_jax.training.loop import dit_config, train
+from stepvideo_jax.training.loop import dit_config, load_dit, train
 from stepvideo_jax.training.metrics import read_jsonl
 from stepvideo_jax.training.startup import StartupError
 from tests.fixtures import load_config
@@ -165,6 +165,10 @@ def test_verify_checks_every_checkpoint_step(stopped_run, tmp_path, capsys):
     assert verify.main(["--checkpoint", str(work)]) == 1
     err = capsys.readouterr().err
     assert f"verify: error: step {FIRST}: does not restore" in err and f"step {FIRST - 2}" not in err
+    # generate/export side: loading the DiT of the corrupt step names it; an older step still loads
+    with pytest.raises(CheckpointError, match=f"checkpoint step {FIRST} in .* does not restore .*stepvideo_jax.verify"):
+        load_dit(work)
+    assert load_dit(work, step=FIRST - 2) is not None
 
 
 # -- finding 9: datasets ----------------------------------------------------------------------------

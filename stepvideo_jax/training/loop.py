@@ -32,7 +32,7 @@ from stepvideo_jax.models.dit import DiTConfig, StepVideoDiT
 from stepvideo_jax.parallel.rules import logical_to_spec, state_shardings
 from stepvideo_jax.training import optimizer as optim
 from stepvideo_jax.training import startup, train_state
-from stepvideo_jax.training.checkpoint import Checkpointer, abstract_with_shardings
+from stepvideo_jax.training.checkpoint import CheckpointError, Checkpointer, abstract_with_shardings, short_reason
 from stepvideo_jax.training.metrics import MetricsWriter, peak_flops_per_device, train_flops
 from stepvideo_jax.training.train_step import StepSettings, heldout_loss, make_train_step
 
@@ -409,8 +409,14 @@ def load_dit(workdir, *, step: Optional[int] = None, ema: bool = False, dtype=jn
     step = mngr.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"no complete checkpoint in {workdir / 'checkpoints'}")
-    raw = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
-    mngr.close()
+    try:
+        raw = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
+    except Exception as e:  # noqa: BLE001  (corrupt files: tensorstore, msgpack, OS errors alike)
+        raise CheckpointError(f"checkpoint step {step} in {workdir / 'checkpoints'} does not restore "
+                              f"({short_reason(e)}); `python -m stepvideo_jax.verify --checkpoint {workdir}` "
+                              "lists the steps that do") from e
+    finally:
+        mngr.close()
     which = "ema" if ema else "params"
     if raw.get(which) is None:
         raise ValueError(f"checkpoint {step} holds no {which!r} weights (train with step.ema_decay > 0 for EMA)")
