@@ -79,3 +79,12 @@ def _cache_root() -> str:
     from huggingface_hub import constants
 
     return constants.HF_HUB_CACHE
+
+
+def dit_source(value: str) -> str:
+    """A DiT weight source (training's `model.init_from`, DPO's `policy_from` / `reference_from`)
+    with a repo id replaced by its snapshot's `transformer/` folder (only that component is
+    downloaded); any other value unchanged."""
+    if not value or not is_repo_id(value):
+        return value
+    return str(resolve(value, ("transformer",)) / "transformer")

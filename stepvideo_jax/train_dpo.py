@@ -17,6 +17,7 @@ Weight sources (`config.dpo.policy_from`, `config.dpo.reference_from`):
   ""                      the seed's random init (tiny configs); for the reference: the initial policy
   <training workdir>      its latest checkpoint (`checkpoints/`), raw weights; `<workdir>:ema` the EMA
   <release transformer/>  an official release's `transformer` directory (config.json + safetensors)
+  <org/name[@revision]>   a Hugging Face repo id: its `transformer/` (downloaded into the hub cache)
   <converted root>        a `python -m stepvideo_jax.convert` output (`conversion.json`), its transformer
 Re-running the same command resumes. `--workdir` overrides `config.workdir`.
 """
@@ -32,7 +33,7 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from stepvideo_jax import config_files, logs
+from stepvideo_jax import config_files, hub, logs
 from stepvideo_jax.data import preferences
 from stepvideo_jax.models.dit import DiTConfig, StepVideoDiT
 from stepvideo_jax.parallel.rules import state_shardings
@@ -42,7 +43,7 @@ from stepvideo_jax.training.failure import run_or_exit
 from stepvideo_jax.training.loop import Objective, TrainResult, dit_config, train
 
 SOURCES = ('"" (seed init / initial policy)', "a training workdir [:ema]", "a release transformer dir",
-           "a converted checkpoint root")
+           "a Hugging Face repo id (org/name[@revision])", "a converted checkpoint root")
 
 
 def dpo_settings(config) -> DPOSettings:
@@ -70,14 +71,15 @@ def open_preferences(config, workdir: pathlib.Path) -> preferences.PairDataset:
 
 
 def load_weights(source: str, cfg: DiTConfig, *, dtype, param_dtype, seed: int, mesh=None) -> nnx.State:
-    """Plain DiT params from a source (module docstring): a converted checkpoint is restored in
-    `param_dtype` straight into `mesh`'s rule shardings; the others load on the default device (the
-    seed init in float32, as the policy's; cast and place them with `_cast_place`)."""
+    """Plain DiT params from a source (module docstring; a Hugging Face repo id means its
+    `transformer/`): a converted checkpoint or a release `transformer/` is restored in `param_dtype`
+    straight into `mesh`'s rule shardings; the others load on the default device (the seed init in
+    float32, as the policy's; cast and place them with `_cast_place`)."""
     if not source:
         return jax.jit(lambda: nnx.state(StepVideoDiT(cfg, dtype=dtype, param_dtype=jnp.float32,
                                                       rngs=nnx.Rngs(seed))))()
     path, _, which = source.partition(":")
-    root = pathlib.Path(path)
+    root = pathlib.Path(hub.dit_source(path))
     if (root / "checkpoints").is_dir():
         from stepvideo_jax.training.loop import load_dit
 
@@ -89,18 +91,21 @@ def load_weights(source: str, cfg: DiTConfig, *, dtype, param_dtype, seed: int, 
 
         params = nnx.state(load_converted(root, "transformer", dtype=dtype, param_dtype=param_dtype, mesh=mesh))
     elif (root / "config.json").is_file():
-        from stepvideo_jax.convert import dit as dit_convert
+        from stepvideo_jax.convert.release_restore import load_release_component
 
-        params = nnx.state(dit_convert.load(root, dtype=dtype, param_dtype=param_dtype))
+        params = nnx.state(load_release_component(root, "transformer", param_dtype=param_dtype, dtype=dtype,
+                                                  mesh=mesh))
     else:
         raise ValueError(f"weight source {source!r} is none of: {', '.join(SOURCES)}")
-    got = jax.tree.map(lambda a: a.shape, params)
     want = jax.eval_shape(lambda: nnx.state(StepVideoDiT(cfg, dtype=dtype, param_dtype=jnp.float32,
                                                          rngs=nnx.Rngs(0))))
-    if jax.tree.structure(got) != jax.tree.structure(jax.tree.map(lambda a: a.shape, want)) or any(
-            a != b.shape for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want))):
+    if _shapes(params) != _shapes(want):   # (shapes compared per state path: tuples are pytrees themselves)
         raise ValueError(f"weights of {source!r} do not fit the configured DiT {cfg}")
     return params
+
+
+def _shapes(state: nnx.State) -> dict[str, tuple[int, ...]]:
+    return {"/".join(map(str, path)): tuple(v.get_value().shape) for path, v in nnx.to_flat_state(state)}
 
 
 def _cast_place(params: nnx.State, dtype, mesh) -> nnx.State:

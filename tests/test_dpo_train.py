@@ -100,3 +100,26 @@ def test_config_errors_are_named():
     with pytest.raises(ValueError, match="training workdir"):
         load_weights("/nonexistent", dit_config(dpo_config().model), dtype=jnp.float32,
                      param_dtype=jnp.float32, seed=0)
+
+
+def test_policy_from_a_release_transformer_into_a_mesh():
+    """A release `transformer/` loads (it used to fail the fit check for any real source: the shape
+    tuples were flattened into their ints) straight into the mesh's rule shardings, with the
+    release's values; a DiT config it does not fit is named."""
+    import dataclasses
+
+    from stepvideo_jax.convert import dit as dit_convert
+    from stepvideo_jax.parallel.mesh import MeshConfig, make_mesh
+    from tests.fixtures import fixture_dir
+
+    folder = fixture_dir("release_layout") / "stepvideo-t2v" / "transformer"
+    cfg = dit_convert.read_config(folder)
+    mesh = make_mesh(MeshConfig.from_string("fsdp=-1"))
+    got = load_weights(str(folder), cfg, dtype=jnp.float32, param_dtype=jnp.float32, seed=0, mesh=mesh)
+    want = nnx.state(dit_convert.load(folder))
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert len(a.sharding.device_set) == 8
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ValueError, match="do not fit the configured DiT"):
+        load_weights(str(folder), dataclasses.replace(cfg, num_layers=cfg.num_layers + 1), dtype=jnp.float32,
+                     param_dtype=jnp.float32, seed=0)

@@ -25,7 +25,7 @@ from etils import epath
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from stepvideo_jax import paths
+from stepvideo_jax import hub, paths
 from stepvideo_jax.data import format as data_format
 from stepvideo_jax.data import pipeline, synthetic
 from stepvideo_jax.models.dit import DiTConfig, StepVideoDiT
@@ -187,7 +187,7 @@ def train(config, workdir=None, *, printer: Optional[Callable[[str], Any]] = pri
     dataset = (objective.open_dataset or open_dataset)(config, workdir)
     startup.check_dataset(dataset, config.data.get("path") or workdir, headers=config.data.get("check_headers", True))
     mesh = build_mesh(dict(config.mesh))
-    init_from = config.model.get("init_from", "")
+    init_from = hub.dit_source(config.model.get("init_from", ""))
     cfg = _init_config(init_from) if init_from else dit_config(config.model)
     if paths.writes_shared_files():
         paths.write_text(workdir / "dit_config.json", json.dumps(dataclasses.asdict(cfg), indent=1))
@@ -382,17 +382,17 @@ def _init_config(init_from) -> DiTConfig:
 
 def _with_initial_weights(state, init_from, dtype, state_sh, mesh):
     """`state` with params (and EMA) from `init_from`, as float32 master weights in `state_sh`.
-    A converter output is restored straight into the mesh shardings; an official `transformer/`
-    directory is converted in host memory first (small models, tests)."""
+    A converter output is restored straight into the mesh shardings, and so is an official
+    `transformer/` directory, tensor by tensor (`convert.release_restore`)."""
     root = _converted_root(init_from)
     if root is not None:
         from stepvideo_jax.convert import cli
 
         model = cli.load_converted(root, "transformer", dtype=dtype, param_dtype=jnp.float32, mesh=mesh)
     else:
-        from stepvideo_jax.convert import dit as dit_convert
+        from stepvideo_jax.convert.release_restore import load_release_component
 
-        model = dit_convert.load(init_from, dtype=dtype, param_dtype=jnp.float32)
+        model = load_release_component(init_from, "transformer", param_dtype=jnp.float32, dtype=dtype, mesh=mesh)
     params = jax.device_put(nnx.state(model), state_sh.params)
     ema = jax.tree.map(jnp.copy, params) if state.ema is not None else None
     return state.replace(params=params, ema=ema)
