@@ -78,6 +78,7 @@ def _release():
     return fixture_dir("release_layout") / "stepvideo-t2v"
 
 
+@pytest.mark.slow
 def test_release_encoders_reproduce_the_official_text_conditioning_and_the_vae():
     """`release_encoders` on the fixture release directory (float32): the text rows of an end-to-end
     case equal the official pipeline's recorded embeddings (fixture README tolerance), the latent
