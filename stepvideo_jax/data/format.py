@@ -24,6 +24,7 @@ import json
 import os
 import pathlib
 import shutil
+import threading
 import zipfile
 from typing import Iterable, Mapping, Optional
 
@@ -259,6 +260,11 @@ def read_index(path: epath.Path) -> list[dict]:
     return records
 
 
+# numpy parses .npy headers with ast.literal_eval, and CPython 3.11's AST constructor is not
+# thread-safe ("SystemError: AST constructor recursion depth mismatch" under the check's threads).
+_NPY_HEADER_LOCK = threading.Lock()
+
+
 def _file_problems(path: epath.Path, shapes: Mapping[str, tuple[int, ...]], *, arrays: bool) -> list[str]:
     """What is wrong with one .npz against the expected `shapes`: missing arrays, other shapes or
     dtypes; with `arrays`, unreadable or non-finite data. Reads only the .npy headers otherwise."""
@@ -274,7 +280,8 @@ def _file_problems(path: epath.Path, shapes: Mapping[str, tuple[int, ...]], *, a
                     version = np.lib.format.read_magic(f)
                     read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
                                    else np.lib.format.read_array_header_2_0)
-                    got_shape, _, dtype = read_header(f)
+                    with _NPY_HEADER_LOCK:
+                        got_shape, _, dtype = read_header(f)
                 want_dtypes = ("int32",) if key == "y_mask" else ("float16", "float32")
                 if tuple(got_shape) != tuple(shape):
                     problems.append(f"{key} has shape {tuple(got_shape)}, the index/meta.json say {tuple(shape)}")
@@ -285,7 +292,7 @@ def _file_problems(path: epath.Path, shapes: Mapping[str, tuple[int, ...]], *, a
                 if bad is not None:
                     problems.append(f"member {bad} fails its CRC check")
                 for key in shapes:
-                    with z.open(f"{key}.npy") as f:
+                    with z.open(f"{key}.npy") as f, _NPY_HEADER_LOCK:
                         if key != "y_mask" and not np.isfinite(np.lib.format.read_array(f, allow_pickle=False)).all():
                             problems.append(f"{key} holds NaN or inf")
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
