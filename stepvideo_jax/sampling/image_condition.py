@@ -146,14 +146,14 @@ def posterior_noise(seed: int, shape: tuple[int, ...]) -> jax.Array:
 
 
 def condition_frames(latent: jax.Array, latent_frames: int) -> jax.Array:
-    """(1, 1, z, h', w') -> (1, latent_frames, z, h', w'): frame 0 the latent, zeros after, rounded to
-    bfloat16 values (returned as float32)."""
+    """(b, 1, z, h', w') -> (b, latent_frames, z, h', w'): frame 0 the latent, zeros after, rounded to
+    bfloat16 values (returned as float32). Training uses it on each sample's own first latent frame."""
     latent = jnp.asarray(latent, jnp.float32)
-    if latent.ndim != 5 or latent.shape[:2] != (1, 1):
-        raise ValueError(f"condition latent must be (1, 1, z, h, w), got {tuple(latent.shape)}")
+    if latent.ndim != 5 or latent.shape[1] != 1:
+        raise ValueError(f"condition latent must be (b, 1, z, h, w), got {tuple(latent.shape)}")
     if latent_frames < 1:
         raise ValueError(f"latent_frames must be >= 1, got {latent_frames}")
-    pad = jnp.zeros((1, latent_frames - 1, *latent.shape[2:]), jnp.float32)
+    pad = jnp.zeros((latent.shape[0], latent_frames - 1, *latent.shape[2:]), jnp.float32)
     return jnp.concatenate([latent, pad], axis=1).astype(jnp.bfloat16).astype(jnp.float32)
 
 

@@ -15,6 +15,10 @@ frozen variables of an adapted policy (`training/lora.py`): the policy is
 `merge(graphdef, state.params, base)`; None for full fine-tuning. With LoRA started from the
 reference, `base` may be the very same arrays as `reference` (one copy in memory).
 
+Step-Video-TI2V (a DiT with `cfg.ti2v`): each video of a pair is conditioned on its own first latent
+frame, with the pair's motion score (`motion_score` (b,) in the batch, else `StepSettings.motion_score`),
+as `train_step.image_inputs`.
+
 Gradient accumulation scans `accum_steps` equal micro-batches of pairs; the loss is a mean over
 pairs, so the averaged gradient and metrics equal the full batch's.
 """
@@ -31,7 +35,7 @@ from flax import nnx
 from stepvideo_jax.training import flow_loss
 from stepvideo_jax.training.dpo_loss import BETA_SCHEDULES, dpo_loss, pair_inputs, velocity_error
 from stepvideo_jax.training.train_state import TrainState, ema_update
-from stepvideo_jax.training.train_step import COND_KEYS, StepSettings, remat_policy
+from stepvideo_jax.training.train_step import COND_KEYS, StepSettings, image_inputs, remat_policy
 
 PAIR_KEYS = ("mean_w", "logvar_w", "mean_l", "logvar_l") + COND_KEYS
 
@@ -67,16 +71,22 @@ def draw_pair_inputs(key: jax.Array, batch: dict, settings: StepSettings) -> dic
     t = flow_loss.sample_timesteps(k_t, x_w.shape[0], settings.timestep_distribution,
                                    logit_mean=settings.logit_mean, logit_std=settings.logit_std,
                                    shift=settings.timestep_shift)
+    extra = {"motion_score": batch["motion_score"]} if "motion_score" in batch else {}
     return {"x_w": x_w, "x_l": x_l, "noise": jax.random.normal(k_noise, x_w.shape, jnp.float32), "t": t,
-            **{k: batch[k] for k in COND_KEYS}}
+            **{k: batch[k] for k in COND_KEYS}, **extra}
 
 
-def pair_errors(model: nnx.Module, inputs: dict, *, backend=None, remat=None) -> jax.Array:
+def pair_errors(model: nnx.Module, inputs: dict, *, backend=None, remat=None,
+                motion_score: Optional[float] = None) -> jax.Array:
     """Per-sample velocity errors (2b,) of `model` on the batched pair `[w; l]`, float32."""
     x_t, v, t2 = pair_inputs(inputs["x_w"], inputs["x_l"], inputs["noise"], inputs["t"])
     two = lambda a: jnp.concatenate([a, a], axis=0)
+    rows = {"x": jnp.concatenate([inputs["x_w"], inputs["x_l"]])}
+    if "motion_score" in inputs:
+        rows["motion_score"] = two(jnp.asarray(inputs["motion_score"], jnp.float32))
+    image = image_inputs(model, rows, motion_score)
     pred = model(x_t, t2, two(inputs["y"]), two(inputs["y_mask"]), two(inputs["clip"]), backend=backend,
-                 remat_policy=remat)
+                 remat_policy=remat, **image)
     return velocity_error(pred, v)
 
 
@@ -89,11 +99,12 @@ def _micro(graphdef, ref_graphdef, params, frozen, inputs, settings: StepSetting
     """(loss, metrics), grads of one micro-batch of pairs."""
     b = inputs["t"].shape[0]
     ref_err = jax.lax.stop_gradient(pair_errors(nnx.merge(ref_graphdef, frozen["reference"]), inputs,
-                                                backend=settings.attention_backend))
+                                                backend=settings.attention_backend,
+                                                motion_score=settings.motion_score))
 
     def loss_fn(p):
         err = pair_errors(_policy(graphdef, p, frozen), inputs, backend=settings.attention_backend,
-                          remat=remat_policy(settings.remat))
+                          remat=remat_policy(settings.remat), motion_score=settings.motion_score)
         return dpo_loss(err[:b], err[b:], ref_err[:b], ref_err[b:], inputs["t"], beta=dpo.beta,
                         beta_schedule=dpo.beta_schedule, sft_weight=dpo.sft_weight)
 
@@ -153,12 +164,13 @@ def make_dpo_step(graphdef, optimizer: optax.GradientTransformation, schedule: o
 
 
 def pair_metrics(graphdef, ref_graphdef, params: nnx.State, frozen: dict, inputs: dict, dpo: DPOSettings, *,
-                 backend: Optional[str] = None) -> dict:
+                 backend: Optional[str] = None, motion_score: Optional[float] = None) -> dict:
     """DPO loss and metrics of fixed pair inputs (`draw_pair_inputs` output), no gradient; for
     evaluation on held-out pairs and the checks at initialisation."""
     b = inputs["t"].shape[0]
-    err = pair_errors(_policy(graphdef, params, frozen), inputs, backend=backend)
-    ref_err = pair_errors(nnx.merge(ref_graphdef, frozen["reference"]), inputs, backend=backend)
+    err = pair_errors(_policy(graphdef, params, frozen), inputs, backend=backend, motion_score=motion_score)
+    ref_err = pair_errors(nnx.merge(ref_graphdef, frozen["reference"]), inputs, backend=backend,
+                          motion_score=motion_score)
     loss, metrics = dpo_loss(err[:b], err[b:], ref_err[:b], ref_err[b:], inputs["t"], beta=dpo.beta,
                              beta_schedule=dpo.beta_schedule, sft_weight=dpo.sft_weight)
     return {**metrics, "loss": loss}

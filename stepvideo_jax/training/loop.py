@@ -204,13 +204,17 @@ def train(config, workdir=None, *, printer: Optional[Callable[[str], Any]] = pri
 
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: objective.prepare(
         StepVideoDiT(cfg, dtype=dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(0)))))
+    if cfg.ti2v and settings.motion_score is None:
+        raise ValueError("this DiT is Step-Video-TI2V: training conditions on each sample's first latent frame "
+                         "and a motion score; set step.motion_score (e.g. 5, the TI2V default)")
     sampler = None
     if config.get("samples") and config.samples.every:
         if objective.aux is not None:
             raise ValueError(f"samples.every = {config.samples.every}: sample videos are written by flow-matching "
                              "runs only; set samples.every = 0 for this objective")
         sampler = TrainingSampler(graphdef, config.samples, backend=settings.attention_backend, dtype=dtype,
-                                  in_channels=cfg.in_channels)
+                                  in_channels=cfg.in_channels,
+                                  motion_score=settings.motion_score if cfg.ti2v else None)
 
     abstract_state = jax.eval_shape(init_state)
     state_sh = state_shardings(abstract_state, mesh)
@@ -234,7 +238,8 @@ def train(config, workdir=None, *, printer: Optional[Callable[[str], Any]] = pri
                       in_shardings=(state_sh, batch_sh, aux_sh), out_shardings=(state_sh, replicated),
                       donate_argnums=0)
     eval_fn = jax.jit(lambda params, held: heldout_loss(graphdef, params, held,
-                                                        backend=settings.attention_backend))
+                                                        backend=settings.attention_backend,
+                                                        motion_score=settings.motion_score))
     peak = peak_flops_per_device(jax.devices()[0].device_kind, config.metrics.get("peak_flops"))
     text_length, clip_length = dataset.meta["text_length"], dataset.meta["clip_length"]
     history: list[dict] = []
@@ -313,14 +318,15 @@ class TrainingSampler:
     `samples/step_<n>_<i>.mp4`. The sampler step and the VAE decoder are built once, so they
     compile once per run, not at every sampled step."""
 
-    def __init__(self, graphdef, sample_cfg, *, backend, dtype, in_channels: int):
+    def __init__(self, graphdef, sample_cfg, *, backend, dtype, in_channels: int,
+                 motion_score: Optional[float] = None):
         from stepvideo_jax.sampling.flow_matching import FlowMatchSampler, SamplerSettings
         from stepvideo_jax.sampling.pipeline import dit_velocity_fn
 
         if sample_cfg.count < 1 or sample_cfg.num_steps < 1:
             raise ValueError(f"samples.count ({sample_cfg.count}) and samples.num_steps "
                              f"({sample_cfg.num_steps}) must be >= 1")
-        self.cfg = sample_cfg
+        self.cfg, self.motion_score = sample_cfg, motion_score
         self.settings = SamplerSettings(num_steps=sample_cfg.num_steps, guidance_scale=sample_cfg.guidance,
                                         shift=sample_cfg.shift)
         self.sampler = FlowMatchSampler(dit_velocity_fn(graphdef, backend=backend), model_dtype=dtype)
@@ -346,6 +352,14 @@ class TrainingSampler:
         if self.settings.cfg:
             cond = {k: jnp.concatenate([v, jnp.broadcast_to(negative[k].astype(v.dtype), v.shape)])
                     for k, v in cond.items()}
+        if self.motion_score is not None:  # TI2V: the held-out videos' first latent frames, both CFG rows
+            from stepvideo_jax.sampling.image_condition import condition_frames
+
+            x = heldout["x"][:n]
+            condition = condition_frames(x[:, :1], x.shape[1])
+            rows = 2 if self.settings.cfg else 1
+            cond["condition"] = jnp.concatenate([condition] * rows)
+            cond["motion_score"] = jnp.full((rows * n,), self.motion_score, jnp.float32)
         noise = jax.random.normal(jax.random.key(self.cfg.seed), heldout["x"][:n].shape, jnp.float32)
         latents = self.sampler.sample(params, noise, cond, self.settings)
         out = paths.as_path(workdir) / "samples"

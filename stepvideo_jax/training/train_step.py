@@ -8,6 +8,12 @@ Batch layout (a dict; arrays are the global batch, leading axis b):
 `negative` holds `y`, `y_mask`, `clip` of the encoded negative/empty prompt with batch 1; with
 probability `cond_dropout` a row's conditioning is replaced by it (classifier-free guidance).
 
+Step-Video-TI2V (a DiT with `cfg.ti2v`): the image condition is the sample's own first latent frame
+(frame 0 of this step's latent draw, from the moments data/precompute encoded once), zeros on the
+other frames, rounded to bfloat16 as at inference (`image_condition.condition_frames`); the motion
+score is the batch's `motion_score` (b,) when it has one, else `StepSettings.motion_score`. Text
+dropout is unchanged: the image condition is never dropped (both CFG rows share it at inference).
+
 Gradient accumulation splits the batch into `accum_steps` micro-batches, scanned in order, and
 averages their gradients (equal to the full-batch gradient of the mean loss).
 """
@@ -21,6 +27,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from stepvideo_jax.sampling.image_condition import condition_frames
 from stepvideo_jax.training import flow_loss
 from stepvideo_jax.training.train_state import TrainState, ema_update
 
@@ -54,6 +61,7 @@ class StepSettings:
     ema_decay: float = 0.0          # used when the state holds an EMA
     remat: str = "none"
     attention_backend: Optional[str] = None
+    motion_score: Optional[float] = None  # TI2V: for batches without a per-sample `motion_score`
 
 
 def draw_inputs(key: jax.Array, batch: dict, settings: StepSettings, negative: Optional[dict] = None) -> dict:
@@ -69,16 +77,33 @@ def draw_inputs(key: jax.Array, batch: dict, settings: StepSettings, negative: O
         if negative is None:
             raise ValueError("cond_dropout > 0 needs the negative prompt's conditioning")
         cond = flow_loss.drop_conditioning(k_drop, cond, negative, settings.cond_dropout)
-    return {"x": x, "noise": jax.random.normal(k_noise, x.shape, jnp.float32), "t": t, **cond}
+    extra = {"motion_score": batch["motion_score"]} if "motion_score" in batch else {}
+    return {"x": x, "noise": jax.random.normal(k_noise, x.shape, jnp.float32), "t": t, **cond, **extra}
+
+
+def image_inputs(model: nnx.Module, inputs: dict, motion_score: Optional[float]) -> dict:
+    """TI2V DiT: {"condition", "motion_score"} from the rows' own latents `inputs["x"]` (see the module
+    docstring); {} for a T2V DiT."""
+    if not model.cfg.ti2v:
+        return {}
+    x = inputs["x"]
+    ms = inputs.get("motion_score")
+    if ms is None:
+        if motion_score is None:
+            raise ValueError("a TI2V DiT trains with a motion score: set step.motion_score (e.g. 5) or give the "
+                             "batch a per-sample motion_score")
+        ms = jnp.full((x.shape[0],), motion_score, jnp.float32)
+    return {"condition": condition_frames(x[:, :1], x.shape[1]), "motion_score": jnp.asarray(ms, jnp.float32)}
 
 
 def _loss(graphdef, params, inputs: dict, settings: StepSettings):
     model = nnx.merge(graphdef, params)
     policy = remat_policy(settings.remat)
+    image = image_inputs(model, inputs, settings.motion_score)
 
     def velocity(xt, t):
         return model(xt, t, inputs["y"], inputs["y_mask"], inputs["clip"], backend=settings.attention_backend,
-                     remat_policy=policy)
+                     remat_policy=policy, **image)
 
     return flow_loss.flow_matching_loss(velocity, inputs["x"], inputs["noise"], inputs["t"])
 
@@ -129,13 +154,15 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, schedule:
     return train_step
 
 
-def heldout_loss(graphdef, params: nnx.State, heldout: dict, *, backend: Optional[str] = None) -> jax.Array:
+def heldout_loss(graphdef, params: nnx.State, heldout: dict, *, backend: Optional[str] = None,
+                 motion_score: Optional[float] = None) -> jax.Array:
     """Deterministic loss on a fixed set: `heldout` holds `x` (b f c h w), `noise`, `t` (b,) and the
-    conditioning (`y`, `y_mask`, `clip`)."""
+    conditioning (`y`, `y_mask`, `clip`); TI2V: the image condition as in training."""
     model = nnx.merge(graphdef, params)
+    image = image_inputs(model, heldout, motion_score)
 
     def velocity(xt, t):
-        return model(xt, t, heldout["y"], heldout["y_mask"], heldout["clip"], backend=backend)
+        return model(xt, t, heldout["y"], heldout["y_mask"], heldout["clip"], backend=backend, **image)
 
     return flow_loss.flow_matching_loss(velocity, heldout["x"], heldout["noise"], heldout["t"])
 
