@@ -30,7 +30,7 @@ from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 from bench.dit_block_memory import DTYPES, parse_backend  # noqa: E402
 from stepvideo_jax.models.dit import DiTConfig, StepVideoDiT  # noqa: E402
 from stepvideo_jax.parallel import aot  # noqa: E402
-from stepvideo_jax.parallel.rules import state_shardings  # noqa: E402
+from stepvideo_jax.parallel.rules import STATE_RULES, state_shardings  # noqa: E402
 from stepvideo_jax.training import lora, train_state  # noqa: E402
 from stepvideo_jax.training.checkpoint import abstract_with_shardings  # noqa: E402
 from stepvideo_jax.training import optimizer as optim  # noqa: E402
@@ -55,7 +55,7 @@ def compile_dpo_step(cfg: DiTConfig, mesh, *, pairs, frames, height, width, text
     schedule = optax.constant_schedule(1e-5)
     opt = optim.adamw(schedule)
     abstract_state = jax.eval_shape(lambda p: train_state.create(p, opt, seed=0, use_ema=False), trained)
-    state_sh = state_shardings(abstract_state, mesh)
+    state_sh = state_shardings(abstract_state, mesh, STATE_RULES)   # ZeRO-style, as training/loop.py
     state = shaped(abstract_state, state_sh)
     c_text, c_clip = cfg.caption_channels
     latent = (pairs, frames, cfg.in_channels, height, width)

@@ -7,9 +7,10 @@ For each training config (`configs/train/<name>.py:<slice>`) the jitted, donated
 `training/train_step.py` (flow-matching loss, backward, clipping, AdamW, EMA; float32 master
 weights, Adam moments and EMA; bf16 compute; remat per the config) is lowered for the slice's
 compile-only devices with the config's mesh and compiled; `memory_analysis()` gives arguments,
-outputs, temporaries and the peak per chip. The blocks are a Python loop, compiled unrolled:
-`--layers 48` compiles the real model (v5p-128: about 6 minutes of CPU, mostly the XLA compile, and
-10-11 GiB of host memory); `--layers a,b` compiles two depths and extrapolates linearly to the real
+outputs, temporaries and the peak per chip. The training state is laid out ZeRO-style over
+fsdp x sequence (`parallel.rules.STATE_RULES`, as the training loop). The blocks are one scanned
+module (`models/stack.py`); when they were a Python loop compiled unrolled, `--layers 48` took about
+6 minutes of CPU on v5p-128 (mostly the XLA compile) and 10-11 GiB of host memory; `--layers a,b` compiles two depths and extrapolates linearly to the real
 depth (state, gradients and saved activations are per layer; the rows say "extrapolated"). The
 extrapolation can be wrong: for pod_192x320 on v5p-128 the temporaries shrink from 1 to 2 layers.
 """
@@ -33,7 +34,7 @@ from flax import nnx  # noqa: E402
 
 from stepvideo_jax.models.dit import StepVideoDiT  # noqa: E402
 from stepvideo_jax.parallel import aot  # noqa: E402
-from stepvideo_jax.parallel.rules import state_shardings  # noqa: E402
+from stepvideo_jax.parallel.rules import STATE_RULES, state_shardings  # noqa: E402
 from stepvideo_jax.parallel.sequence_parallel import SequenceParallel  # noqa: E402
 from stepvideo_jax.training import train_state  # noqa: E402
 from stepvideo_jax.training.loop import dit_config, optimizer_of, step_settings  # noqa: E402
@@ -72,7 +73,7 @@ def compile_step(config, name: str, slice_name: str, layers: int) -> dict[str, i
     abstract_state = jax.eval_shape(lambda: train_state.create(
         nnx.state(StepVideoDiT(cfg, dtype=dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(0))), optimizer,
         seed=0, use_ema=settings.ema_decay > 0))
-    state_sh = state_shardings(abstract_state, mesh)
+    state_sh = state_shardings(abstract_state, mesh, STATE_RULES)   # ZeRO-style, as training/loop.py
     b = config.data.global_batch
     f, h, w = LATENTS[name]
     c0, c1 = cfg.caption_channels

@@ -311,6 +311,8 @@ def main(argv=None):
     from absl import app, flags
     from ml_collections import config_flags
 
+    from stepvideo_jax import compile_cache
+
     config_flag = config_flags.DEFINE_config_file("config", str(DEFAULT_CONFIG), "generation config file")
     flags.DEFINE_string("summary_json", "", "also write the files and timings of the run to this JSON file")
 
@@ -320,6 +322,7 @@ def main(argv=None):
         logs.quiet_unless_asked()
         try:
             job = resolve(config_flag.value)
+            compile_cache.setup(config_flag.value)
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

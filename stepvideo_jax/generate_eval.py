@@ -313,6 +313,8 @@ def main(argv=None):
     from absl import app, flags
     from ml_collections import config_flags
 
+    from stepvideo_jax import compile_cache
+
     config_flag = config_flags.DEFINE_config_file("config", str(generate.DEFAULT_CONFIG), "generation config file")
     flags.DEFINE_string("output_dir", "outputs/step_video_t2v_eval", "folder of mp4 files and manifest.json")
     flags.DEFINE_string("prompts_file", str(EVAL_PROMPTS), "prompt list, one per line")
@@ -340,6 +342,7 @@ def main(argv=None):
                 raise ValueError(f"--limit must be >= 0, got {f.limit}")
             plan = plan_eval(config_flag.value, prompts, f.output_dir, batch_size=f.batch_size, limit=f.limit,
                              overwrite=f.overwrite)
+            compile_cache.setup(config_flag.value)
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

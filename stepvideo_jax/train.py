@@ -24,10 +24,12 @@ def main(argv) -> None:
     import jax
 
     from stepvideo_jax.training.failure import run_or_exit
+    from stepvideo_jax import compile_cache
     from stepvideo_jax.training.loop import train
 
     if _MULTIHOST.value:
         jax.distributed.initialize()
+    compile_cache.setup(_CONFIG.value)
     run_or_exit(train, _CONFIG.value, _WORKDIR.value, prog="train")
 
 

@@ -168,9 +168,12 @@ _MULTIHOST = flags.DEFINE_bool("multihost", False, "initialise jax.distributed (
 
 def main(argv) -> None:
     del argv
+    from stepvideo_jax import compile_cache
+
     logs.quiet_unless_asked()
     if _MULTIHOST.value:
         jax.distributed.initialize()
+    compile_cache.setup(_CONFIG.value)
     run_or_exit(train_dpo, _CONFIG.value, _WORKDIR.value, prog="train_dpo")
 
 

@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 from stepvideo_jax.convert import cli, dit, orbax_io
+from stepvideo_jax.convert.keymap import checkpoint_arrays
 from stepvideo_jax.parallel.rules import state_shardings
 from tests.fixtures import fixture_dir
 
@@ -27,6 +28,12 @@ def bits(x) -> np.ndarray:
 
 
 def flat_params(model) -> dict[str, jax.Array]:
+    """Checkpoint key (one per layer of the stacked blocks) -> array."""
+    return dict(checkpoint_arrays(nnx.state(model)))
+
+
+def state_params(model) -> dict[str, jax.Array]:
+    """State path (the stacked blocks as one array each) -> array."""
     return {"/".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model))}
 
 
@@ -99,9 +106,9 @@ def test_sharded_restore_on_8_devices(tmp_path):
     devices = np.array(jax.devices())
     assert devices.size == 8, "tests/conftest.py provides 8 host devices"
     mesh = jax.sharding.Mesh(devices.reshape(4, 2), ("fsdp", "tensor"))
-    plain = flat_params(cli.load_converted(out, "transformer"))
+    plain = state_params(cli.load_converted(out, "transformer"))
     sharded_model = cli.load_converted(out, "transformer", mesh=mesh)
-    sharded = flat_params(sharded_model)
+    sharded = state_params(sharded_model)
     want = {"/".join(map(str, p)): s for p, s in
             nnx.to_flat_state(state_shardings(nnx.state(sharded_model), mesh))}
     assert sharded.keys() == plain.keys() == want.keys()
@@ -113,7 +120,7 @@ def test_sharded_restore_on_8_devices(tmp_path):
     abstract = nnx.eval_shape(lambda: dit.build(dit.read_config(out / "transformer"), rngs=nnx.Rngs(0)))
     explicit = orbax_io.restore(out / "transformer", abstract,
                                 shardings=state_shardings(nnx.state(abstract), mesh))
-    for k, v in flat_params(explicit).items():
+    for k, v in state_params(explicit).items():
         assert v.sharding.is_equivalent_to(want[k], v.ndim) and np.array_equal(np.asarray(v), plain[k]), k
 
 

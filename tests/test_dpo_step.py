@@ -91,8 +91,9 @@ def test_lora_starts_at_log2_trains_only_adapters_and_shares_the_frozen_base():
                    donate_argnums=0)
     for _ in range(2):
         state, _ = step(state, batch, frozen)
-    assert len(jax.tree.leaves(state.params)) == 4 * CFG.num_layers * 2 * 2   # 8 projections x (a, b)
-    assert float(jnp.max(jnp.abs(state.params["blocks"][0]["attn1"]["q"]["lora_b"][...]))) > 0
+    assert len(jax.tree.leaves(state.params)) == 4 * 2 * 2   # 8 projections x (a, b), stacked over layers
+    lora_b = state.params["blocks"]["attn1"]["q"]["lora_b"][...]
+    assert lora_b.shape == (CFG.num_layers, 4, CFG.dim) and float(jnp.max(jnp.abs(lora_b))) > 0
     for a, b in zip(jax.tree.leaves(base), jax.tree.leaves(before)):
         np.testing.assert_array_equal(np.asarray(a), b)
     # folding the adapters into the kernels gives the adapted model's velocity
@@ -179,9 +180,30 @@ def test_bad_inputs_are_named():
         draw_pair_inputs(jax.random.key(0), batch, dataclasses.replace(SETTINGS, cond_dropout=0.1))
     with pytest.raises(ValueError, match="beta_schedule"):
         DPOSettings(beta_schedule="linear")
-    with pytest.raises(ValueError, match="remat 'full' is not supported with LoRA"):
-        frozen = {"reference": params, "base": params}
-        dpo_loss_and_grads(graphdef, graphdef, params, frozen, batch, jax.random.key(0),
-                           dataclasses.replace(SETTINGS, remat="full"), DPO)
     with pytest.raises(ValueError, match="choose from"):
         lora.apply_lora(StepVideoDiT(CFG, rngs=nnx.Rngs(0)), rank=2, alpha=2.0, targets=("attn1.qkv",))
+
+
+def test_lora_with_full_remat_equals_lora_without_remat():
+    """LoRA on the scanned blocks with remat 'full' (the scan body rematerialised: base slices and
+    adapters alike): the same loss and adapter gradients as without remat."""
+    cfg = dataclasses.replace(CFG, num_layers=2)
+    model = StepVideoDiT(cfg, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+    plain_graphdef, base = nnx.split(model)
+    lora.apply_lora(model, rank=2, alpha=2.0, seed=3)
+    graphdef, adapters, _ = nnx.split(model, lora.LoRAParam, ...)
+    # non-zero lora_b, so the adapters' path through the blocks matters to the gradients
+    adapters = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(a.size), a.shape), adapters)
+    frozen = {"reference": base, "base": base}
+    batch = _pairs()
+    run = lambda remat: jax.jit(lambda p: dpo_loss_and_grads(  # noqa: E731
+        graphdef, plain_graphdef, p, frozen, batch, jax.random.key(0),
+        dataclasses.replace(SETTINGS, remat=remat), DPO))(adapters)
+    loss_full, metrics_full, grads_full = run("full")
+    loss_none, _, grads_none = run("none")
+    np.testing.assert_allclose(float(loss_full), float(loss_none), rtol=1e-6)
+    assert float(metrics_full["margin"]) != 0.0
+    assert jax.tree.structure(grads_full) == jax.tree.structure(adapters)
+    for a, b in zip(jax.tree.leaves(grads_full), jax.tree.leaves(grads_none)):
+        assert float(jnp.max(jnp.abs(b))) > 0
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6 * float(jnp.max(jnp.abs(b))))

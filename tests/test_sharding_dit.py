@@ -70,8 +70,8 @@ def loss_and_grads(model, case, *, backend=None, mesh=None):
 
     def loss(params, x, y, clip):
         m = nnx.merge(graphdef, params)
-        out = m(x, t, y, y_mask, clip, backend=backend, capture=True)
-        blocks_in = nnx.pop(m, nnx.Intermediate)["blocks_in"].value[0]
+        out, inter = nnx.capture(m, nnx.Intermediate)(x, t, y, y_mask, clip, backend=backend, capture=True)
+        blocks_in = inter["blocks_in"].get_value()[0]
         return jnp.sum(out * weight), (out, blocks_in)
 
     fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))
@@ -102,8 +102,8 @@ def compare(reference, sharded, label):
 def assert_sharded(model, sharded, mesh, *, collectives=()):
     """Params sharded by the rules, the block activation sharded over the token axis when the
     mesh has one, and the expected collectives in the compiled HLO."""
-    kernel = model.blocks[0].attn1.q.kernel.value
-    expected = P(*(a if mesh.shape[a] > 1 else None for a in ("fsdp", "tensor")))
+    kernel = model.blocks.attn1.q.kernel[...]  # stacked: (layers, d, d), the layer axis unsharded
+    expected = P(None, *(a if mesh.shape[a] > 1 else None for a in ("fsdp", "tensor")))
     assert kernel.sharding.spec == expected, kernel.sharding
     assert len(kernel.addressable_shards) == mesh.size
     assert kernel.addressable_shards[0].data.size == kernel.size // (

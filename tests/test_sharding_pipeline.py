@@ -56,7 +56,8 @@ def converted(tmp_path_factory):
                               ignore=dit_convert.IGNORE, label="fixture dit")
     groups = orbax_io.write_params(folder, tensors, group_bytes=2**20)
     orbax_io.write_manifest(folder, component="transformer", dtype="float32", groups=groups, config={},
-                            files=[], source="fixture dit")
+                            files=[], source="fixture dit",
+                            layers=orbax_io.stacked_layers(nnx.state(abstract_dit())))
     return folder
 
 
@@ -65,10 +66,10 @@ def converted(tmp_path_factory):
 def test_restore_into_mesh(converted, mesh_spec, num_devices):
     mesh = make_mesh(MeshConfig.from_string(mesh_spec), jax.devices()[:num_devices])
     model = orbax_io.restore(converted, abstract_dit(), mesh=mesh)
-    kernel = model.blocks[0].ff.fc1.kernel.value
+    kernel = model.blocks.ff.fc1.kernel[...]  # stacked (layers, d, 4d), assembled layer by layer
     assert kernel.sharding.mesh.devices.size == num_devices
-    assert kernel.sharding.spec == P("fsdp", "tensor")
-    assert kernel.addressable_shards[0].data.shape == (kernel.shape[0] // 2, kernel.shape[1] // 2)
+    assert kernel.sharding.spec == P(None, "fsdp", "tensor")
+    assert kernel.addressable_shards[0].data.shape == (kernel.shape[0], kernel.shape[1] // 2, kernel.shape[2] // 2)
     case = fixture_case()
     args = [case[k] for k in ("hidden_states", "timestep", "encoder_hidden_states",
                               "encoder_attention_mask", "encoder_hidden_states_2")]

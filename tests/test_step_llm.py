@@ -37,8 +37,7 @@ def run(model, input_ids, *, backend=None, capture=True):
     @jax.jit
     def fwd(state, ids):
         m = nnx.merge(graphdef, state)
-        y = m(ids, backend=backend, capture=capture)
-        return y, nnx.pop(m, nnx.Intermediate)
+        return nnx.capture(m, nnx.Intermediate)(ids, backend=backend, capture=capture)
 
     y, inter = fwd(state, jnp.asarray(input_ids))
     return np.asarray(y), nnx.to_pure_dict(inter)
@@ -66,7 +65,7 @@ def test_output_and_hidden_states(batch_run):
     b, c, y, inter = batch_run
     assert_close(y, c[f"{b}_y"], atol=ATOL, rtol=RTOL, name=f"{b}_y")
     assert_close(y, c[f"{b}_y_fp64"], atol=ATOL, rtol=RTOL, name=f"{b}_y_fp64")
-    hidden = inter["hidden_states"]
+    hidden = [_get(inter, "embeddings"), *_get(inter, "layers", "out")]  # layer outputs: (layers, ...)
     assert len(hidden) == fixture_model().cfg.num_layers + 1
     assert_close(hidden[0], c[f"{b}_hidden_embeddings"], atol=0, rtol=0, name=f"{b}_hidden_embeddings")
     assert_close(hidden[1], c[f"{b}_hidden_layer0_out"], atol=ATOL, rtol=RTOL, name=f"{b}_hidden_layer0_out")
@@ -75,7 +74,7 @@ def test_output_and_hidden_states(batch_run):
 
 def test_layer0_internals():
     b, c, _, inter = batch_result("a")  # the fixture records layer-0 internals for batch a only
-    blk = inter["layers"][0]
+    blk = jax.tree.map(lambda a: a[0], inter["layers"])
     att = blk["attention"]
     q, k, v = (_get(att, n) for n in ("q", "k", "v"))
     bsz, s, h, hd = q.shape
@@ -118,7 +117,7 @@ def test_alibi_slopes_and_bias():
     np.testing.assert_allclose(alibi_sqrt_slopes(c["alibi_slopes"].shape[0]), c["alibi_slopes"], rtol=1e-7)
     np.testing.assert_allclose(alibi_sqrt_slopes(c["alibi_slopes_full48"].shape[0]), c["alibi_slopes_full48"],
                                rtol=1e-7)
-    assert fixture_model().layers[0].attention.bias.slopes == tuple(float(s) for s in c["alibi_slopes"])
+    assert fixture_model().layers.attention.bias.slopes == tuple(float(s) for s in c["alibi_slopes"])
     ref = c["alibi_bias_first24"]
     n = ref.shape[-1]
     pos = jnp.arange(n)
@@ -166,7 +165,7 @@ def test_sharded_forward_matches():
     graphdef, state = nnx.split(model)
     shardings = state_shardings(state, mesh)
     sharded = jax.device_put(state, shardings)
-    assert sharded["layers"][0]["attention"]["wq"]["kernel"].value.sharding.spec == PartitionSpec("fsdp", "tensor")
+    assert sharded["layers"]["attention"]["wq"]["kernel"][...].sharding.spec == PartitionSpec(None, "fsdp", "tensor")
     rows = [0, min(1, len(c["b_input_ids"]) - 1)]  # two rows for data=2; a one-row case is repeated
     ids = jax.device_put(jnp.asarray(c["b_input_ids"][rows]), NamedSharding(mesh, PartitionSpec(("data",))))
 
@@ -192,8 +191,8 @@ def test_full_size_parameter_count_and_specs():
     specs = nnx.to_flat_state(state_specs(state, mesh))
     by_path = {"/".join(map(str, p)): s for p, s in specs}
     assert by_path["embed"] == PartitionSpec("tensor", "fsdp")
-    assert by_path["layers/0/attention/wk/kernel"] == PartitionSpec("fsdp", "tensor")
-    assert by_path["layers/0/feed_forward/down/kernel"] == PartitionSpec("tensor", "fsdp")
+    assert by_path["layers/attention/wk/kernel"] == PartitionSpec(None, "fsdp", "tensor")  # (layers, in, out)
+    assert by_path["layers/feed_forward/down/kernel"] == PartitionSpec(None, "tensor", "fsdp")
 
 
 def test_config_matches_fixture_derived_sizes():

@@ -84,7 +84,7 @@ def test_loaded_release_reproduces_fixture(which):
 
 def test_bf16_param_dtype():
     model = llm_convert.load(release_dir("bf16"), dtype=np.dtype(ml_dtypes.bfloat16))
-    kernel = model.layers[0].attention.wq.kernel[...]
+    kernel = model.layers.attention.wq.kernel[0]
     assert kernel.dtype == ml_dtypes.bfloat16
 
 

@@ -6,9 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from stepvideo_jax.models.dit import DiTConfig, StepVideoDiT
-from stepvideo_jax.parallel.rules import state_shardings
+from stepvideo_jax.parallel.rules import STATE_RULES, state_shardings
 from stepvideo_jax.training import optimizer as optim
 from stepvideo_jax.training import train_state
 from stepvideo_jax.training.loop import batch_shardings, build_mesh
@@ -120,3 +121,39 @@ def test_sharded_gradients_equal_single_device(reference):
     np.testing.assert_allclose(float(loss), float(loss_ref), rtol=1e-5)
     err = _max_rel(g, g_ref)
     assert err <= 1e-5, f"max|a - b| / max|b| = {err:.2e}"
+
+
+@pytest.mark.slow
+def test_state_over_fsdp_x_sequence_is_gathered_for_compute():
+    """ZeRO-style training state (`STATE_RULES`) on 8 host devices as (fsdp=4, sequence=2): every
+    `embed` axis of params, Adam moments and EMA is split 8 ways (1/2 of the LOGICAL_RULES shard), the
+    step gathers it for the forward (all-gathers in the HLO) and the update equals one device's."""
+    graphdef, params = _model()
+    batch = _batch(b=4, f=2, h=4, w=8)
+    neg = _negative(batch)
+    opt = optim.adamw(optim.learning_rate_schedule(1e-3, warmup_steps=0, total_steps=10))
+    schedule = optim.learning_rate_schedule(1e-3, warmup_steps=0, total_steps=10)
+    settings = dataclasses.replace(SETTINGS, ema_decay=0.9)
+    step = make_train_step(graphdef, opt, schedule, settings)
+    fresh = lambda: train_state.create(jax.tree.map(jnp.copy, params), opt, seed=0, use_ema=True)  # noqa: E731
+    one, m_one = jax.jit(step)(fresh(), batch, neg)
+    mesh = build_mesh({"fsdp": 4, "sequence": 2})
+    s_sh = state_shardings(fresh(), mesh, STATE_RULES)
+    compute_sh = state_shardings(fresh(), mesh)
+    b_sh = batch_shardings(batch, mesh)
+    kernel = lambda st: st["blocks"]["ff"]["fc1"]["kernel"]  # noqa: E731  (layers, embed, mlp)
+    assert kernel(s_sh.params).spec == P(None, ("fsdp", "sequence"), None)
+    assert kernel(compute_sh.params).spec == P(None, "fsdp", None)
+    with jax.set_mesh(mesh):
+        fn = jax.jit(step, in_shardings=(s_sh, b_sh, None), out_shardings=(s_sh, None), donate_argnums=0)
+        hlo = fn.lower(jax.eval_shape(fresh), batch, neg).compile().as_text()
+        state = jax.device_put(fresh(), s_sh)
+        state, m = fn(state, jax.device_put(batch, b_sh), neg)
+    assert "all-gather" in hlo and ("reduce-scatter" in hlo or "all-reduce" in hlo)
+    for tree in (state.params, state.ema, state.opt_state):
+        sharded = [x for x in jax.tree.leaves(tree) if ("fsdp", "sequence") in tuple(x.sharding.spec)]
+        assert sharded, "no leaf of the state over fsdp x sequence"
+    k = kernel(state.params)[...]
+    assert k.addressable_shards[0].data.size == k.size // 8
+    np.testing.assert_allclose(float(m["loss"]), float(m_one["loss"]), rtol=1e-5)
+    assert _max_rel(state.params, one.params) <= 1e-5 and _max_rel(state.ema, one.ema) <= 1e-5

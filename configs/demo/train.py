@@ -86,4 +86,6 @@ def get_config():
     # training scene (0: none); the same for a randomly initialised DiT (chance level)
     c.eval = ml_collections.ConfigDict(dict(seeds=(1000,), languages=("en", "zh"), train_stride=0,
                                             max_scenes=0, batch=48, random_dit_seed=1))
+    c.compile_cache = True         # persistent compilation cache (stepvideo_jax/compile_cache.py)
+    c.compile_cache_dir = ""       # "" = $XDG_CACHE_HOME or ~/.cache, /stepvideo_jax/jax_cache
     return c

@@ -59,4 +59,6 @@ def get_config():
 
     c.checkpoint = ml_collections.ConfigDict(dict(every=30, keep=2, async_save=True, fallback=True))
     c.metrics = ml_collections.ConfigDict(dict(tensorboard=False, peak_flops=0.0))
+    c.compile_cache = True         # persistent compilation cache (stepvideo_jax/compile_cache.py)
+    c.compile_cache_dir = ""       # "" = $XDG_CACHE_HOME or ~/.cache, /stepvideo_jax/jax_cache
     return c

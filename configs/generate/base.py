@@ -36,4 +36,6 @@ def get_config():
     c.crop_540p = True             # the official crop2standard540p
     c.denoise_filter = True        # the official ffmpeg atadenoise filter
     c.progress = True
+    c.compile_cache = True         # persistent compilation cache (stepvideo_jax/compile_cache.py)
+    c.compile_cache_dir = ""       # "" = $XDG_CACHE_HOME or ~/.cache, /stepvideo_jax/jax_cache
     return c

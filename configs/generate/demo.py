@@ -48,4 +48,6 @@ def get_config():
     c.crop_540p = True             # a no-op at 32 x 32
     c.denoise_filter = False       # keep the flat colours of the synthetic scenes
     c.progress = True
+    c.compile_cache = True         # persistent compilation cache (stepvideo_jax/compile_cache.py)
+    c.compile_cache_dir = ""       # "" = $XDG_CACHE_HOME or ~/.cache, /stepvideo_jax/jax_cache
     return c

@@ -41,4 +41,6 @@ def get_config(arg: str = "v5p-256"):
         cond_dropout=0.1, accum_steps=1, ema_decay=0.9999, remat="full", attention_backend="ulysses"))
     c.checkpoint = ml_collections.ConfigDict(dict(every=500, keep=3, async_save=True, fallback=True))
     c.metrics = ml_collections.ConfigDict(dict(tensorboard=True, peak_flops=0.0))
+    c.compile_cache = True         # persistent compilation cache (stepvideo_jax/compile_cache.py)
+    c.compile_cache_dir = ""       # "" = $XDG_CACHE_HOME or ~/.cache, /stepvideo_jax/jax_cache
     return c

@@ -47,4 +47,6 @@ def get_config():
     c.samples = ml_collections.ConfigDict(dict(every=0, count=2, num_steps=10, guidance=5.0, shift=7.0,
                                                seed=0, vae=""))
     c.metrics = ml_collections.ConfigDict(dict(tensorboard=False, peak_flops=0.0))
+    c.compile_cache = True         # persistent compilation cache (stepvideo_jax/compile_cache.py)
+    c.compile_cache_dir = ""       # "" = $XDG_CACHE_HOME or ~/.cache, /stepvideo_jax/jax_cache
     return c

@@ -113,6 +113,7 @@ class _Plan:
     rules: list
     targets: dict
     copies: dict  # release-relative path -> release_paths.contained_files(...)
+    layers: dict
 
 
 def _plan(release: pathlib.Path, name: str, dtype, allowed_root=None) -> _Plan:
@@ -126,7 +127,8 @@ def _plan(release: pathlib.Path, name: str, dtype, allowed_root=None) -> _Plan:
     cfg = module.read_config(folder, root)
     source = module.tensor_source(folder, root)
     rules = module.rules(cfg)
-    targets = flat_shapes(nnx.state(abstract_model(module, cfg, dtype)))
+    abstract_state = nnx.state(abstract_model(module, cfg, dtype))
+    targets = flat_shapes(abstract_state)
     try:
         for _ in convert_tensors(_KeysOnly(source), rules, targets, ignore=module.IGNORE, label=str(folder)):
             break
@@ -142,7 +144,8 @@ def _plan(release: pathlib.Path, name: str, dtype, allowed_root=None) -> _Plan:
         release_paths.check_name(rel, what=f"{folder}: file {rel!r}")
         if os.path.lexists(folder / rel):
             copies[rel] = release_paths.contained_files(folder / rel, root)
-    return _Plan(name, folder, module, cfg, source, rules, targets, copies)
+    return _Plan(name, folder, module, cfg, source, rules, targets, copies,
+                 orbax_io.stacked_layers(abstract_state))
 
 
 def config_from_record(record: Mapping, component: str | None = None) -> Any:
@@ -164,7 +167,7 @@ def _convert_component(plan: _Plan, out: pathlib.Path, dtype_name: str, group_by
         copied.append(rel)
     manifest = orbax_io.write_manifest(dst, component=plan.name, dtype=dtype_name, groups=groups,
                                        config=config_records.config_record(plan.config), files=copied,
-                                       source=str(plan.folder.resolve()))
+                                       source=str(plan.folder.resolve()), layers=plan.layers)
     log.info("%s: %d tensors, %d parameters in %d groups", plan.name, len(plan.targets),
              manifest["num_params"], len(groups))
     return manifest

@@ -41,7 +41,7 @@ from flax import nnx
 
 from stepvideo_jax import hub
 from stepvideo_jax.convert import dit as dit_convert
-from stepvideo_jax.convert.keymap import flat_shapes
+from stepvideo_jax.convert.keymap import checkpoint_arrays, flat_shapes
 from stepvideo_jax.convert.safetensors_io import CheckpointError
 from stepvideo_jax.models.dit import DiTConfig
 
@@ -123,10 +123,9 @@ def official_tensors(cfg: DiTConfig, params: Mapping[str, np.ndarray]) -> Iterat
 
 
 def flat_params(model: nnx.Module) -> dict[str, object]:
-    """'/'-joined state path -> array (device arrays are fetched lazily by `official_tensors`)."""
-    flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
-    return {"/".join(str(p) for p in path): v.get_value() if hasattr(v, "get_value") else v.value
-            for path, v in flat}
+    """Checkpoint key (`keymap.flat_shapes`: one per layer of the stacked blocks) -> array; slices
+    of device arrays are fetched lazily by `official_tensors`."""
+    return dict(checkpoint_arrays(nnx.state(model, nnx.Param)))
 
 
 def export(model: nnx.Module, out_dir: str | os.PathLike, *, dtype: str = "bfloat16",

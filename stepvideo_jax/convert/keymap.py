@@ -15,6 +15,7 @@ from typing import Callable, Iterable, Iterator, Mapping
 import numpy as np
 
 from stepvideo_jax.convert.safetensors_io import CheckpointError
+from stepvideo_jax.models import stack
 
 Transform = Callable[[np.ndarray], np.ndarray]
 
@@ -102,16 +103,50 @@ def _preview(keys: list[str], n: int = 8) -> str:
     return ", ".join(keys[:n]) + (f", ... (+{len(keys) - n})" if len(keys) > n else "")
 
 
-def flat_shapes(abstract_state) -> dict[str, tuple[int, ...]]:
-    """'/'-joined path -> shape for every variable of an (abstract) NNX state."""
+def flat_variables(abstract_state) -> dict[str, object]:
+    """'/'-joined path -> variable (or array) of an (abstract) NNX state, in the state's layout."""
     from flax import nnx
 
     flat = nnx.to_flat_state(abstract_state) if hasattr(nnx, "to_flat_state") else abstract_state.flat_state()
+    return {"/".join(str(p) for p in path): v for path, v in flat}
+
+
+def _axes(v):
+    return v.get_metadata().get("axes") if hasattr(v, "get_metadata") else None
+
+
+def flat_shapes(abstract_state) -> dict[str, tuple[int, ...]]:
+    """'/'-joined path -> shape for every variable of an (abstract) NNX state, in the checkpoint
+    layout: a stacked layer variable (`models/stack.py`) appears once per layer, `blocks/<i>/...`,
+    with its per-layer shape, the keys the converter tables and the checkpoints on disk use."""
+    variables = flat_variables(abstract_state)
+    shapes = {k: tuple((v.get_value() if hasattr(v, "get_value") else v).shape) for k, v in variables.items()}
+    return stack.per_layer_shapes(shapes, {k: _axes(v) for k, v in variables.items()})
+
+
+def stacked_flat(abstract_state, flat: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Checkpoint-layout arrays (`flat_shapes` keys) -> the state's layout: each stacked variable
+    assembled from its per-layer arrays (host memory; small models, tests)."""
     out = {}
-    for path, v in flat:
-        value = v.value if hasattr(v, "value") else v
-        out["/".join(str(p) for p in path)] = tuple(value.shape)
+    for path, v in flat_variables(abstract_state).items():
+        if stack.is_stacked(_axes(v)):
+            n = (v.get_value() if hasattr(v, "get_value") else v).shape[0]
+            out[path] = np.stack([np.asarray(flat[stack.layer_key(path, i)]) for i in range(n)])
+        else:
+            out[path] = flat[path]
     return out
+
+
+def checkpoint_arrays(state) -> Iterator[tuple[str, object]]:
+    """(checkpoint key, array) of every variable of `state` in the `flat_shapes` layout: a stacked
+    variable yields one slice per layer (sliced lazily, one at a time)."""
+    for path, v in flat_variables(state).items():
+        value = v.get_value() if hasattr(v, "get_value") else v
+        if stack.is_stacked(_axes(v)):
+            for i in range(value.shape[0]):
+                yield stack.layer_key(path, i), value[i]
+        else:
+            yield path, value
 
 
 def unflatten(flat: Mapping[str, np.ndarray]) -> dict:
@@ -127,11 +162,13 @@ def unflatten(flat: Mapping[str, np.ndarray]) -> dict:
 
 
 def fill_model(abstract_model, flat: Mapping[str, np.ndarray]):
-    """Fill an abstract (`nnx.eval_shape`) model with arrays keyed by '/'-joined state paths."""
+    """Fill an abstract (`nnx.eval_shape`) model with arrays keyed by '/'-joined checkpoint paths
+    (`flat_shapes`: one key per layer of a stacked variable)."""
     import jax.numpy as jnp
     from flax import nnx
 
     graphdef, state = nnx.split(abstract_model)
+    flat = stacked_flat(state, flat)
     nnx.replace_by_pure_dict(state, unflatten({k: jnp.asarray(v) for k, v in flat.items()}))
     return nnx.merge(graphdef, state)
 

@@ -2,11 +2,21 @@
 
 Layout of one component directory (`<dest>/<component>/`):
 
-    manifest.json        format, version, component, dtype, parameter count, and `groups`:
-                         [{"dir": "params/00000", "params": {state path: shape}}, ...]
+    manifest.json        format, version, component, dtype, parameter count, `layers` (version 2:
+                         {stacked module: number of layers}) and `groups`:
+                         [{"dir": "params/00000", "params": {checkpoint path: shape}}, ...]
     params/00000/ ...    one Orbax PyTree checkpoint per group: a nested dict of arrays keyed by the
                          state path ('blocks/0/attn1/q/kernel' -> blocks.0.attn1.q.kernel)
     <config files>       copied from the release (see `stepvideo_jax.convert.cli`)
+
+Stacked layers (`models/stack.py`): the model holds its N blocks as one variable per parameter with
+a leading layer axis; on disk every layer stays its own tensor (`blocks/<i>/attn1/q/kernel`, the
+converter's keys), so the converter writes one layer at a time within its memory budget (one
+stacked full-size `ff` kernel would be 29 GB in float32). A restore allocates each stacked array in
+its target sharding and writes every layer into it in place (a donated `dynamic_update_slice` per
+layer), so device memory peaks at the model plus one group. Version 1 manifests (written before
+the layers were stacked) have the same per-layer layout and restore the same way; version 2 adds
+`layers`, checked against the model.
 
 Why groups: Orbax writes a pytree in one call and holds the whole of it while writing, so a 30B
 model written as one pytree needs its full size in host RAM. Tensors arrive one at a time from
@@ -32,10 +42,12 @@ from orbax.checkpoint import type_handlers
 from stepvideo_jax import paths
 from stepvideo_jax.convert import release_paths
 from stepvideo_jax.convert.keymap import unflatten
+from stepvideo_jax.models import stack
 from stepvideo_jax.convert.safetensors_io import CheckpointError
 
 FORMAT = "stepvideo-jax/orbax-groups"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 PARAMS = "params"
 GROUP_BYTES = 256 * 2**20
@@ -116,11 +128,13 @@ def write_params(component_dir: str | pathlib.Path, tensors: Iterable[tuple[str,
 
 
 def write_manifest(component_dir: str | pathlib.Path, *, component: str, dtype: str, groups: list[dict],
-                   config: dict, files: list[str], source: str) -> dict:
-    """`manifest.json`: `groups` from `write_params`, the model `config` record, copied `files`."""
+                   config: dict, files: list[str], source: str, layers: Mapping[str, int]) -> dict:
+    """`manifest.json`: `groups` from `write_params`, the model `config` record, copied `files`,
+    `layers` ({stacked module: layer count}, see `stacked_layers`)."""
     count = sum(math.prod(s) for g in groups for s in g["params"].values())
     manifest = {"format": FORMAT, "version": VERSION, "component": component, "dtype": dtype,
-                "num_params": count, "config": config, "files": files, "source": source, "groups": groups}
+                "num_params": count, "config": config, "files": files, "source": source,
+                "layers": dict(layers), "groups": groups}
     (pathlib.Path(component_dir) / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     return manifest
 
@@ -134,11 +148,17 @@ def read_manifest(component_dir: str | pathlib.Path) -> dict:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("version") not in READABLE_VERSIONS:
         got = (manifest.get("format"), manifest.get("version")) if isinstance(manifest, dict) else (None, None)
         raise CheckpointError(f"{path}: format {got[0]!r} version {got[1]!r}; "
-                              f"this code reads {FORMAT!r} version {VERSION}")
+                              f"this code reads {FORMAT!r} versions {list(READABLE_VERSIONS)} (re-convert the "
+                              "release with `python -m stepvideo_jax.convert --release DIR --out OUT`)")
     _check_groups(path, manifest.get("groups"))
+    layers = manifest.get("layers", {}) if manifest["version"] >= 2 else {}
+    if (not isinstance(layers, dict) or manifest["version"] >= 2 and "layers" not in manifest
+            or not all(isinstance(k, str) and type(n) is int and n > 0 for k, n in layers.items())):
+        raise CheckpointError(f"{path}: `layers` {str(manifest.get('layers'))!r:.60} should map stacked module "
+                              "names to positive layer counts")
     if manifest.get("dtype") not in MANIFEST_DTYPES:
         raise CheckpointError(f"{path}: dtype {manifest.get('dtype')!r:.40}; expected one of {list(MANIFEST_DTYPES)}")
     return manifest
@@ -199,13 +219,23 @@ def _preview(items: list[str], n: int = 6) -> str:
     return ", ".join(items[:n]) + (f", ... (+{len(items) - n})" if len(items) > n else "")
 
 
+def stacked_layers(abstract_state) -> dict[str, int]:
+    """{stacked module (top-level name): number of layers} of a model state (`models/stack.py`)."""
+    out = {}
+    for path, v in _flat_state(abstract_state).items():
+        if isinstance(v, nnx.Variable) and stack.is_stacked(v.get_metadata().get("axes")):
+            out[path.partition("/")[0]] = int(v.get_value().shape[0])
+    return out
+
+
 def restore(component_dir: str | pathlib.Path, abstract_model, *, shardings=None, mesh=None):
     """The model of `abstract_model` (from `nnx.eval_shape`) with the weights of `component_dir`.
 
     Each array lands directly in its target sharding: `shardings` (a tree shaped like
     `nnx.state(abstract_model)` with `jax.sharding.Sharding` leaves), or, given `mesh`, the logical
     axis rules' `parallel.rules.state_shardings(nnx.state(abstract_model), mesh)`; with neither, on
-    the default device. Arrays are cast to the abstract model's dtypes.
+    the default device. Arrays are cast to the abstract model's dtypes. Stacked layer variables are
+    assembled in place from their per-layer tensors (module docstring).
     """
     graphdef, state = nnx.split(abstract_model)
     if shardings is None and mesh is not None:
@@ -222,7 +252,13 @@ def restore(component_dir: str | pathlib.Path, abstract_model, *, shardings=None
             raise ValueError(f"shardings do not match the model state: missing "
                              f"{_preview(sorted(set(variables) - set(placement)))}, unexpected "
                              f"{_preview(sorted(set(placement) - set(variables)))}")
-    targets = {k: jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype, sharding=placement[k])
-               for k, v in variables.items()}
-    nnx.replace_by_pure_dict(state, unflatten(dict(restore_arrays(component_dir, targets))))
+    manifest = read_manifest(component_dir)
+    layers = stacked_layers(state)
+    if manifest["version"] >= 2 and manifest.get("layers", {}) != layers:
+        raise CheckpointError(f"{component_dir}: stacked layers {manifest.get('layers')} on disk, the model has "
+                              f"{layers}")
+    assembler = stack.Assembler(variables, placement)
+    for key, arr in restore_arrays(component_dir, assembler.targets):
+        assembler.put(key, arr)
+    nnx.replace_by_pure_dict(state, unflatten(assembler.arrays))
     return nnx.merge(graphdef, state)

@@ -8,7 +8,8 @@ dropped before the next tensor is read. Host memory therefore stays near one lar
 its cast), as in `python -m stepvideo_jax.convert`, and the device memory is the sharded model's.
 The shardings are the logical-axis rules' (`parallel.rules.state_shardings`) for `mesh`, the same
 targets `orbax_io.restore` gives a converted checkpoint, so both sources restore to the same
-arrays in the same shardings.
+arrays in the same shardings. Stacked layer variables (`models/stack.py`) are written layer by
+layer into their stacked arrays in place (`stack.Assembler`).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from stepvideo_jax.convert.keymap import convert_tensors, flat_shapes, unflatten
+from stepvideo_jax.models import stack
 
 
 def load_release_component(folder: str | os.PathLike, component: str, *, param_dtype, dtype=None, mesh=None,
@@ -37,18 +39,19 @@ def load_release_component(folder: str | os.PathLike, component: str, *, param_d
         from stepvideo_jax.parallel.rules import state_shardings
 
         shardings = state_shardings(state, mesh)
-    targets = flat_shapes(state)
+    variables = _flat(state)
     if shardings is None:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        placement = dict.fromkeys(targets, device)
+        placement = dict.fromkeys(variables, device)
     else:
         placement = _flat(shardings)
-    arrays = {}
-    for path, host in convert_tensors(source, module.rules(cfg), targets, dtype=np.dtype(param_dtype),
-                                      ignore=module.IGNORE, label=str(folder)):
-        arrays[path] = jax.make_array_from_callback(host.shape, placement[path], lambda index, h=host: h[index])
+    assembler = stack.Assembler(variables, placement)
+    for key, host in convert_tensors(source, module.rules(cfg), flat_shapes(state), dtype=np.dtype(param_dtype),
+                                     ignore=module.IGNORE, label=str(folder)):
+        sharding = assembler.targets[key].sharding
+        assembler.put(key, jax.make_array_from_callback(host.shape, sharding, lambda index, h=host: h[index]))
         del host
-    nnx.replace_by_pure_dict(state, unflatten(arrays))
+    nnx.replace_by_pure_dict(state, unflatten(assembler.arrays))
     return nnx.merge(graphdef, state)
 
 

@@ -263,6 +263,9 @@ def main(argv=None):
 
     def _main(args):
         logs.quiet_unless_asked()
+        from stepvideo_jax import compile_cache
+
+        compile_cache.setup(config_flag.value)
         summary = build(config_flag.value, flags.FLAGS.workdir, export_to=flags.FLAGS.export_to)
         print(json.dumps(summary, indent=1))
 

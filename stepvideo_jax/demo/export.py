@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from stepvideo_jax.convert import config_records, orbax_io
+from stepvideo_jax.convert.keymap import checkpoint_arrays
 
 ASSETS = pathlib.Path(__file__).resolve().parents[1] / "assets"
 # component -> {path in the component directory: packaged source}
@@ -31,9 +32,10 @@ DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 
 
 def flat_params(model: nnx.Module, dtype: str) -> dict[str, np.ndarray]:
-    """'/'-joined state path -> host array in `dtype` (the keys `orbax_io.restore` expects)."""
-    return {"/".join(str(p) for p in path): np.asarray(jnp.asarray(v.get_value(), jnp.float32)).astype(DTYPES[dtype])
-            for path, v in nnx.to_flat_state(nnx.state(model))}
+    """Checkpoint key -> host array in `dtype` (the keys `orbax_io.restore` expects: one per layer
+    of a stacked variable)."""
+    return {k: np.asarray(jnp.asarray(v, jnp.float32)).astype(DTYPES[dtype])
+            for k, v in checkpoint_arrays(nnx.state(model))}
 
 
 def write_component(root: pathlib.Path, name: str, model: nnx.Module, *, dtype: str, source: str) -> dict:
@@ -47,7 +49,8 @@ def write_component(root: pathlib.Path, name: str, model: nnx.Module, *, dtype: 
         files.append(rel)
     return orbax_io.write_manifest(dst, component=name, dtype=dtype, groups=groups,
                                    config=config_records.config_record(model.cfg if hasattr(model, "cfg") else model.config),
-                                   files=files, source=source)
+                                   files=files, source=source,
+                                   layers=orbax_io.stacked_layers(nnx.state(model)))
 
 
 def write_checkpoint(out, models: Mapping[str, nnx.Module], *, dtype: str = "bfloat16",

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from stepvideo_jax.models import layers
+from stepvideo_jax.models import layers, stack
 from stepvideo_jax.models.attention import attention
 from stepvideo_jax.models.layers import Linear, LayerNorm, RMSNorm
 from stepvideo_jax.models.rope import apply_rope, grid_positions
@@ -191,7 +191,8 @@ class Block(nnx.Module):
 
 
 class StepVideoDiT(nnx.Module):
-    """See the module docstring. Parameter layout: kernels (in, out); q/k/v de-interleaved."""
+    """See the module docstring. Parameter layout: kernels (in, out); q/k/v de-interleaved. The
+    blocks are one stacked module (`models/stack.py`: leading layer axis, run under one scan)."""
 
     def __init__(self, cfg: DiTConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         d, p = cfg.dim, cfg.patch_size
@@ -211,7 +212,8 @@ class StepVideoDiT(nnx.Module):
         self.caption_linear_1 = Linear(cfg.caption_channels[0], d, axes=("caption", "embed"), **kw)
         self.caption_linear_2 = Linear(d, d, axes=("embed", "mlp"), **kw)
         self.clip_projection = Linear(cfg.caption_channels[1], d, axes=(None, "embed"), **kw)
-        self.blocks = nnx.List([Block(cfg, **kw) for _ in range(cfg.num_layers)])
+        self.blocks = stack.stack([Block(cfg, **kw) for _ in range(cfg.num_layers)])
+        self.unroll_layers = False  # True: the pre-scan program (N block copies), for comparisons
         self.norm_out = LayerNorm(d, eps=cfg.norm_eps, affine=False)
         self.scale_shift_table = layers.param(
             rngs, lambda k, s, dt: jax.random.normal(k, s, dt) / math.sqrt(d), (2, d), (None, "embed"),
@@ -301,7 +303,9 @@ class StepVideoDiT(nnx.Module):
 
     def __call__(self, x, t, y, y_mask, clip, *, condition=None, motion_score=None,
                  backend: Optional[str] = None, capture: bool = False, remat_policy=None):
-        """Velocity (b, f, c_out, h, w); see the module docstring. `capture` sows intermediates.
+        """Velocity (b, f, c_out, h, w); see the module docstring. `capture` sows intermediates (run
+        it under `nnx.capture`); the blocks' ones carry the layer axis first ((L, ...) each).
+        `remat_policy` (a `jax.checkpoint_policies` entry; None: no remat) applies to the scan body.
 
         TI2V only: `condition` (b, f, c, h, w) condition latents, `motion_score` () or (b,).
         """
@@ -314,17 +318,14 @@ class StepVideoDiT(nnx.Module):
         hidden = constrain(hidden, ACT)
         _sow(self, capture, blocks_in=hidden)
         positions = grid_positions(f, h // p, w // p)
-        for block in self.blocks:
-            call = _block_call if remat_policy is None else nnx.remat(_block_call, policy=remat_policy,
-                                                                     static_argnums=(6, 7))
-            hidden = call(block, hidden, modulation, tokens, key_mask, positions, backend, capture)
+        hidden = stack.scan(
+            self.blocks, lambda block, h: block(h, modulation, tokens, key_mask, positions, backend=backend,
+                                                capture=capture),
+            hidden, carry_axes=ACT, remat_policy=remat_policy, remat=remat_policy is not None, capture=capture,
+            unroll=self.unroll_layers)
         out = self.final_layer(hidden, emb)
         _sow(self, capture, proj_out_out=out)
         return self.unpatchify(out, f, h, w)
-
-
-def _block_call(block, hidden, modulation, tokens, key_mask, positions, backend, capture):
-    return block(hidden, modulation, tokens, key_mask, positions, backend=backend, capture=capture)
 
 
 def _sow(module: nnx.Module, capture: bool, **arrays):

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from stepvideo_jax.models import layers
+from stepvideo_jax.models import layers, stack
 from stepvideo_jax.models.attention import attention
 from stepvideo_jax.models.layers import Linear, RMSNorm
 from stepvideo_jax.parallel.rules import constrain
@@ -147,8 +147,9 @@ class Block(nnx.Module):
         a = self.attention_norm(x)
         h = x + self.attention(a, backend=backend, capture=capture)
         f = self.ffn_norm(h)
-        _sow(self, capture, attention_norm_out=a, ffn_norm_out=f)
-        return constrain(h + self.feed_forward(f, capture=capture), ACT)
+        out = constrain(h + self.feed_forward(f, capture=capture), ACT)
+        _sow(self, capture, attention_norm_out=a, ffn_norm_out=f, out=out)
+        return out
 
 
 class StepLLM(nnx.Module):
@@ -159,18 +160,19 @@ class StepLLM(nnx.Module):
         self.embed = layers.param(rngs, lambda k, s, dt: jax.random.normal(k, s, jnp.float32).astype(dt),
                                   (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), param_dtype)
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.layers = nnx.List([Block(cfg, **kw) for _ in range(cfg.num_layers)])
+        self.layers = stack.stack([Block(cfg, **kw) for _ in range(cfg.num_layers)])
+        self.unroll_layers = False  # True: the pre-scan program (N layer copies), for comparisons
 
     def __call__(self, input_ids, *, backend: Optional[str] = None, capture: bool = False):
-        """`capture` sows `hidden_states` (embeddings, then each block's output) and block internals."""
+        """`capture` sows `embeddings` and the layers' internals and outputs (`layers/out`), each with
+        the layer axis first (run it under `nnx.capture`). The layers are one stacked module run
+        under one scan (`models/stack.py`)."""
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids {input_ids.shape} should be (batch, length)")
         x = constrain(jnp.take(self.embed[...], input_ids, axis=0).astype(self.dtype), ACT)
-        _sow(self, capture, hidden_states=x)
-        for block in self.layers:
-            x = block(x, backend=backend, capture=capture)
-            _sow(self, capture, hidden_states=x)
-        return x
+        _sow(self, capture, embeddings=x)
+        return stack.scan(self.layers, lambda block, h: block(h, backend=backend, capture=capture), x,
+                          carry_axes=ACT, capture=capture, unroll=self.unroll_layers)
 
 
 def _sow(module: nnx.Module, capture: bool, **arrays):

@@ -12,6 +12,9 @@ disk, unwritable directory) is reported by the next `poll()` (the loop calls it 
 50 steps later at the next save; a step that does not restore (corrupt files) is named, and
 `restore_latest(fallback=True)` moves it to `<dir>.corrupt/<step>` (nothing is deleted) and
 resumes from the newest step that does restore.
+A checkpoint written before the DiT blocks were
+stacked (`blocks/<i>/...`, see `models/stack.py`) is refused by `restore` with the way out (export
+its weights, which `training.loop.load_dit` still reads, and start from them).
 """
 from __future__ import annotations
 
@@ -36,6 +39,12 @@ def short_reason(error: BaseException, limit: int = 300) -> str:
     text = text.split(" [tensorstore_spec=")[0].split("See full TensorStore details")[0].strip()
     text = f"{type(error).__name__}: {text}" if text else type(error).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+from stepvideo_jax.models import stack
+
+
+class UnrolledCheckpointError(ValueError):
+    """A training checkpoint of the layout before the layers were stacked (`models/stack.py`)."""
 
 
 class Checkpointer:
@@ -110,6 +119,13 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
+        unrolled = stack.find_unrolled(self.manager.item_metadata(step)["state"].tree)
+        if unrolled is not None:
+            raise UnrolledCheckpointError(
+                f"{self.directory}/{step}: written with unrolled layers ({unrolled}), before the DiT blocks were "
+                "stacked into one scanned module; it cannot be resumed. Export its weights (this version reads "
+                "the old layout) and start a new run from them: `python -m stepvideo_jax.convert.export_dit "
+                f"--workdir {self.directory.parent} --out DIR [--ema]`, then `--config.init_from=DIR`")
         out = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
         return out.state, dict(out.data or {})

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from stepvideo_jax.parallel.rules import LOGICAL_RULES, STATE_RULES, constrain_state
 from stepvideo_jax.training import flow_loss
 from stepvideo_jax.training.dpo_loss import BETA_SCHEDULES, dpo_loss, pair_inputs, velocity_error
 from stepvideo_jax.training.train_state import TrainState, ema_update
@@ -118,11 +119,6 @@ def dpo_loss_and_grads(graphdef, ref_graphdef, params: nnx.State, frozen: dict, 
     b = batch["mean_w"].shape[0]
     if n < 1 or b % n:
         raise ValueError(f"accum_steps {n} must be >= 1 and divide the number of pairs {b}")
-    if frozen.get("base") is not None and settings.remat != "none":
-        # nnx.remat of a block re-merges every variable of the block inside the checkpoint trace,
-        # which flax refuses for the frozen base (closed over, not traced by the gradient).
-        raise ValueError(f"remat {settings.remat!r} is not supported with LoRA (a frozen base) yet: "
-                         "set step.remat = 'none'")
     inputs = draw_pair_inputs(key, batch, settings)
     run = lambda mb: _micro(graphdef, ref_graphdef, params, frozen, mb, settings, dpo)
     if n == 1:
@@ -148,8 +144,10 @@ def make_dpo_step(graphdef, optimizer: optax.GradientTransformation, schedule: o
 
     def dpo_step(state: TrainState, batch: dict, frozen: dict):
         key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
-        loss, metrics, grads = dpo_loss_and_grads(graphdef, ref_graphdef, state.params, frozen, batch, key,
+        compute = constrain_state(state.params, LOGICAL_RULES)   # gathered from the STATE_RULES layout
+        loss, metrics, grads = dpo_loss_and_grads(graphdef, ref_graphdef, compute, frozen, batch, key,
                                                   settings, dpo)
+        grads = constrain_state(grads, STATE_RULES)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema = state.ema

@@ -28,8 +28,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from stepvideo_jax import hub, paths
 from stepvideo_jax.data import format as data_format
 from stepvideo_jax.data import pipeline, synthetic
+from stepvideo_jax.models import stack
 from stepvideo_jax.models.dit import DiTConfig, StepVideoDiT
-from stepvideo_jax.parallel.rules import logical_to_spec, state_shardings
+from stepvideo_jax.parallel.rules import STATE_RULES, logical_to_spec, state_shardings
 from stepvideo_jax.training import optimizer as optim
 from stepvideo_jax.training import startup, train_state
 from stepvideo_jax.training.checkpoint import CheckpointError, Checkpointer, abstract_with_shardings, short_reason
@@ -217,7 +218,7 @@ def train(config, workdir=None, *, printer: Optional[Callable[[str], Any]] = pri
                                   motion_score=settings.motion_score if cfg.ti2v else None)
 
     abstract_state = jax.eval_shape(init_state)
-    state_sh = state_shardings(abstract_state, mesh)
+    state_sh = state_shardings(abstract_state, mesh, STATE_RULES)   # ZeRO-style: over fsdp x sequence
 
     data_iter = pipeline.batches(dataset, config.data.global_batch, seed=config.data.seed,
                                  process_index=jax.process_index(), process_count=jax.process_count(),
@@ -413,7 +414,8 @@ def _with_initial_weights(state, init_from, dtype, state_sh, mesh):
 
 
 def load_dit(workdir, *, step: Optional[int] = None, ema: bool = False, dtype=jnp.float32) -> StepVideoDiT:
-    """The DiT of a training checkpoint (raw weights, or the EMA with `ema=True`), unsharded."""
+    """The DiT of a training checkpoint (raw weights, or the EMA with `ema=True`), unsharded. A
+    checkpoint of the layout before the blocks were stacked (`blocks/<i>/...`) is stacked at load."""
     workdir = paths.absolute(workdir)
     cfg = DiTConfig(**{k: tuple(v) if isinstance(v, list) else v
                        for k, v in json.loads((workdir / "dit_config.json").read_text()).items()})
@@ -434,7 +436,7 @@ def load_dit(workdir, *, step: Optional[int] = None, ema: bool = False, dtype=jn
     which = "ema" if ema else "params"
     if raw.get(which) is None:
         raise ValueError(f"checkpoint {step} holds no {which!r} weights (train with step.ema_decay > 0 for EMA)")
-    nnx.replace_by_pure_dict(abstract, _strip_value_level(raw[which]))
+    nnx.replace_by_pure_dict(abstract, stack.stack_unrolled(_strip_value_level(raw[which])))
     return nnx.merge(graphdef, abstract)
 
 

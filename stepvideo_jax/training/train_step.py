@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from stepvideo_jax.parallel.rules import LOGICAL_RULES, STATE_RULES, constrain_state
 from stepvideo_jax.sampling.image_condition import condition_frames
 from stepvideo_jax.training import flow_loss
 from stepvideo_jax.training.train_state import TrainState, ema_update
@@ -135,12 +136,17 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, schedule:
                     settings: StepSettings):
     """`train_step(state, batch, negative) -> (state, metrics)`; pure, jit and donate at the edge.
 
+    The state may be laid out by `parallel.rules.STATE_RULES` (the loop's choice: over fsdp x
+    sequence); the forward and backward run on the LOGICAL_RULES layout, gathered once per step.
+
     metrics: `loss`, `grad_norm` (before clipping), `learning_rate` (of this update), `finite`.
     """
 
     def train_step(state: TrainState, batch: dict, negative: Optional[dict] = None):
         key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
-        loss, grads = loss_and_grads(graphdef, state.params, batch, key, settings, negative)
+        compute = constrain_state(state.params, LOGICAL_RULES)   # gathered from the STATE_RULES layout
+        loss, grads = loss_and_grads(graphdef, compute, batch, key, settings, negative)
+        grads = constrain_state(grads, STATE_RULES)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema = state.ema
