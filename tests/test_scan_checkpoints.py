@@ -115,7 +115,9 @@ def test_old_training_workdir_is_refused_for_resume_and_its_weights_load_stacked
     ckpt = Checkpointer(tmp_path / "checkpoints", save_every=1, async_save=False)
     ckpt.save(3, old, {}, force=True)
     ckpt.wait()
+    ckpt.close()
     (tmp_path / "dit_config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
+    ckpt = Checkpointer(tmp_path / "checkpoints", save_every=1, async_save=False)  # a resumed run's
     with pytest.raises(UnrolledCheckpointError, match=r"(params|ema)/blocks/0.*export_dit --workdir"):
         ckpt.restore({"step": jax.ShapeDtypeStruct((), jnp.int32)})
     ckpt.close()
@@ -133,6 +135,8 @@ def test_old_lora_adapters_are_refused(tmp_path):
     ckpt = Checkpointer(tmp_path / "checkpoints", save_every=1, async_save=False)
     ckpt.save(1, {"params": _unrolled(adapters)}, {}, force=True)
     ckpt.wait()
+    ckpt.close()
+    ckpt = Checkpointer(tmp_path / "checkpoints", save_every=1, async_save=False)
     with pytest.raises(UnrolledCheckpointError, match="unrolled layers"):
         ckpt.restore({"params": jax.eval_shape(lambda: nnx.to_pure_dict(adapters))})
     ckpt.close()

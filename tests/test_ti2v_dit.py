@@ -41,8 +41,8 @@ def run(model, case, *, motion_score=None, capture=True, backend=None):
     @jax.jit
     def fwd(state, x, t, y, y_mask, clip, cond, ms):
         m = nnx.merge(graphdef, state)
-        out = m(x, t, y, y_mask, clip, condition=cond, motion_score=ms, backend=backend, capture=capture)
-        return out, nnx.pop(m, nnx.Intermediate)
+        return nnx.capture(m, nnx.Intermediate)(x, t, y, y_mask, clip, condition=cond, motion_score=ms,
+                                                 backend=backend, capture=capture)
 
     ms = case["motion_score"] if motion_score is None else motion_score
     out, inter = fwd(state, case["hidden_states"], case["timestep"], case["encoder_hidden_states"],

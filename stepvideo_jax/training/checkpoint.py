@@ -92,6 +92,26 @@ class Checkpointer:
             return
         self.wait()
 
+    def _saved_tree(self, step: int):
+        """The nested-dict key structure of step `step`'s saved state (from Orbax's `_METADATA`
+        file: a manager that has not saved in this process knows no item metadata), or None."""
+        import json
+
+        path = self.directory / str(step) / "state" / "_METADATA"
+        try:
+            entries = json.loads(path.read_text())["tree_metadata"].values()
+        except (OSError, ValueError, KeyError, AttributeError):  # unreadable: the restore names the step
+            return None
+        tree: dict = {}
+        for entry in entries:
+            keys = [str(k["key"]) for k in entry.get("key_metadata", [])]
+            node = tree
+            for k in keys[:-1]:
+                node = node.setdefault(k, {})
+            if keys:
+                node[keys[-1]] = None
+        return tree
+
     def wait(self) -> None:
         """Blocks until the background save is done; `CheckpointError` if it failed."""
         try:
@@ -119,7 +139,7 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
-        unrolled = stack.find_unrolled(self.manager.item_metadata(step)["state"].tree)
+        unrolled = stack.find_unrolled(self._saved_tree(step))
         if unrolled is not None:
             raise UnrolledCheckpointError(
                 f"{self.directory}/{step}: written with unrolled layers ({unrolled}), before the DiT blocks were "
