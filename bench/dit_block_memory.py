@@ -26,20 +26,9 @@ from flax import nnx  # noqa: E402
 from stepvideo_jax.models.attention import attention  # noqa: E402
 from stepvideo_jax.models.dit import ACT, Block, DiTConfig  # noqa: E402
 from stepvideo_jax.parallel import aot  # noqa: E402
+from stepvideo_jax.dtypes import DTYPES  # noqa: E402
 from stepvideo_jax.parallel.rules import state_shardings  # noqa: E402
-
-DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
-
-
-def parse_backend(text: str):
-    """"splash" / "blockwise" / "xla", or "mode:local" for sequence parallelism, e.g. "ulysses:splash"."""
-    if ":" not in text:
-        return text
-    from stepvideo_jax.parallel.sequence_parallel import SequenceParallel
-
-    mode, local = text.split(":", 1)
-    return SequenceParallel(mode=mode, local_backend=local or None)
-
+from stepvideo_jax.parallel.sequence_parallel import parse_backend  # noqa: E402
 
 def compile_attention(cfg: DiTConfig, mesh, *, batch, seq, dtype, backend):
     qkv = aot.abstract((batch, seq, cfg.num_heads, cfg.head_dim), dtype, mesh,
@@ -77,8 +66,8 @@ def compile_block(cfg: DiTConfig, mesh, *, batch, seq, text, dtype, backend):
     d = cfg.dim
     args = (aot.abstract((batch, seq, d), dtype, mesh, ACT),
             aot.abstract((batch, 6, d), dtype, mesh, ("batch", None, "act_embed")),
-            aot.abstract((batch, text, d), dtype, mesh, ("batch", "kv_length", "act_embed")),
-            aot.abstract((batch, text), jnp.bool_, mesh, ("batch", "kv_length")),
+            aot.abstract((batch, text, d), dtype, mesh, ("batch", "text_length", "act_embed")),
+            aot.abstract((batch, text), jnp.bool_, mesh, ("batch", "text_length")),
             aot.abstract((seq, 3), jnp.int32, mesh, ("length", None)))
 
     def forward(state, x, modulation, tokens, key_mask, positions):

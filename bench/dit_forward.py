@@ -22,10 +22,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bench.dit_flops import fmt_flops, forward_flops
+from stepvideo_jax import dtypes
 from stepvideo_jax.models.attention import BACKENDS
 from stepvideo_jax.models.dit import DiTConfig, StepVideoDiT
 
-DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
+DTYPES = {**dtypes.DTYPES, "float16": jnp.float16}
 
 
 def build_state(cfg: DiTConfig, dtype):

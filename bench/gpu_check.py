@@ -444,7 +444,7 @@ def part_vae(ctx: Context, rep: Report):
 
 
 def part_demo(ctx: Context, rep: Report):
-    from stepvideo_jax.convert import cli
+    from stepvideo_jax import checkpoints
     from stepvideo_jax.eval import motion_checker
     from stepvideo_jax.sampling import components
     from stepvideo_jax.sampling.flow_matching import SamplerSettings
@@ -453,8 +453,8 @@ def part_demo(ctx: Context, rep: Report):
     cond_path = ctx.args.demo_cond
     with jax.default_device(ctx.dev):
         for dtype in (F32, BF16):
-            dit = cli.load_converted(DEMO_DIR, "transformer", dtype=dtype, param_dtype=dtype)
-            vae = cli.load_converted(DEMO_DIR, "vae", dtype=F32, param_dtype=F32)
+            dit = checkpoints.load_converted(DEMO_DIR, "transformer", dtype=dtype, param_dtype=dtype)
+            vae = checkpoints.load_converted(DEMO_DIR, "vae", dtype=F32, param_dtype=F32)
             if cond_path:
                 cond = dict(np.load(cond_path))
                 source = f"embeddings of {DEMO_PROMPT!r}"
@@ -489,7 +489,7 @@ def write_demo_cond(path):
     from stepvideo_jax.sampling import components
     from stepvideo_jax.sampling.pipeline import encode_prompts
 
-    text = components.from_converted(DEMO_DIR).text
+    text = checkpoints.loader(DEMO_DIR).text_encoder()
     cond = encode_prompts(text, [DEMO_PROMPT], pos_magic="", neg_magic="", cfg=True)
     tmp = pathlib.Path(str(path) + ".tmp.npz")
     np.savez_compressed(tmp, **{k: np.asarray(v, np.float32 if np.issubdtype(v.dtype, np.floating) or v.dtype.kind == "V"

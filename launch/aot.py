@@ -20,10 +20,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host computes nothing; TPU 
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from bench.dit_block_memory import DTYPES, parse_backend  # noqa: E402
+from stepvideo_jax.dtypes import DTYPES  # noqa: E402
 from stepvideo_jax.models.dit import DiTConfig, StepVideoDiT  # noqa: E402
 from stepvideo_jax.parallel import aot  # noqa: E402
 from stepvideo_jax.parallel.rules import state_shardings  # noqa: E402
+from stepvideo_jax.parallel.sequence_parallel import parse_backend  # noqa: E402
 
 
 def compile_forward(cfg: DiTConfig, mesh, *, batch, frames, height, width, text_len, clip_len, dtype,
@@ -35,7 +36,7 @@ def compile_forward(cfg: DiTConfig, mesh, *, batch, frames, height, width, text_
                          ("batch", "frames", None, None, None)),
             aot.abstract((batch,), jnp.float32, mesh, ("batch",)),
             aot.abstract((batch, text_len, c_text), dtype, mesh, ("batch", "text_length", None)),
-            aot.abstract((batch, clip_len + text_len), dtype, mesh, ("batch", "kv_length")),
+            aot.abstract((batch, clip_len + text_len), dtype, mesh, ("batch", "text_length")),
             aot.abstract((batch, clip_len, c_clip), dtype, mesh, ("batch", "text_length", None)))
 
     def forward(state, x, t, y, y_mask, clip):

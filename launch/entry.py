@@ -8,8 +8,8 @@ called before anything else touches JAX, and only when the environment shows a m
 (SLURM with more than one task, mpirun, JAX_COORDINATOR_ADDRESS, a TPU pod whose worker list is
 exported) or `STEPVIDEO_DISTRIBUTED=1` asks for it (the TPU pod launcher sets it: TPU VMs export no
 variable, `initialize()` reads the pod layout from the metadata server). A single process just runs
-the module. Do not also pass a module's own multi-host flag (e.g. `train --multihost`): JAX can be
-initialised only once.
+the module. The entry points call the same `initialize_distributed` themselves; the second call
+does nothing (JAX is initialised once).
 """
 from __future__ import annotations
 

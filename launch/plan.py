@@ -44,12 +44,14 @@ from flax import nnx  # noqa: E402
 from stepvideo_jax.models.dit import DiTConfig, StepVideoDiT  # noqa: E402
 from stepvideo_jax.models.hunyuan_clip import HunyuanClip, HunyuanClipConfig  # noqa: E402
 from stepvideo_jax.models.step_llm import StepLLM, StepLLMConfig  # noqa: E402
+from stepvideo_jax.models.vae import VAEConfig, VideoVAE  # noqa: E402
 from stepvideo_jax.parallel import aot  # noqa: E402
 from stepvideo_jax.parallel.mesh import MeshConfig  # noqa: E402
 from stepvideo_jax.parallel.rules import state_shardings  # noqa: E402
 from stepvideo_jax.parallel.sequence_parallel import SequenceParallel  # noqa: E402
 from stepvideo_jax.sampling.flow_matching import denoise_step  # noqa: E402
 from stepvideo_jax.sampling.pipeline import dit_velocity_fn  # noqa: E402
+from stepvideo_jax.training.metrics import dit_forward_flops  # noqa: E402
 
 GB, GIB = 1e9, 2**30
 LATENTS = (1, 36, 64, 34, 62)   # 204 x 544 x 992 px
@@ -141,17 +143,16 @@ def build_clip(mesh, layers):
 
 def build_vae_decode(mesh, layers):
     """The Video-VAE decode over all of `mesh` (chunks split by `spread_over_devices`)."""
-    from bench.vae_tpu_memory import program
-
-    fn, state = program("decode", jnp.bfloat16, "splash", dict(stream_frames=1, chunks_per_step=1))
+    vae = nnx.eval_shape(lambda: VideoVAE(VAEConfig.full(), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
+                                          rngs=nnx.Rngs(0), attention_backend="splash"))
+    graphdef, state = nnx.split(vae)
+    fn = lambda state, x: nnx.merge(graphdef, state).decode(x, stream_frames=1, chunks_per_step=1)
     x = aot.abstract(LATENTS, jnp.bfloat16, mesh, None)   # replicated, like the VAE's parameters
     return fn, (state, x), (jax.tree.map(lambda _: x.sharding, state), x.sharding), ()
 
 
 def vae_chunk_split(chips: int) -> str:
     """How `spread_over_devices` splits the decode's chunks over `chips` chips."""
-    from stepvideo_jax.models.vae import VAEConfig
-
     chunks = LATENTS[1] // VAEConfig.full().latent_len
     padded = -(-chunks // chips) * chips
     return (f"{chunks} chunks, {padded // chips} per chip"
@@ -159,11 +160,8 @@ def vae_chunk_split(chips: int) -> str:
 
 
 def dit_flops() -> float:
-    from bench.dit_flops import forward_flops
-
-    cfg = DiTConfig.full()
-    s = LATENTS[1] * LATENTS[3] * LATENTS[4]
-    return sum(forward_flops(cfg, batch=PROMPTS, s=s, l_text=TEXT, l_clip=CLIP_LEN).values())
+    return PROMPTS * dit_forward_flops(DiTConfig.full(), frames=LATENTS[1], height=LATENTS[3], width=LATENTS[4],
+                                       text_length=TEXT, clip_length=CLIP_LEN)
 
 
 def encoder_flops(params: int, layers: int, d: int, s: int, causal: bool) -> float:

@@ -1,4 +1,4 @@
-"""Where the shipped config files are, so that `--config configs/generate/base.py` works from any
+"""Where the shipped config files are, so that `--config configs/generate/release.py` works from any
 directory and from an installed package.
 
 In a source checkout the configs are the project's top-level `configs/` folder; an installed package
@@ -9,9 +9,11 @@ the leading `configs/`. The `:arg` suffix of a config value (`pod_544x992.py:v5p
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import pathlib
 import sys
+from types import ModuleType
 from typing import Sequence
 
 _PACKAGE = pathlib.Path(__file__).resolve().parent
@@ -33,9 +35,24 @@ def path(name: str) -> pathlib.Path:
 
 
 def available() -> list[str]:
-    """Every shipped config file, as `<folder>/<name>.py`."""
+    """Every shipped config file, as `<folder>/<name>.py` (a family's `common.py` is no config)."""
     base = root()
-    return sorted(str(p.relative_to(base)) for p in base.glob("*/*.py") if not p.name.startswith("_"))
+    return sorted(str(p.relative_to(base)) for p in base.glob("*/*.py")
+                  if not p.name.startswith("_") and p.name != COMMON)
+
+
+COMMON = "common.py"   # the fields and defaults of every config of a family (configs/<family>/common.py)
+
+
+def module(name: str) -> ModuleType:
+    """A shipped config module by its name under `configs/` (e.g. `module("train/common.py")`),
+    imported by path: config files are loaded by path (`ml_collections.config_flags`), not as a
+    package, and the folder sits at the top of a checkout but inside an installed package."""
+    file = path(name)
+    spec = importlib.util.spec_from_file_location(f"stepvideo_configs.{name[:-3].replace('/', '.')}", file)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def resolve(value: str) -> str:

@@ -1,7 +1,7 @@
 r"""The main job: prompts in, H.264 mp4 files out.
 
     python -m stepvideo_jax.generate --config.prompt="a red circle moves to the left"
-    python -m stepvideo_jax.generate --config configs/generate/base.py \
+    python -m stepvideo_jax.generate --config configs/generate/release.py \
         --config.checkpoint_dir=/path/to/stepvideo-t2v --config.prompt="..."
     python -m stepvideo_jax.generate --config configs/generate/ti2v.py \
         --config.checkpoint_dir=stepfun-ai/stepvideo-ti2v --config.image=first.png --config.prompt="..."
@@ -28,21 +28,20 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from etils import epath
 
-from stepvideo_jax import config_files, hub, logs, paths
+from stepvideo_jax import checkpoints, config_files, hub, logs, paths
 from stepvideo_jax.convert.safetensors_io import CheckpointError
-from stepvideo_jax.parallel.mesh import MeshConfig, make_mesh
+from stepvideo_jax.dtypes import dtype_of
+from stepvideo_jax.parallel.mesh import MeshConfig, initialize_distributed, make_mesh
 from stepvideo_jax.sampling import components, image_condition, video_io
 from stepvideo_jax.sampling.flow_matching import SamplerSettings
 from stepvideo_jax.sampling.pipeline import TextToVideo, VideoSize, caption_prompts, check_prompts, encode_prompts
 from stepvideo_jax.text.conditioning import LLM_LENGTH
 
 DEFAULT_CONFIG = config_files.path("generate/demo.py")
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +64,7 @@ def resolve(config: ml_collections.ConfigDict, *, prompts=None, outputs=None, im
     """Validate a config; every problem raises a ValueError naming the value and the valid choices.
 
     `prompts` / `outputs` replace the config's prompts and the file names derived from `output`.
-    TI2V configs (with an `image` field): `images` (one file per prompt) replaces `config.image`
+    TI2V configs (`ti2v`, or an `image` given): `images` (one file per prompt) replaces `config.image`
     (one file for every prompt); each is read and its crop checked here, before any model loads.
     """
     if prompts is None:
@@ -74,19 +73,15 @@ def resolve(config: ml_collections.ConfigDict, *, prompts=None, outputs=None, im
     seeds = [int(config.seed) + i for i in range(len(prompts))]
     size = VideoSize(config.num_frames, config.height, config.width)
     settings = SamplerSettings(config.num_steps, float(config.guidance_scale), float(config.time_shift))
-    dtypes = {}
-    for name, value in config.dtypes.items():
-        if value not in DTYPES:
-            raise ValueError(f"dtypes.{name}={value!r}: choose one of {sorted(DTYPES)}")
-        dtypes[name] = DTYPES[value]
+    dtypes = {name: dtype_of(value, what=f"dtypes.{name}") for name, value in config.dtypes.items()}
     mesh = None
     if config.mesh:
         mesh = MeshConfig.from_string(config.mesh)
         mesh.resolve(jax.device_count())
     checkpoint_dir = None
     if config.checkpoint_dir:
-        checkpoint_dir = components.check_checkpoint_dir(hub.resolve(config.checkpoint_dir))
-    elif "tiny" not in config:
+        checkpoint_dir = checkpoints.check_checkpoint_dir(hub.resolve(config.checkpoint_dir))
+    elif config.tiny is None:
         raise ValueError("this config has no tiny random models: set --config.checkpoint_dir to a release "
                          "directory (transformer/, vae/, step_llm/, hunyuan_clip/) or its converted checkpoint")
     if outputs is None:
@@ -99,7 +94,7 @@ def resolve(config: ml_collections.ConfigDict, *, prompts=None, outputs=None, im
             raise ValueError(f"output {path} must end in .mp4")
         video_io.check_writable(path)
     loaded, motion_score = None, None
-    if "image" in config or images is not None:
+    if config.ti2v or config.image or images is not None:
         loaded, motion_score = resolve_images(config, images, len(prompts), size)
     return Job(prompts=prompts, seeds=seeds, size=size, settings=settings, outputs=outputs,
                checkpoint_dir=checkpoint_dir, dtypes=dtypes, mesh=mesh, images=loaded, motion_score=motion_score)
@@ -108,9 +103,9 @@ def resolve(config: ml_collections.ConfigDict, *, prompts=None, outputs=None, im
 def resolve_images(config: ml_collections.ConfigDict, images, n: int, size: VideoSize):
     """TI2V: (one uint8 image per prompt, the checked motion score); ValueError for a missing or
     unreadable image, a crop too unlike the video's aspect ratio, or a non-finite motion score."""
-    motion_score = image_condition.check_motion_score(config.get("motion_score"))
+    motion_score = image_condition.check_motion_score(config.motion_score)
     if images is None:
-        if not config.get("image"):
+        if not config.image:
             raise ValueError("this is an image-to-video config: set --config.image to the first frame's file")
         images = [config.image] * n
     if len(images) != n:
@@ -128,21 +123,17 @@ def job_mesh(job: Job):
     return make_mesh(job.mesh) if job.mesh is not None else None
 
 
-def build_loader(config: ml_collections.ConfigDict, job: Job, mesh=None) -> components.Loader:
+def build_loader(config: ml_collections.ConfigDict, job: Job, mesh=None) -> checkpoints.Loader:
     """The job's components, each built when asked for (configs read and checked now)."""
     backend = config.attention_backend or None
     kw = dict(mesh=mesh, dit_dtype=job.dtypes["dit"], vae_dtype=job.dtypes["vae"], llm_dtype=job.dtypes["step_llm"],
               clip_dtype=job.dtypes["clip"], attention_backend=backend, bf16_mask_sum=config.bf16_mask_sum)
     if job.checkpoint_dir is not None:
-        return components.loader(job.checkpoint_dir, **kw)
+        return checkpoints.loader(job.checkpoint_dir, **kw)
     return components.TinyRandomLoader(config.tiny.to_dict(), seed=config.tiny.seed, **kw)
 
 
-def build_models(config: ml_collections.ConfigDict, job: Job, mesh=None) -> components.Models:
-    return build_loader(config, job, mesh).models()
-
-
-def build_pipeline(config: ml_collections.ConfigDict, job: Job, *, loader: components.Loader | None = None,
+def build_pipeline(config: ml_collections.ConfigDict, job: Job, *, loader: checkpoints.Loader | None = None,
                    text_encoder: bool = True) -> TextToVideo:
     """DiT + VAE decoder, and the text encoders unless `text_encoder=False` (then every call needs
     `cond=`). `loader`: where the components come from (default: `build_loader` on the job's mesh)."""
@@ -160,7 +151,7 @@ def build_pipeline(config: ml_collections.ConfigDict, job: Job, *, loader: compo
                        encode_image=components.vae_image_encoder(vae) if ti2v else None)
 
 
-def report_long_prompts(config: ml_collections.ConfigDict, loader: components.Loader, prompts: list[str],
+def report_long_prompts(config: ml_collections.ConfigDict, loader: checkpoints.Loader, prompts: list[str],
                         settings: SamplerSettings) -> None:
     """Tokenize the prompts' caption rows with the loader's Step-LLM tokenizer alone (no weights),
     so that a prompt the model will cut is reported (one warning line, by the tokenizer) before any
@@ -195,7 +186,7 @@ def encode_batches(config: ml_collections.ConfigDict, encode_text, batches: list
     return conds, seconds
 
 
-def encode_stage(config: ml_collections.ConfigDict, loader: components.Loader, batches: list[list[str]],
+def encode_stage(config: ml_collections.ConfigDict, loader: checkpoints.Loader, batches: list[list[str]],
                  settings: SamplerSettings, memory: dict) -> tuple[list[dict], list[float], dict]:
     """Load the text encoders, encode every batch, release the encoders (no reference kept, then
     `gc.collect()`), so that the DiT loaded next has the devices' memory to itself.
@@ -257,7 +248,7 @@ def describe(config: ml_collections.ConfigDict, job: Job, *, full: bool = False)
         f"  weights: {job.checkpoint_dir or 'tiny random (config.tiny)'}",
         *prompts,
         f"  video: {job.size.num_frames} frames of {job.size.height} x {job.size.width}, seed {job.seeds[0]}",
-        *([f"  first frame: {config.get('image') or 'one image per prompt'}, motion score {job.motion_score:g}"]
+        *([f"  first frame: {config.image or 'one image per prompt'}, motion score {job.motion_score:g}"]
           if job.images is not None else []),
         f"  sampler: {s.num_steps} steps, guidance {s.guidance_scale:g}, time shift {s.shift:g}",
         f"  dtypes: {dtypes}; mesh: {config.mesh or 'one device'}",
@@ -320,6 +311,7 @@ def main(argv=None):
         if len(args) > 1:
             raise app.UsageError(f"unexpected arguments {args[1:]}; settings go through --config.<field>=...")
         logs.quiet_unless_asked()
+        initialize_distributed()
         try:
             job = resolve(config_flag.value)
             compile_cache.setup(config_flag.value)

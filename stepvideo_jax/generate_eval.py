@@ -1,6 +1,6 @@
 r"""Step-Video-T2V-Eval: the 128-prompt benchmark list -> a folder of mp4 files + a JSON manifest.
 
-    python -m stepvideo_jax.generate_eval --config configs/generate/base.py \
+    python -m stepvideo_jax.generate_eval --config configs/generate/release.py \
         --config.checkpoint_dir=/path/to/stepvideo-t2v --output_dir=outputs/step_video_t2v_eval
 
 Prompt i (0-based line of the list, shipped in the package) is written to `<output_dir>/<i:03d>.mp4`
@@ -35,6 +35,7 @@ from etils import epath
 
 from stepvideo_jax import config_files, generate, logs, paths
 from stepvideo_jax.convert.safetensors_io import CheckpointError
+from stepvideo_jax.parallel.mesh import initialize_distributed
 from stepvideo_jax.sampling import video_io
 from stepvideo_jax.sampling.pipeline import TextToVideo, frame_shape
 
@@ -116,9 +117,11 @@ def prompts_digest(prompts: list[str]) -> str:
 
 def settings_record(config: ml_collections.ConfigDict, prompts: list[str], images=None) -> dict:
     """The job of a folder: the config fields that shape the videos, as they read back from JSON
-    (tuples become lists), and the prompt list's digest and length (+ TI2V: the images' digest)."""
+    (tuples become lists), and the prompt list's digest and length (+ TI2V: the images' digest). An
+    unset field (None: `tiny` of a checkpoint config, `motion_score` of a text-to-video one) is left
+    out, so the record reads as before the field existed."""
     record = {k: (config[k].to_dict() if isinstance(config[k], ml_collections.ConfigDict) else config[k])
-              for k in SETTINGS_FIELDS if k in config}
+              for k in SETTINGS_FIELDS if config[k] is not None}
     record.update(prompts_sha256=prompts_digest(prompts), num_prompts=len(prompts))
     if images is not None:
         record["images_sha256"] = hashlib.sha256(b"".join(
@@ -245,7 +248,7 @@ def plan_eval(config: ml_collections.ConfigDict, prompts: list[str] | EvalItems,
     stale = remove_stale_partials(output_dir)
     if stale:
         print(f"removed {len(stale)} temporary file(s) of an interrupted run: {', '.join(stale)}", flush=True)
-    image_files = items.images or ([config.image] * len(prompts) if config.get("image") else None)
+    image_files = items.images or ([config.image] * len(prompts) if config.image else None)
     manifest = load_manifest(output_dir, settings_record(config, job.prompts, image_files), overwrite=overwrite)
     scope = range(min(limit, len(job.prompts)) if limit else len(job.prompts))
     todo = pending(job, scope, output_dir, manifest, frame_shape(job.size, config.crop_540p), items.sources)
@@ -330,10 +333,11 @@ def main(argv=None):
         if len(args) > 1:
             raise app.UsageError(f"unexpected arguments {args[1:]}")
         logs.quiet_unless_asked()
+        initialize_distributed()
         f = flags.FLAGS
         try:
             if f.ti2v_eval_dir:
-                if "image" not in config_flag.value:
+                if not config_flag.value.ti2v:
                     raise ValueError("--ti2v_eval_dir needs an image-to-video config (configs/generate/ti2v.py)")
                 prompts = read_ti2v_eval(f.ti2v_eval_dir, f.ti2v_sets)
             else:

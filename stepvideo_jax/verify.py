@@ -19,22 +19,26 @@ Prints one line per checked item; exit status 0 when everything holds, 1 otherwi
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from typing import Iterable, Optional
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 from etils import epath
+from flax import nnx
 
-from stepvideo_jax import paths
+from stepvideo_jax import checkpoints, paths
+from stepvideo_jax.data import preferences
+from stepvideo_jax.data.format import Dataset, DatasetError
+from stepvideo_jax.models.dit import StepVideoDiT
+from stepvideo_jax.training.checkpoint import short_reason
 
 
 def verify_dataset(root) -> list[str]:
     """Problems of the dataset at `root` (empty: complete and consistent)."""
-    from stepvideo_jax.data import preferences
-    from stepvideo_jax.data.format import Dataset, DatasetError
-
     root = paths.as_path(root)
     try:
         ds = Dataset(root)
@@ -49,23 +53,14 @@ def verify_dataset(root) -> list[str]:
 
 
 def _leaves_with_paths(tree) -> list[tuple[str, np.ndarray]]:
-    import jax
-
     return [(jax.tree_util.keystr(p), np.asarray(v)) for p, v in jax.tree_util.tree_leaves_with_path(tree)]
 
 
 def _dit_shapes(workdir: epath.Path) -> Optional[dict[str, tuple]]:
     """Param shapes of the DiT of `dit_config.json`, keyed like a raw restore of `params`."""
-    path = workdir / "dit_config.json"
-    if not path.is_file():
+    if not (workdir / checkpoints.WORKDIR_DIT_CONFIG).is_file():
         return None
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from stepvideo_jax.models.dit import DiTConfig, StepVideoDiT
-
-    cfg = DiTConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(path.read_text()).items()})
+    cfg = checkpoints.dit_config(checkpoints.DiTSource("workdir", workdir))
     abstract = nnx.eval_shape(lambda: StepVideoDiT(cfg, param_dtype=jnp.float32, rngs=nnx.Rngs(0)))
     pure = nnx.state(abstract, nnx.Param).to_pure_dict()
     return {jax.tree_util.keystr(p): tuple(v.shape) for p, v in jax.tree_util.tree_leaves_with_path(pure)}
@@ -79,10 +74,6 @@ def _strip_value(key: str) -> str:
 
 def verify_checkpoint_step(directory: epath.Path, step: int, dit_shapes: Optional[dict]) -> tuple[list[str], str]:
     """(problems, one-line summary) of checkpoint `step` under `directory` (`<workdir>/checkpoints`)."""
-    import orbax.checkpoint as ocp
-
-    from stepvideo_jax.training.checkpoint import short_reason
-
     mngr = ocp.CheckpointManager(directory)
     try:
         out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),

@@ -53,14 +53,16 @@ def assert_close(actual, expected, *, atol, rtol, name=""):
 
 
 def load_config(relpath: str, **overrides):
-    """`get_config()` of a config file under the project root, with dotted-key overrides applied."""
+    """`get_config()` of a config file under the project root (`file.py:arg`: `get_config(arg)`, as
+    `--config` reads it), with dotted-key overrides applied."""
     import importlib.util
 
+    relpath, sep, arg = relpath.partition(":")
     path = PROJECT_ROOT / relpath
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    config = module.get_config()
+    config = module.get_config(arg) if sep else module.get_config()
     for key, value in overrides.items():
         node = config
         *parents, last = key.split(".")

@@ -16,6 +16,7 @@ from jax.sharding import PartitionSpec as P
 
 from stepvideo_jax.models import attention as attn
 from stepvideo_jax.models import attention_backend as ab
+from stepvideo_jax.models import attention_kernels as kernels
 from stepvideo_jax.models.dit import DiTConfig, StepVideoDiT
 from stepvideo_jax.models.hunyuan_clip import HunyuanClip, HunyuanClipConfig
 from stepvideo_jax.models.step_llm import StepLLM, StepLLMConfig
@@ -160,8 +161,8 @@ def on_hopper(monkeypatch):
 
     monkeypatch.setattr(ab, "device_facts", lambda device=None: H200)
     monkeypatch.setattr(ab, "select_backend", spy)
-    monkeypatch.setattr(attn, "_cudnn", lambda q, k, v, key_mask, causal, bias_fn, scale, *a:
-                        attn._xla(q, k, v, key_mask, causal, bias_fn, scale))
+    monkeypatch.setattr(kernels, "cudnn", lambda q, k, v, key_mask, causal, bias_fn, scale, *a:
+                        kernels.xla(q, k, v, key_mask, causal, bias_fn, scale))
     return seen
 
 
@@ -296,13 +297,15 @@ assert not any(m.split(".")[0] in BLOCKED for m in sys.modules), sorted(sys.modu
 print("imported", len(sys.argv) - 1)
 """
 
-GPU_MODULES = ("stepvideo_jax.models.attention", "stepvideo_jax.models.attention_backend",
+GPU_MODULES = ("stepvideo_jax.models.attention", "stepvideo_jax.models.attention_kernels",
+               "stepvideo_jax.models.attention_backend",
                "stepvideo_jax.models.dit", "stepvideo_jax.models.vae", "stepvideo_jax.models.step_llm",
                "stepvideo_jax.models.hunyuan_clip", "stepvideo_jax.sampling.pipeline",
                "stepvideo_jax.sampling.flow_matching", "stepvideo_jax.sampling.components",
                "stepvideo_jax.demo.export", "stepvideo_jax.convert.dit", "stepvideo_jax.convert.vae",
                "stepvideo_jax.convert.step_llm", "stepvideo_jax.convert.hunyuan_clip",
-               "stepvideo_jax.convert.cli", "stepvideo_jax.text.conditioning",
+               "stepvideo_jax.convert.cli", "stepvideo_jax.convert.registry", "stepvideo_jax.checkpoints",
+               "stepvideo_jax.text.conditioning",
                "stepvideo_jax.text.sentencepiece_tokenizer", "stepvideo_jax.text.wordpiece_tokenizer",
                "bench.dit_flops", "bench.gpu_check")
 

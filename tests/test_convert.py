@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from stepvideo_jax.convert import cli, dit, orbax_io
+from stepvideo_jax import checkpoints
+from stepvideo_jax.convert import cli, dit, orbax_io, registry
 from stepvideo_jax.convert.keymap import checkpoint_arrays
 from stepvideo_jax.parallel.rules import state_shardings
 from tests.fixtures import fixture_dir
@@ -56,7 +57,7 @@ def test_transformer_tensors_equal_their_source(tmp_path, variant, dtype):
     assert manifest["dtype"] == dtype and manifest["component"] == "transformer"
     assert (out / "transformer" / "config.json").read_bytes() == (
         release(variant) / "transformer" / "config.json").read_bytes()
-    got = flat_params(cli.load_converted(out, "transformer"))
+    got = flat_params(checkpoints.load_converted(out, "transformer"))
     want = expected_transformer(release(variant) / "transformer", OUT_DTYPES[dtype])
     assert got.keys() == want.keys()
     assert manifest["num_params"] == sum(v.size for v in want.values())
@@ -72,7 +73,7 @@ def test_bf16_release_equals_rounded_f32_release(tmp_path):
     for variant in ("stepvideo-t2v", "stepvideo-t2v-bf16"):
         assert run("--release", release(variant), "--out", tmp_path / variant, "--components", "transformer",
                    "--dtype", "bfloat16") == 0
-    a, b = (flat_params(cli.load_converted(tmp_path / v, "transformer"))
+    a, b = (flat_params(checkpoints.load_converted(tmp_path / v, "transformer"))
             for v in ("stepvideo-t2v", "stepvideo-t2v-bf16"))
     for k in a:
         assert np.array_equal(bits(a[k]), bits(b[k])), k
@@ -83,8 +84,8 @@ def test_restore_casts_to_the_requested_dtype(tmp_path):
     for dtype in ("float32", "bfloat16"):
         assert run("--release", release(), "--out", tmp_path / dtype, "--components", "transformer",
                    "--dtype", dtype) == 0
-    cast = flat_params(cli.load_converted(tmp_path / "float32", "transformer", param_dtype=jnp.bfloat16))
-    stored = flat_params(cli.load_converted(tmp_path / "bfloat16", "transformer"))
+    cast = flat_params(checkpoints.load_converted(tmp_path / "float32", "transformer", param_dtype=jnp.bfloat16))
+    stored = flat_params(checkpoints.load_converted(tmp_path / "bfloat16", "transformer"))
     for k in stored:
         assert cast[k].dtype == jnp.bfloat16 and np.array_equal(bits(cast[k]), bits(stored[k])), k
 
@@ -106,8 +107,8 @@ def test_sharded_restore_on_8_devices(tmp_path):
     devices = np.array(jax.devices())
     assert devices.size == 8, "tests/conftest.py provides 8 host devices"
     mesh = jax.sharding.Mesh(devices.reshape(4, 2), ("fsdp", "tensor"))
-    plain = state_params(cli.load_converted(out, "transformer"))
-    sharded_model = cli.load_converted(out, "transformer", mesh=mesh)
+    plain = state_params(checkpoints.load_converted(out, "transformer"))
+    sharded_model = checkpoints.load_converted(out, "transformer", mesh=mesh)
     sharded = state_params(sharded_model)
     want = {"/".join(map(str, p)): s for p, s in
             nnx.to_flat_state(state_shardings(nnx.state(sharded_model), mesh))}
@@ -150,17 +151,17 @@ def test_all_registered_components_round_trip(tmp_path):
     root = release()
     out = tmp_path / "out"
     assert run("--release", root, "--out", out, "--dtype", "float32") == 0
-    present = [c for c in cli.COMPONENTS if (root / c).is_dir()]
-    summary = json.loads((out / cli.SUMMARY).read_text())
+    present = [c for c in registry.COMPONENTS if (root / c).is_dir()]
+    summary = json.loads((out / registry.CONVERTED_MARKER).read_text())
     assert sorted(summary["components"]) == sorted(present)
     for name in present:
-        for rel in cli.COMPONENTS[name].files:
+        for rel in registry.COMPONENTS[name].files:
             src, dst = root / name / rel, out / name / rel
             assert dst.exists() == src.exists(), f"{name}/{rel}"
             for f in ([src] if src.is_file() else [p for p in src.rglob("*") if p.is_file()]):
                 assert (dst / f.relative_to(src) if src.is_dir() else dst).read_bytes() == f.read_bytes()
-        got = flat_params(cli.load_converted(out, name))
-        want = flat_params(cli.converter(name).load(root / name))
+        got = flat_params(checkpoints.load_converted(out, name))
+        want = flat_params(registry.converter(name).load(root / name))
         assert got.keys() == want.keys(), name
         for k in want:
             assert np.array_equal(bits(got[k]), bits(want[k])), f"{name}: {k}"

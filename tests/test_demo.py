@@ -12,8 +12,9 @@ import pytest
 from flax import nnx
 
 from configs.demo import train as demo_train_config
+from stepvideo_jax import checkpoints
 from stepvideo_jax.data import synthetic_motion as sm
-from stepvideo_jax.demo import build, evaluate, export, latents
+from stepvideo_jax.demo import build, evaluate, latents
 from stepvideo_jax.eval import motion_checker
 from stepvideo_jax.models.dit import StepVideoDiT
 
@@ -103,9 +104,9 @@ def test_short_dit_run_reproduces_the_recorded_curve(config, tmp_path):
     from stepvideo_jax.training import loop
 
     steps = 20
-    vae = export.load_component(DEMO_DIR, "vae")
-    step_llm = export.load_component(DEMO_DIR, "step_llm")
-    clip = export.load_component(DEMO_DIR, "hunyuan_clip")
+    vae = checkpoints.load_component(DEMO_DIR, "vae")
+    step_llm = checkpoints.load_component(DEMO_DIR, "step_llm")
+    clip = checkpoints.load_component(DEMO_DIR, "hunyuan_clip")
     build.write_training_latents(config, tmp_path / "latents", vae, step_llm, clip)
     dit_config = build.dit_train_config(config, tmp_path)
     dit_config.stop_at_step = steps

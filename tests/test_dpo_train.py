@@ -15,7 +15,7 @@ from flax import nnx
 
 from stepvideo_jax.data.preferences import PairDataset
 from stepvideo_jax.models.dit import StepVideoDiT
-from stepvideo_jax.train_dpo import dpo_objective, dpo_settings, load_weights, train_dpo
+from stepvideo_jax.training.dpo import dpo_objective, dpo_settings, load_weights, train_dpo
 from stepvideo_jax.training.dpo_step import draw_pair_inputs, pair_metrics
 from stepvideo_jax.training.loop import dit_config, step_settings
 from stepvideo_jax.training.metrics import read_jsonl

@@ -22,11 +22,13 @@ from tests.test_pipeline import toy_pipeline  # noqa: F401  (a fixture)
 
 
 def load_config(name="tiny"):
+    """`get_config()` of `configs/generate/<name>.py`; `name` may carry the variant (`release:turbo`)."""
+    name, sep, arg = name.partition(":")
     path = PROJECT_ROOT / "configs" / "generate" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(f"config_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config()
+    return module.get_config(arg) if sep else module.get_config()
 
 
 # the test process has JAX loaded; forking it to exec a fresh interpreter is safe
@@ -160,7 +162,8 @@ def test_checkpoint_missing_a_component(tmp_path, missing):
         generate.resolve(config)
 
 
-@pytest.mark.parametrize("name, steps, guidance, shift", [("base", 50, 9.0, 13.0), ("turbo", 15, 5.0, 17.0)])
+@pytest.mark.parametrize("name, steps, guidance, shift", [("release:base", 50, 9.0, 13.0),
+                                                         ("release:turbo", 15, 5.0, 17.0), ("release", 50, 9.0, 13.0)])
 def test_presets(name, steps, guidance, shift):
     config = load_config(name)
     assert (config.num_steps, config.guidance_scale, config.time_shift) == (steps, guidance, shift)
@@ -172,6 +175,11 @@ def test_presets(name, steps, guidance, shift):
     config.output = "/tmp/stepvideo_preset_probe.mp4"
     job = generate.resolve(config)
     assert job.size.latent_shape(1, 64) == (1, 36, 64, 34, 62)
+
+
+def test_release_variants_are_named():
+    with pytest.raises(ValueError, match=r"unknown release variant 'turob'; choose one of \['base', 'turbo'\]"):
+        load_config("release:turob")
 
 
 def test_run_prints_a_short_config_and_all_fields_on_request():

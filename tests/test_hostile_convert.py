@@ -14,7 +14,8 @@ import sys
 import numpy as np
 import pytest
 
-from stepvideo_jax.convert import cli, config_records, orbax_io
+from stepvideo_jax import checkpoints
+from stepvideo_jax.convert import cli, config_records, orbax_io, registry
 from stepvideo_jax.convert.safetensors_io import CheckpointError
 
 DEMO = pathlib.Path(cli.__file__).resolve().parents[1] / "assets" / "demo"
@@ -40,7 +41,7 @@ def test_manifest_naming_a_callable_is_refused_and_nothing_runs(tmp_path):
     flag = tmp_path / "executed"
     set_config(root, "transformer", {"class": "os:system", "values": {"command": f"touch {flag}"}})
     with pytest.raises(CheckpointError, match=r"'os:system' is not a registered model config.*DiTConfig"):
-        cli.load_converted(root, "transformer")
+        checkpoints.load_converted(root, "transformer")
     assert not flag.exists(), "the manifest's command ran"
 
 
@@ -54,7 +55,7 @@ def test_manifest_naming_a_module_never_imports_it(tmp_path, monkeypatch):
     root = demo_component(tmp_path, "transformer")
     set_config(root, "transformer", {"class": "hostile_payload_module:Config", "values": {}})
     with pytest.raises(CheckpointError, match="hostile_payload_module:Config"):
-        cli.load_converted(root, "transformer")
+        checkpoints.load_converted(root, "transformer")
     assert not flag.exists() and "hostile_payload_module" not in sys.modules
 
 
@@ -62,8 +63,8 @@ def test_manifest_naming_a_module_never_imports_it(tmp_path, monkeypatch):
 def test_shipped_demo_manifests_still_load_and_round_trip(component):
     """Backward compatibility: the demo's records name classes as "module:QualName"."""
     record = orbax_io.read_manifest(DEMO / component)["config"]
-    cfg = cli.config_from_record(record, component)
-    assert type(cfg) is config_records.REGISTRY[cli.COMPONENTS[component].config]
+    cfg = registry.config_from_record(record, component)
+    assert type(cfg) is config_records.REGISTRY[registry.COMPONENTS[component].config]
     assert cfg.__dataclass_fields__.keys() >= record["values"].keys()
     new = config_records.config_record(cfg)
     assert new["class"] == type(cfg).__name__
@@ -72,7 +73,7 @@ def test_shipped_demo_manifests_still_load_and_round_trip(component):
 
 
 def test_shipped_demo_transformer_restores(tmp_path):
-    model = cli.load_converted(DEMO, "transformer")
+    model = checkpoints.load_converted(DEMO, "transformer")
     record = orbax_io.read_manifest(DEMO / "transformer")["config"]["values"]
     assert model.cfg.num_layers == record["num_layers"]
 
@@ -96,7 +97,7 @@ def test_manifest_groups_stay_inside_the_checkpoint(tmp_path, monkeypatch, edit,
     restored = []
     monkeypatch.setattr(orbax_io.ocp.StandardCheckpointer, "restore", lambda self, *a, **k: restored.append(a))
     with pytest.raises(CheckpointError, match=match):
-        cli.load_converted(root, "transformer")
+        checkpoints.load_converted(root, "transformer")
     assert restored == []
 
 
@@ -130,7 +131,7 @@ def test_manifest_record_shape_and_component_class_are_checked():
     with pytest.raises(CheckpointError, match="values must be an object"):
         config_records.config_from_record({"class": "DiTConfig", "values": [1, 2]})
     with pytest.raises(CheckpointError, match="holds a DiTConfig, this component needs a VAEConfig"):
-        cli.config_from_record({"class": "DiTConfig", "values": values}, "vae")
+        registry.config_from_record({"class": "DiTConfig", "values": values}, "vae")
 
 
 def test_manifest_record_without_a_newer_field_takes_its_default():
@@ -309,7 +310,7 @@ def test_explicit_allowed_root(tmp_path, capsys):
     out = tmp_path / "dest" / "out"
     assert cli.main(["--release", str(tmp_path / "release"), "--out", str(out), "--components", "transformer",
                      "--allowed-root", str(tmp_path)]) == 0
-    assert (out / cli.SUMMARY).is_file()
+    assert (out / registry.CONVERTED_MARKER).is_file()
 
 
 # --- 3. safetensors headers validated as the reference library does -----------------------------
@@ -563,7 +564,7 @@ def test_overwrite_refuses_a_directory_this_converter_did_not_write(tmp_path, ca
     out = tmp_path / "precious"
     out.mkdir()
     (out / "thesis.txt").write_text("years of work\n")
-    (out / cli.SUMMARY).write_text("not ours\n")
+    (out / registry.CONVERTED_MARKER).write_text("not ours\n")
     rc = cli.main(["--release", str(release), "--out", str(out), "--overwrite", "--components", "transformer"])
     err = capsys.readouterr().err
     assert rc == 1 and "is not a conversion this converter wrote" in err

@@ -25,7 +25,8 @@ from stepvideo_jax.data import precompute as pc
 from stepvideo_jax.data import preferences, synthetic
 from stepvideo_jax.models.dit import StepVideoDiT
 from stepvideo_jax.training.checkpoint import CheckpointError
-from stepvideo_jax.training.loop import dit_config, load_dit, train
+from stepvideo_jax.checkpoints import load_dit
+from stepvideo_jax.training.loop import dit_config, train
 from stepvideo_jax.training.metrics import read_jsonl
 from stepvideo_jax.training.startup import StartupError
 from tests.fixtures import load_config

@@ -10,8 +10,7 @@ import sys
 
 import pytest
 
-from stepvideo_jax import hub
-from stepvideo_jax.sampling import components
+from stepvideo_jax import checkpoints, hub
 from tests.fixtures import PROJECT_ROOT, fixture_dir
 
 REPO = "stepfun-ai/stepvideo-t2v"
@@ -66,7 +65,7 @@ def test_repo_id_resolves_to_the_cached_snapshot(tmp_path):
     snapshot = hub.resolve(REPO, cache_dir=tmp_path, local_files_only=True)
     repo = tmp_path / f"models--{REPO.replace('/', '--')}"
     assert snapshot == repo / "snapshots" / commit
-    assert components.check_checkpoint_dir(snapshot) == snapshot       # a complete release
+    assert checkpoints.check_checkpoint_dir(snapshot) == snapshot       # a complete release
     shard = snapshot / "vae" / "vae_v2.safetensors"
     assert shard.is_symlink() and shard.resolve().parent == (repo / "blobs").resolve()
     assert shard.read_bytes() == (release() / "vae" / "vae_v2.safetensors").read_bytes()
@@ -120,7 +119,7 @@ def test_convert_and_generate_take_a_repo_id_through_the_environment(tmp_path):
     probe = ("from stepvideo_jax import generate\n"
              "from tests.fixtures import load_config\n"
              "for repo in ('%s-turbo', '%s'):\n"
-             "    config = load_config('configs/generate/turbo.py', prompt='a cat', checkpoint_dir=repo,\n"
+             "    config = load_config('configs/generate/release.py:turbo', prompt='a cat', checkpoint_dir=repo,\n"
              "                         output='%s/x.mp4')\n"
              "    try:\n"
              "        print('resolved', generate.resolve(config).checkpoint_dir)\n"

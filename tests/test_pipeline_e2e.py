@@ -1,6 +1,6 @@
 """End to end against the official pipeline: fixture `release_layout`, prompt -> uint8 frames.
 
-The release directory is converted in memory by the project's converters (`components.from_release`,
+The release directory is converted in memory by the project's converters (`checkpoints.loader`,
 float32 everywhere as in the fixture), and each case runs through `TextToVideo` from its prompt and
 recorded initial noise (torch's generator cannot be reproduced). Every stage is compared with the
 tolerances of the fixture README. Cases, sizes and settings come from `e2e_cases.npz`.
@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from stepvideo_jax import checkpoints
 from stepvideo_jax.sampling import components
 from stepvideo_jax.sampling import pipeline as P
 from stepvideo_jax.sampling.flow_matching import SamplerSettings, classifier_free_guidance
@@ -38,8 +39,8 @@ def cases():
 @functools.lru_cache(maxsize=None)
 def pipe():
     f32 = jnp.float32
-    models = components.from_release(fixture_dir(FIXTURE) / "stepvideo-t2v", dit_dtype=f32, vae_dtype=f32,
-                                     llm_dtype=f32, clip_dtype=f32)
+    models = checkpoints.loader(fixture_dir(FIXTURE) / "stepvideo-t2v", dit_dtype=f32, vae_dtype=f32,
+                                llm_dtype=f32, clip_dtype=f32).models()
     return models, P.TextToVideo(encode_text=models.text, dit=models.dit,
                                  decode=components.vae_decoder(models.vae))
 
@@ -113,7 +114,7 @@ def test_a_converted_checkpoint_holds_the_same_models(tmp_path):
 
     ckpt = cli.convert_release(fixture_dir(FIXTURE) / "stepvideo-t2v", tmp_path / "ckpt")
     f32 = jnp.float32
-    converted = components.from_checkpoint(ckpt, dit_dtype=f32, vae_dtype=f32, llm_dtype=f32, clip_dtype=f32)
+    converted = checkpoints.loader(ckpt, dit_dtype=f32, vae_dtype=f32, llm_dtype=f32, clip_dtype=f32).models()
     models, _ = pipe()
     pairs = {"dit": (nnx.state(converted.dit), nnx.state(models.dit)),
              "vae": (nnx.state(converted.vae), nnx.state(models.vae)),

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from stepvideo_jax import generate, generate_eval
+from stepvideo_jax import checkpoints, generate, generate_eval
 from stepvideo_jax.models.dit import StepVideoDiT
-from stepvideo_jax.sampling import components, video_io
+from stepvideo_jax.sampling import video_io
 from stepvideo_jax.sampling import pipeline as P
 from stepvideo_jax.text import conditioning
 from tests.fixtures import fixture_dir, load_config
@@ -152,7 +152,7 @@ def test_eval_encodes_every_prompt_before_denoising_and_resumes(tmp_path, monkey
     events, text_refs = [], []
     build_loader, run_batch = generate.build_loader, generate.generate
 
-    class Recording(components.Loader):
+    class Recording(checkpoints.Loader):
         def __init__(self, inner):
             self.inner, self.mesh = inner, inner.mesh
 

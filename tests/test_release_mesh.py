@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from stepvideo_jax.convert import cli
-from stepvideo_jax.convert.release_restore import load_release_component
+from stepvideo_jax import checkpoints
+from stepvideo_jax.convert import cli, registry
 from stepvideo_jax.parallel.mesh import MeshConfig, make_mesh
 from tests.fixtures import fixture_dir
 
@@ -27,14 +27,14 @@ def flat(model):
     return {"/".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model))}
 
 
-@pytest.mark.parametrize("component", list(cli.COMPONENTS))
+@pytest.mark.parametrize("component", list(registry.COMPONENTS))
 @pytest.mark.parametrize("mesh_spec, dtype", [("fsdp=2,sequence=2,tensor=2", jnp.float32),
                                               ("fsdp=-1", jnp.bfloat16)])
 def test_release_into_a_mesh_equals_its_converted_checkpoint(converted, component, mesh_spec, dtype):
     assert jax.device_count() == 8, "tests/conftest.py provides 8 host devices"
     mesh = make_mesh(MeshConfig.from_string(mesh_spec))
-    direct = flat(load_release_component(release() / component, component, param_dtype=dtype, mesh=mesh))
-    restored = flat(cli.load_converted(converted, component, param_dtype=dtype, mesh=mesh))
+    direct = flat(checkpoints.load_component(release(), component, dtype=dtype, mesh=mesh))
+    restored = flat(checkpoints.load_converted(converted, component, param_dtype=dtype, mesh=mesh))
     assert direct.keys() == restored.keys()
     sharded = 0
     for k, want in restored.items():
@@ -50,13 +50,11 @@ def test_release_into_a_mesh_equals_its_converted_checkpoint(converted, componen
 def test_generation_loader_shards_a_release_like_its_converted_checkpoint(converted):
     """`generate`'s loader with `mesh` on the release directory: every model equals the converted
     checkpoint's in the same mesh, and the text encoders give the same conditioning."""
-    from stepvideo_jax.sampling import components
-
     mesh = make_mesh(MeshConfig.from_string("fsdp=2,tensor=4"))
     f32 = dict(dit_dtype=jnp.float32, vae_dtype=jnp.float32, llm_dtype=jnp.float32, clip_dtype=jnp.float32)
-    direct = components.loader(release(), mesh=mesh, **f32)
-    restored = components.loader(converted, mesh=mesh, **f32)
-    assert isinstance(direct, components.ReleaseLoader) and direct.mesh is mesh
+    direct = checkpoints.loader(release(), mesh=mesh, **f32)
+    restored = checkpoints.loader(converted, mesh=mesh, **f32)
+    assert not checkpoints.is_converted(direct.path) and direct.mesh is mesh
     for build in ("dit", "vae"):
         got, want = flat(getattr(direct, build)()), flat(getattr(restored, build)())
         assert got.keys() == want.keys()

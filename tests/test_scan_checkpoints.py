@@ -14,13 +14,14 @@ import pytest
 from flax import nnx
 
 import stepvideo_jax
-from stepvideo_jax.convert import cli, orbax_io
+from stepvideo_jax import checkpoints
+from stepvideo_jax.checkpoints import load_dit
+from stepvideo_jax.convert import cli, orbax_io, registry
 from stepvideo_jax.convert.keymap import checkpoint_arrays
 from stepvideo_jax.convert.safetensors_io import CheckpointError
 from stepvideo_jax.models.dit import StepVideoDiT
 from stepvideo_jax.training import lora, train_state
 from stepvideo_jax.training.checkpoint import Checkpointer, UnrolledCheckpointError
-from stepvideo_jax.training.loop import load_dit
 from tests.fixtures import fixture_dir
 
 DEMO = pathlib.Path(stepvideo_jax.__file__).parent / "assets" / "demo"
@@ -51,7 +52,7 @@ def _rewrite_manifest(root, **changes):
 
 def test_version_2_records_the_stacked_layers_and_restores_them(converted):
     manifest = orbax_io.read_manifest(converted / "transformer")
-    model = cli.load_converted(converted, "transformer")
+    model = checkpoints.load_converted(converted, "transformer")
     n = model.cfg.num_layers
     assert manifest["version"] == 2 and manifest["layers"] == {"blocks": n}
     on_disk = [k for g in manifest["groups"] for k in g["params"] if k.startswith("blocks/")]
@@ -66,7 +67,7 @@ def test_version_1_checkpoint_restores_stacked(converted, tmp_path):
     old = tmp_path / "v1"
     shutil.copytree(converted, old)
     _rewrite_manifest(old, version=1, layers=None)
-    a, b = _state(cli.load_converted(old, "transformer")), _state(cli.load_converted(converted, "transformer"))
+    a, b = _state(checkpoints.load_converted(old, "transformer")), _state(checkpoints.load_converted(converted, "transformer"))
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
@@ -79,16 +80,16 @@ def test_unknown_version_and_layer_mismatch_are_refused(converted, tmp_path):
     shutil.copytree(converted, bad)
     _rewrite_manifest(bad, version=9)
     with pytest.raises(CheckpointError, match="re-convert"):
-        cli.load_converted(bad, "transformer")
+        checkpoints.load_converted(bad, "transformer")
     _rewrite_manifest(bad, version=2, layers={"blocks": 999})
     with pytest.raises(CheckpointError, match="stacked layers"):
-        cli.load_converted(bad, "transformer")
+        checkpoints.load_converted(bad, "transformer")
 
 
 def test_shipped_demo_restores_stacked():
     for component, name in (("transformer", "blocks"), ("step_llm", "layers")):
         manifest = orbax_io.read_manifest(DEMO / component)
-        model = cli.load_converted(DEMO, component)
+        model = checkpoints.load_converted(DEMO, component)
         n = manifest["config"]["values"]["num_layers"]
         for _, v in nnx.to_flat_state(nnx.state(getattr(model, name))):
             assert v.get_value().shape[0] == n and v.get_metadata()["axes"][0] == "layers"
@@ -104,7 +105,7 @@ def _unrolled(state: nnx.State) -> dict:
 
 
 def _tiny_cfg():
-    cfg = cli.converter("transformer").read_config(fixture_dir("release_layout") / "stepvideo-t2v" / "transformer")
+    cfg = registry.converter("transformer").read_config(fixture_dir("release_layout") / "stepvideo-t2v" / "transformer")
     return dataclasses.replace(cfg, num_layers=2)
 
 

@@ -97,3 +97,16 @@ def test_launch_entry_runs_module_single_process(tmp_path):
                           env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "['--x', '1'] False"
+
+
+def test_one_builder_for_configs_mappings_and_strings():
+    """`make_mesh` takes a training config's mapping or a spec string; with `subset=True` fixed sizes
+    below the device count use the first devices (a one-device run on a host with more)."""
+    n = jax.device_count()
+    assert dict(make_mesh({"data": 1, "fsdp": -1, "sequence": 1, "tensor": 1}).shape)["fsdp"] == n
+    assert make_mesh(f"fsdp={n}").devices.size == n
+    small = make_mesh({"data": 1, "fsdp": 1, "sequence": 1, "tensor": 1}, subset=True)
+    assert small.devices.size == 1 and small.axis_names == MESH_AXES
+    if n > 1:
+        with pytest.raises(ValueError, match="set one axis to -1"):
+            make_mesh({"data": 1, "fsdp": 1, "sequence": 1, "tensor": 1})

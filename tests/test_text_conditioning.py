@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from stepvideo_jax.text.conditioning import TextConditioner, dit_text_mask
+from stepvideo_jax import checkpoints
+from stepvideo_jax.text.conditioning import dit_text_mask
 from tests.fixtures import assert_close, fixture_dir, load_json, load_npz
 
 ATOL, RTOL = 5e-5, 1e-4  # release_layout README: text embeddings of a float32 port
@@ -14,7 +15,7 @@ ATOL, RTOL = 5e-5, 1e-4  # release_layout README: text embeddings of a float32 p
 
 @functools.lru_cache(maxsize=None)
 def conditioner():
-    return TextConditioner.from_release(fixture_dir("release_layout") / "stepvideo-t2v",
+    return checkpoints.text_encoder(fixture_dir("release_layout") / "stepvideo-t2v",
                                         llm_dtype=jnp.float32, clip_dtype=jnp.float32)
 
 

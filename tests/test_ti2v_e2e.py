@@ -3,7 +3,7 @@ first-frame image -> uint8 frames, every stage compared at the fixture README's 
 
 The TI2V release directory is assembled as the release publishes it: `transformer/` from the fixture's
 `stepvideo-ti2v/`, `vae/`, `step_llm/`, `hunyuan_clip/` from `release_layout` (the README's recipe),
-linked into one folder and read by `components.from_release` (float32, as the fixture).
+linked into one folder and read by `checkpoints.loader` (float32, as the fixture).
 """
 import functools
 
@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from stepvideo_jax import checkpoints
 from stepvideo_jax.sampling import components
 from stepvideo_jax.sampling import image_condition as ic
 from stepvideo_jax.sampling import pipeline as P
@@ -48,8 +49,8 @@ def ti2v_release(root):
 @pytest.fixture(scope="module")
 def pipe(tmp_path_factory):
     f32 = jnp.float32
-    models = components.from_release(ti2v_release(tmp_path_factory.mktemp("ti2v")), dit_dtype=f32,
-                                     vae_dtype=f32, llm_dtype=f32, clip_dtype=f32)
+    models = checkpoints.loader(ti2v_release(tmp_path_factory.mktemp("ti2v")), dit_dtype=f32,
+                                vae_dtype=f32, llm_dtype=f32, clip_dtype=f32).models()
     assert models.dit.cfg.ti2v
     return models, P.TextToVideo(encode_text=models.text, dit=models.dit, decode=components.vae_decoder(models.vae),
                                  encode_image=components.vae_image_encoder(models.vae))

@@ -10,7 +10,8 @@ from flax import nnx
 from stepvideo_jax.models.dit import DiTConfig, StepVideoDiT
 from stepvideo_jax.parallel.rules import state_shardings
 from stepvideo_jax.training import train_state
-from stepvideo_jax.training.loop import build_mesh, dit_config, optimizer_of, step_settings
+from stepvideo_jax.parallel.mesh import make_mesh
+from stepvideo_jax.training.loop import dit_config, optimizer_of, step_settings
 from stepvideo_jax.training.train_step import remat_policy
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -47,7 +48,7 @@ def test_full_size_state_shards_over_a_mesh():
     _, opt = optimizer_of(c)
     abstract = jax.eval_shape(lambda: train_state.create(
         nnx.state(StepVideoDiT(cfg, rngs=nnx.Rngs(0))), opt, seed=0, use_ema=True))
-    mesh = build_mesh({"fsdp": 2, "sequence": 4})
+    mesh = make_mesh({"fsdp": 2, "sequence": 4}, subset=True)
     shardings = state_shardings(abstract, mesh)
     n_params = sum(x.size for x in jax.tree.leaves(abstract.params))
     assert n_params == 29_342_478_400
@@ -61,15 +62,16 @@ def test_init_from_release_and_converted_checkpoint(tmp_path):
     """`model.init_from` accepts an official transformer/ directory and a converter output root."""
     from stepvideo_jax.convert import cli
     from stepvideo_jax.convert import dit as dit_convert
-    from stepvideo_jax.training.loop import _init_config, _with_initial_weights
+    from stepvideo_jax.checkpoints import dit_config as source_dit_config
+    from stepvideo_jax.training.loop import _with_initial_weights
     from tests.fixtures import fixture_dir
 
     release = fixture_dir("release_layout") / "stepvideo-t2v"
     cli.convert_release(release, tmp_path / "ckpt", components=["transformer"])
     want = nnx.state(dit_convert.load(release / "transformer"))
-    mesh = build_mesh({"fsdp": 2})
+    mesh = make_mesh({"fsdp": 2}, subset=True)
     for source in (release / "transformer", tmp_path / "ckpt"):
-        cfg = _init_config(source)
+        cfg = source_dit_config(source)
         assert cfg == dit_convert.read_config(release / "transformer")
         _, opt = optimizer_of(_config("tiny_cpu"))
         fresh = train_state.create(nnx.state(StepVideoDiT(cfg, rngs=nnx.Rngs(0))), opt, seed=0, use_ema=True)

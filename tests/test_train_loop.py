@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from stepvideo_jax import checkpoints
 from stepvideo_jax.data import format as data_format
 from stepvideo_jax.data import pipeline, synthetic
-from stepvideo_jax.training.loop import NonFiniteLoss, load_dit, train
+from stepvideo_jax.training.loop import NonFiniteLoss, train
 from stepvideo_jax.training.metrics import read_jsonl
 from tests.fixtures import load_config
 
@@ -50,8 +51,8 @@ def test_tiny_config_learns(straight):
     assert latents.shape == (cfg.samples.count, *cfg.data.synthetic.buckets[0][:1], cfg.data.synthetic.channels,
                              *cfg.data.synthetic.buckets[0][1:]) and np.isfinite(latents).all()
     # generate-side loading: raw and EMA weights of the last checkpoint
-    raw = load_dit(workdir)
-    ema = load_dit(workdir, ema=True)
+    raw = checkpoints.load_dit(workdir)
+    ema = checkpoints.load_dit(workdir, ema=True)
     k = np.asarray(raw.proj_out.kernel[...])
     np.testing.assert_array_equal(k, np.asarray(result.state.params["proj_out"]["kernel"][...]))
     assert not np.array_equal(k, np.asarray(ema.proj_out.kernel[...]))
@@ -93,7 +94,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, compile_cache):
         train(cfg, tmp_path / "run", printer=None)
     steps = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit())
     assert steps == [1, 2]
-    model = load_dit(tmp_path / "run")
+    model = checkpoints.load_dit(tmp_path / "run")
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(nnx.state(model)))
 
 
@@ -107,13 +108,12 @@ def test_export_of_a_training_checkpoint_loads_back(straight, tmp_path):
                      "--ema"])
     back = nnx.state(dit_convert.load(tmp_path / "transformer"))
     # --release: a complete release directory around the export, as generate's checkpoint_dir
-    from stepvideo_jax.sampling import components
     from tests.fixtures import fixture_dir
 
     release = fixture_dir("release_layout") / "stepvideo-t2v"
     export_dit.link_release(release, tmp_path / "full")
-    export_dit.export(load_dit(workdir), tmp_path / "full" / "transformer")
-    assert components.check_checkpoint_dir(tmp_path / "full") == tmp_path / "full"
+    export_dit.export(checkpoints.load_dit(workdir), tmp_path / "full" / "transformer")
+    assert checkpoints.check_checkpoint_dir(tmp_path / "full") == tmp_path / "full"
     assert (tmp_path / "full" / "vae").resolve() == (release / "vae").resolve()
     for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(result.state.ema)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

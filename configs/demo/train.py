@@ -25,6 +25,10 @@ Held-out (colour, shape, motion) combinations
 """
 import ml_collections
 
+from stepvideo_jax import config_files
+
+train_common = config_files.module("train/common.py")
+
 
 def get_config():
     c = ml_collections.ConfigDict()
@@ -57,27 +61,19 @@ def get_config():
     # llm_length: Step-LLM positions stored per caption (captions fit; see `demo.architecture.conditioner`)
     c.latents = ml_collections.ConfigDict(dict(renders_per_scene=8, seed=1, llm_length=24))
 
-    d = ml_collections.ConfigDict()
-    d.seed = 0
+    d = train_common.base()
     d.workdir = ""                    # set by the build: <workdir>/dit
-    d.compute_dtype = "float32"
     d.total_steps = 8000
-    d.stop_at_step = 0
     d.log_every = 100
     d.eval_every = 500
     d.eval_size = 16
     d.mesh = dict(data=-1, fsdp=1, sequence=1, tensor=1)
-    d.model = ml_collections.ConfigDict(dict(num_layers=4, num_heads=2, head_dim=32, rope_splits=(16, 8, 8),
-                                             init_from=""))
-    d.data = ml_collections.ConfigDict(dict(path="", global_batch=16, seed=0, num_threads=2, prefetch=4))
-    d.optim = ml_collections.ConfigDict(dict(
-        learning_rate=1e-3, warmup_steps=50, schedule="cosine", end_fraction=0.05,
-        b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.0, clip_norm=1.0))
-    d.step = ml_collections.ConfigDict(dict(
-        timestep_distribution="uniform", logit_mean=0.0, logit_std=1.0, timestep_shift=1.0,
-        cond_dropout=0.1, accum_steps=1, ema_decay=0.0, remat="none", attention_backend="xla"))
-    d.checkpoint = ml_collections.ConfigDict(dict(every=1000, keep=1, async_save=False, fallback=True))
-    d.metrics = ml_collections.ConfigDict(dict(tensorboard=False, peak_flops=0.0))
+    d.model = ml_collections.ConfigDict(dict(preset="", num_layers=4, num_heads=2, head_dim=32,
+                                             rope_splits=(16, 8, 8), init_from=""))
+    d.data.update(global_batch=16, prefetch=4)
+    d.optim.update(learning_rate=1e-3, warmup_steps=50, schedule="cosine", end_fraction=0.05)
+    d.step.attention_backend = "xla"
+    d.checkpoint.update(every=1000, keep=1, async_save=False)
     c.dit_train = d
 
     # how the shipped model samples (also the evaluation's settings)

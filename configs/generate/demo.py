@@ -14,40 +14,26 @@ Random weights instead: `--config configs/generate/tiny.py`.
 """
 import pathlib
 
-import ml_collections
-
 import stepvideo_jax
+from stepvideo_jax import config_files
 
+common = config_files.module("generate/common.py")
 DEMO_CHECKPOINT = pathlib.Path(stepvideo_jax.__file__).resolve().parent / "assets" / "demo"
 
 
 def get_config():
-    c = ml_collections.ConfigDict()
+    c = common.base()
     c.prompt = "a red circle moves to the left"
-    c.prompts = ()                 # a batch: overrides `prompt` when not empty
-    c.seed = 1234                  # prompt i of a batch uses seed + i
     c.num_frames = 17              # the demo's training size (one VAE chunk)
     c.height = 32
     c.width = 32
     c.num_steps = 20
-    c.guidance_scale = 4.0         # <= 1 turns classifier-free guidance off
+    c.guidance_scale = 4.0
     c.time_shift = 3.0
     c.pos_magic = ""               # the demo is trained on bare captions
     c.neg_magic = ""               # ... and the empty prompt as the unconditional one
-
     c.checkpoint_dir = str(DEMO_CHECKPOINT)
-    c.dtypes = ml_collections.ConfigDict(dict(dit="float32", vae="float32", step_llm="float32",
-                                              clip="float32"))
-    c.mesh = ""                    # "": one device; else e.g. "fsdp=-1" (see configs/generate/tiny.py)
-    c.attention_backend = ""       # "": the platform default (see models/attention.py)
-    c.bf16_mask_sum = False
-    c.release_text_encoders = True  # encode all prompts, free the text encoders, then load the DiT
-
-    c.output = "outputs/stepvideo_demo.mp4"   # a batch writes <stem>_<i>.mp4
-    c.save_latents = False
-    c.crop_540p = True             # a no-op at 32 x 32
+    c.dtypes.update(dit="float32", vae="float32", step_llm="float32", clip="float32")
+    c.output = "outputs/stepvideo_demo.mp4"
     c.denoise_filter = False       # keep the flat colours of the synthetic scenes
-    c.progress = True
-    c.compile_cache = True         # persistent compilation cache (stepvideo_jax/compile_cache.py)
-    c.compile_cache_dir = ""       # "" = $XDG_CACHE_HOME or ~/.cache, /stepvideo_jax/jax_cache
     return c

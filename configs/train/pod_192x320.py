@@ -5,15 +5,13 @@ and a larger batch, accumulated over 4 micro-batches of one sample per chip (ben
 
 python launch/entry.py -m stepvideo_jax.train --config configs/train/pod_192x320.py:v5p-128 ...
 """
-import importlib.util
-import pathlib
+from stepvideo_jax import config_files
+
+pod_544x992 = config_files.module("train/pod_544x992.py")
 
 
 def get_config(arg: str = "v5p-256"):
-    spec = importlib.util.spec_from_file_location("pod_544x992", pathlib.Path(__file__).with_name("pod_544x992.py"))
-    base = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(base)
-    c = base.get_config(arg)
+    c = pod_544x992.get_config(arg)
     c.workdir = "/tmp/stepvideo_train_192x320"
     c.mesh = dict(data=1, fsdp=-1, sequence=1, tensor=1)
     c.data.global_batch = {"v5p-128": 256, "v5p-256": 512}[arg]

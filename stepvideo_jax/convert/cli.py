@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import json
 import logging
 import os
@@ -27,60 +26,17 @@ import pathlib
 import shutil
 import sys
 import uuid
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
-import jax.numpy as jnp
 from flax import nnx
 
-from stepvideo_jax import hub, paths
+from stepvideo_jax import hub
 from stepvideo_jax.convert import config_records, orbax_io, release_paths
 from stepvideo_jax.convert.keymap import convert_tensors, flat_shapes
+from stepvideo_jax.convert.registry import COMPONENTS, CONVERTED_MARKER, OUTPUT_DTYPES, abstract_model, converter
 from stepvideo_jax.convert.safetensors_io import DTYPES, CheckpointError, TensorSource
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class Component:
-    """How one release folder is converted.
-
-    `module` exposes `read_config(dir, root)`, `tensor_source(dir, root)`, `rules(cfg)`, `IGNORE`,
-    `build(cfg, *, dtype, param_dtype, rngs)`. `config`: the `config_records.REGISTRY` name of the
-    component's model config. `files`: paths relative to the release folder
-    (files or folders) copied to the output when present: what generation needs besides weights.
-    """
-
-    module: str
-    config: str
-    files: tuple[str, ...] = ()
-
-
-COMPONENTS: Mapping[str, Component] = {
-    "transformer": Component("stepvideo_jax.convert.dit", "DiTConfig", ("config.json",)),
-    "vae": Component("stepvideo_jax.convert.vae", "VAEConfig"),
-    "step_llm": Component("stepvideo_jax.convert.step_llm", "StepLLMConfig",
-                          ("config.json", "step1_chat_tokenizer.model")),
-    "hunyuan_clip": Component("stepvideo_jax.convert.hunyuan_clip", "HunyuanClipConfig",
-                              ("clip_text_encoder/config.json", "tokenizer")),
-}
-
-OUTPUT_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-SUMMARY = "conversion.json"
-
-
-def converter(name: str):
-    """The converter module of component `name`."""
-    if name not in COMPONENTS:
-        raise CheckpointError(f"unknown component {name!r}; choose from {sorted(COMPONENTS)}")
-    return importlib.import_module(COMPONENTS[name].module)
-
-
-def abstract_model(module, cfg, param_dtype, dtype=None, **build_kwargs):
-    """The component's model as shapes only (`nnx.eval_shape`): parameters in `param_dtype`,
-    computation in `dtype` (default `param_dtype`)."""
-    dtype = param_dtype if dtype is None else dtype
-    return nnx.eval_shape(lambda: module.build(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0),
-                                               **build_kwargs))
 
 
 class _AccountingPassed(Exception):
@@ -148,13 +104,6 @@ def _plan(release: pathlib.Path, name: str, dtype, allowed_root=None) -> _Plan:
                  orbax_io.stacked_layers(abstract_state))
 
 
-def config_from_record(record: Mapping, component: str | None = None) -> Any:
-    """The model config of a component manifest's `record` (`config_records`: a closed registry,
-    values type-checked); given `component`, the record must hold that component's config class."""
-    expect = None if component is None else config_records.REGISTRY[COMPONENTS[component].config]
-    return config_records.config_from_record(record, expect=expect)
-
-
 def _convert_component(plan: _Plan, out: pathlib.Path, dtype_name: str, group_bytes: int) -> dict:
     dst = out / plan.name
     dst.mkdir(parents=True)
@@ -214,7 +163,7 @@ def convert_release(release: str | os.PathLike, out: str | os.PathLike, *,
         summary = {"release": str(release.resolve()), "dtype": dtype, "components": {
             name: {"num_params": m["num_params"], "groups": len(m["groups"]), "files": m["files"]}
             for name, m in manifests.items()}}
-        (tmp / SUMMARY).write_text(json.dumps(summary, indent=1) + "\n")
+        (tmp / CONVERTED_MARKER).write_text(json.dumps(summary, indent=1) + "\n")
         _replace(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -247,12 +196,12 @@ def _check_replaceable(out: pathlib.Path) -> None:
     if out.is_symlink() or not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a directory (or is a symlink); it is never replaced")
     try:
-        summary = json.loads((out / SUMMARY).read_text())
+        summary = json.loads((out / CONVERTED_MARKER).read_text())
         ok = isinstance(summary, dict) and "components" in summary
     except (OSError, ValueError):
         ok = False
     if not ok:
-        raise FileExistsError(f"{out} exists but is not a conversion this converter wrote (no valid {SUMMARY}); "
+        raise FileExistsError(f"{out} exists but is not a conversion this converter wrote (no valid {CONVERTED_MARKER}); "
                               "it is never replaced: remove it yourself or choose another --out")
 
 
@@ -269,22 +218,6 @@ def _replace(tmp: pathlib.Path, out: pathlib.Path, overwrite: bool) -> None:
     out.rename(old)
     tmp.rename(out)
     shutil.rmtree(old)
-
-
-def load_converted(root: str | os.PathLike, component: str, *, dtype=None, param_dtype=None, mesh=None,
-                   shardings=None, **build_kwargs):
-    """The model of `<root>/<component>` (a `convert_release` output) restored into its shardings.
-
-    Parameters take `param_dtype` (default: the stored dtype), computation `dtype` (default:
-    `param_dtype`); `mesh` / `shardings` as in `orbax_io.restore`; `build_kwargs` go to the
-    component's `build` (e.g. `attention_backend`).
-    """
-    folder = paths.as_path(root) / component
-    manifest = orbax_io.read_manifest(folder)
-    param_dtype = OUTPUT_DTYPES[manifest["dtype"]] if param_dtype is None else param_dtype
-    model = abstract_model(converter(component), config_from_record(manifest["config"], component), param_dtype, dtype,
-                           **build_kwargs)
-    return orbax_io.restore(folder, model, shardings=shardings, mesh=mesh)
 
 
 def _positive_int(text: str) -> int:

@@ -181,3 +181,10 @@ def config_from_record(record: Mapping, *, expect: type | None = None) -> Any:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{name}: invalid config values ({e})") from None
+
+
+def config_from_values(cls: type, values: Mapping) -> Any:
+    """`cls(**values)` for a registered config class, every value checked and converted as a
+    manifest's are (lists -> tuples, ints -> floats where a float is declared): the one way a config
+    mapping (an ml_collections block, a JSON file) becomes a model config."""
+    return config_from_record({"class": cls.__name__, "values": dict(values)}, expect=cls)

@@ -25,6 +25,7 @@ existing destination is replaced only if it is empty or an export this tool wrot
 """
 from __future__ import annotations
 
+import argparse
 import collections
 import dataclasses
 import json
@@ -35,17 +36,17 @@ import shutil
 import uuid
 from typing import Iterator, Mapping
 
-import ml_dtypes
 import numpy as np
+import safetensors.numpy
 from flax import nnx
 
-from stepvideo_jax import hub
+from stepvideo_jax import checkpoints, hub
 from stepvideo_jax.convert import dit as dit_convert
 from stepvideo_jax.convert.keymap import checkpoint_arrays, flat_shapes
 from stepvideo_jax.convert.safetensors_io import CheckpointError
+from stepvideo_jax.dtypes import DTYPES
 from stepvideo_jax.models.dit import DiTConfig
 
-DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 LINKED = ("vae", "step_llm", "hunyuan_clip")   # the release components an exported transformer/ is paired with
 EXPORTED_BY = "stepvideo_jax.convert.export_dit"
 FILE_MODE = 0o644
@@ -160,8 +161,6 @@ def export(model: nnx.Module, out_dir: str | os.PathLike, *, dtype: str = "bfloa
 
 def _write(cfg: DiTConfig, params, out: pathlib.Path, dtype: str, max_shard_bytes: int) -> None:
     """Shards (at most `max_shard_bytes` each, unless one tensor is larger), index and config in `out`."""
-    from safetensors.numpy import save_file
-
     shards: list[dict[str, np.ndarray]] = [{}]
     sizes = [0]
     for key, tensor in official_tensors(cfg, params):
@@ -175,7 +174,7 @@ def _write(cfg: DiTConfig, params, out: pathlib.Path, dtype: str, max_shard_byte
     weight_map = {}
     for i, shard in enumerate(shards):
         name = f"diffusion_pytorch_model-{i + 1:05d}-of-{n:05d}.safetensors"
-        save_file(shard, str(out / name), metadata={"format": "pt"})
+        safetensors.numpy.save_file(shard, str(out / name), metadata={"format": "pt"})
         weight_map.update({k: name for k in shard})
     index = {"metadata": {"total_size": int(sum(sizes)), "exported_by": EXPORTED_BY},
              "weight_map": dict(sorted(weight_map.items()))}
@@ -220,14 +219,11 @@ def _replace(tmp: pathlib.Path, out: pathlib.Path) -> None:
 
 
 def main(argv=None) -> None:
-    import argparse
-
-    import jax.numpy as jnp
-
     ap = argparse.ArgumentParser(description="Export a DiT to the official transformer/ layout.")
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--workdir", help="training run directory (its checkpoints/)")
-    src.add_argument("--transformer", help="an official transformer/ directory (re-export)")
+    src.add_argument("--transformer", help="an official transformer/ directory, release or converted checkpoint "
+                     "(re-export)")
     ap.add_argument("--out", required=True, help="output directory (becomes transformer/)")
     ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     ap.add_argument("--ema", action="store_true", help="export the EMA weights instead of the raw ones")
@@ -237,12 +233,7 @@ def main(argv=None) -> None:
                     help="official release directory or Hugging Face repo id: make --out a full release "
                          "(other components symlinked)")
     args = ap.parse_args(argv)
-    if args.workdir:
-        from stepvideo_jax.training.loop import load_dit
-
-        model = load_dit(args.workdir, step=args.step, ema=args.ema, dtype=jnp.float32)
-    else:
-        model = dit_convert.load(args.transformer)
+    model = checkpoints.load_dit(args.workdir or args.transformer, step=args.step, ema=args.ema)
     out = pathlib.Path(args.out)
     if args.release:
         link_release(args.release, out)

@@ -20,7 +20,9 @@ import numpy as np
 from flax import nnx
 
 from stepvideo_jax.convert.keymap import convert_tensors, flat_shapes, unflatten
+from stepvideo_jax.convert.registry import abstract_model, converter
 from stepvideo_jax.models import stack
+from stepvideo_jax.parallel.rules import state_shardings
 
 
 def load_release_component(folder: str | os.PathLike, component: str, *, param_dtype, dtype=None, mesh=None,
@@ -29,15 +31,11 @@ def load_release_component(folder: str | os.PathLike, component: str, *, param_d
     parameters in `param_dtype` (computation in `dtype`, default `param_dtype`) placed in
     `shardings` (a tree like `nnx.state(model)`), or `mesh`'s rule shardings, or on the default
     device when neither is given. `build_kwargs` go to the component's `build`."""
-    from stepvideo_jax.convert.cli import abstract_model, converter
-
     module = converter(component)
     cfg = module.read_config(folder)
     source = module.tensor_source(folder)
     graphdef, state = nnx.split(abstract_model(module, cfg, param_dtype, dtype, **build_kwargs))
     if shardings is None and mesh is not None:
-        from stepvideo_jax.parallel.rules import state_shardings
-
         shardings = state_shardings(state, mesh)
     variables = _flat(state)
     if shardings is None:

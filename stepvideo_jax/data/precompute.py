@@ -21,11 +21,15 @@ import math
 import pathlib
 from typing import Callable, Mapping, Sequence
 
+import imageio.v2 as imageio
+import jax
+import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from stepvideo_jax import hub
+from stepvideo_jax import checkpoints, hub
 from stepvideo_jax.data.format import DatasetError, Writer, check_new_output
+from stepvideo_jax.models import vae as vae_model
 
 # encode_video(video (1, f, 3, h, w) float32 in [-1, 1]) -> (mean, logvar), each (f', c, h', w')
 VideoEncoder = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
@@ -55,9 +59,6 @@ def choose_bucket(height: int, width: int, buckets: Sequence[tuple[int, int]]) -
 
 def resize_crop(frames: np.ndarray, height: int, width: int) -> np.ndarray:
     """(f, H, W, 3) uint8 -> (f, height, width, 3) float32 in [0, 255]: scale to cover, centre crop."""
-    import jax
-    import jax.numpy as jnp
-
     f, h, w, c = frames.shape
     scale = max(height / h, width / w)
     rh, rw = max(height, round(h * scale)), max(width, round(w * scale))
@@ -77,8 +78,6 @@ def usable_frames(available: int, limit: int, valid: Callable[[int], bool]) -> i
 
 def read_frames(path: pathlib.Path, limit: int) -> np.ndarray:
     """Up to `limit` RGB frames (f, h, w, 3) uint8 of a video file."""
-    import imageio.v2 as imageio
-
     frames = []
     with imageio.get_reader(str(path), format="ffmpeg") as reader:
         for frame in reader:
@@ -155,18 +154,11 @@ def precompute(videos: str | pathlib.Path, captions: str | pathlib.Path, out: st
 
 
 def release_encoders(release_dir: str | pathlib.Path, *, vae_dtype="float32", llm_dtype="bfloat16"):
-    """(encode_video, encode_text, valid_frames, latent_channels) from the project's converted VAE
-    (`convert/vae.py`) and text encoders (`text/conditioning.py`) of a release directory."""
-    import jax
-    import jax.numpy as jnp
-
-    from stepvideo_jax.convert import vae as vae_convert
-    from stepvideo_jax.models import vae as vae_model
-    from stepvideo_jax.text.conditioning import TextConditioner
-
+    """(encode_video, encode_text, valid_frames, latent_channels) from the VAE and text encoders of a
+    release directory or converted checkpoint (`checkpoints.load_component`, `checkpoints.text_encoder`)."""
     release_dir = pathlib.Path(hub.resolve(release_dir, ("vae", "step_llm", "hunyuan_clip")))
-    vae = vae_convert.load(release_dir / vae_convert.COMPONENT, dtype=jnp.dtype(vae_dtype))
-    text = TextConditioner.from_release(release_dir, llm_dtype=jnp.dtype(llm_dtype))
+    vae = checkpoints.load_component(release_dir, "vae", dtype=jnp.dtype(vae_dtype))
+    text = checkpoints.text_encoder(release_dir, llm_dtype=jnp.dtype(llm_dtype))
     encode = jax.jit(lambda v: vae.posterior(vae.encode_moments(v)))
 
     def encode_video(video):

@@ -36,10 +36,13 @@ import pathlib
 import zlib
 from typing import Callable, Iterable, Mapping, Optional, Sequence
 
+import jax.numpy as jnp
 import numpy as np
 
+from stepvideo_jax import checkpoints, hub
 from stepvideo_jax.data import synthetic_motion
 from stepvideo_jax.data.format import COND_KEYS, Dataset, DatasetError, Writer, check_new_output
+from stepvideo_jax.sampling.video_io import read_mp4
 
 FORMAT = "stepvideo-preferences-v1"
 PAIRS_FILE = "pairs.jsonl"
@@ -276,23 +279,20 @@ def write_synthetic(root: str | os.PathLike, *, num_pairs: int, frames: int, hei
 # -- the tool -----------------------------------------------------------------------------------
 
 def checkpoint_encoders(models_dir: str | os.PathLike, **dtypes) -> tuple[EncodeVideo, EncodePrompt]:
-    """Video-VAE and text encoders of a converted checkpoint or release directory (`sampling/components.py`),
-    at the official dtypes unless `dtypes` (e.g. `vae_dtype=jnp.float32`) says otherwise."""
-    import jax.numpy as jnp
-
-    from stepvideo_jax import hub
-    from stepvideo_jax.sampling import components
-
-    models = components.from_checkpoint(hub.resolve(models_dir), **dtypes)
+    """Video-VAE and text encoders of a converted checkpoint or release directory (`checkpoints.loader`;
+    the DiT is not loaded), at the official dtypes unless `dtypes` (e.g. `vae_dtype=jnp.float32`)
+    says otherwise."""
+    models = checkpoints.loader(hub.resolve(models_dir), **dtypes)
+    vae, text = models.vae(), models.text_encoder()
 
     def encode_video(video: np.ndarray):
         x = jnp.asarray(synthetic_motion.to_model_range(video))[None]
-        post = models.vae.posterior(models.vae.encode_moments(x))
+        post = vae.posterior(vae.encode_moments(x))
         return np.asarray(post.mean[0], np.float32), np.asarray(post.logvar[0], np.float32)
 
     def encode_prompt(prompt: str):
         return {k: np.asarray(v[0], np.float32 if k != "y_mask" else np.int32)
-                for k, v in models.text(prompt).items()}
+                for k, v in text(prompt).items()}
 
     return encode_video, encode_prompt
 
@@ -306,8 +306,6 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
     p.add_argument("--negative_prompt", default="", help="encoded as the set's negative prompt")
     p.add_argument("--float16", action="store_true", help="store floating arrays as float16")
     a = p.parse_args(None if argv is None else list(argv))
-    from stepvideo_jax.sampling.video_io import read_mp4
-
     try:   # every input checked before the models load
         choices = read_choices(a.choices)
         check_new_output(a.out)

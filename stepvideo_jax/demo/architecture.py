@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from flax import nnx
 
+from stepvideo_jax.convert.config_records import config_from_values
 from stepvideo_jax.models.dit import DiTConfig
 from stepvideo_jax.models.hunyuan_clip import HunyuanClip, HunyuanClipConfig
 from stepvideo_jax.models.step_llm import StepLLM, StepLLMConfig
@@ -15,14 +16,11 @@ from stepvideo_jax.models.vae import VAEConfig
 from stepvideo_jax.text.conditioning import LLM_LENGTH, TextConditioner
 from stepvideo_jax.text.sentencepiece_tokenizer import StepLLMTokenizer
 from stepvideo_jax.text.wordpiece_tokenizer import WordPieceTokenizer
-
-
-def _fields(mapping) -> dict:
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in dict(mapping).items()}
+from stepvideo_jax.training.loop import dit_config as train_dit_config
 
 
 def vae_config(config) -> VAEConfig:
-    return VAEConfig(**_fields(config.vae.to_dict()))
+    return config_from_values(VAEConfig, config.vae.to_dict())
 
 
 def dit_model_config(config) -> dict:
@@ -36,15 +34,16 @@ def dit_model_config(config) -> dict:
 
 
 def dit_config(config) -> DiTConfig:
-    return DiTConfig(**_fields({k: v for k, v in dit_model_config(config).items() if k != "init_from"}))
+    return train_dit_config(dit_model_config(config))
 
 
 def text_encoders(config) -> tuple[StepLLM, HunyuanClip]:
     """Step-LLM and Hunyuan-CLIP at their deterministic random init (`config.text_seed`, drawn in
     this order from one `nnx.Rngs`), float32."""
-    llm_cfg = StepLLMConfig(**{"vocab_size": StepLLMTokenizer().vocab_size, **_fields(config.step_llm)})
-    clip_cfg = HunyuanClipConfig(**{"vocab_size": max(WordPieceTokenizer.released().vocab.values()) + 1,
-                                    **_fields(config.clip)})
+    llm_cfg = config_from_values(StepLLMConfig, {"vocab_size": StepLLMTokenizer().vocab_size,
+                                                 **config.step_llm.to_dict()})
+    clip_vocab = max(WordPieceTokenizer.released().vocab.values()) + 1
+    clip_cfg = config_from_values(HunyuanClipConfig, {"vocab_size": clip_vocab, **config.clip.to_dict()})
     rngs = nnx.Rngs(config.text_seed)
     return StepLLM(llm_cfg, rngs=rngs), HunyuanClip(clip_cfg, rngs=rngs)
 

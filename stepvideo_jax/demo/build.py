@@ -21,12 +21,21 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import app, flags
 from flax import nnx
+from ml_collections import config_flags
 
-from stepvideo_jax import config_files, logs
+from stepvideo_jax import checkpoints, config_files, logs
 from stepvideo_jax.data import synthetic_motion as sm
-from stepvideo_jax.demo import architecture, export, latents
+from stepvideo_jax.demo import architecture, evaluate, export, latents
+from stepvideo_jax.models.dit import StepVideoDiT
 from stepvideo_jax.models.vae import VideoVAE
+from stepvideo_jax.sampling import components
+from stepvideo_jax.sampling.flow_matching import SamplerSettings
+from stepvideo_jax.sampling.pipeline import TextToVideo, VideoSize
+from stepvideo_jax.training import loop
+from stepvideo_jax.training import optimizer as optim
+from stepvideo_jax.training import train_state, vae_train
 
 DEFAULT_EXPORT = pathlib.Path(__file__).resolve().parents[1] / "assets" / "demo"
 
@@ -56,9 +65,6 @@ def train_vae(config, printer=print, num_steps: int | None = None, *, phase: str
     """One VAE phase (`config.<phase>`): a fresh VAE (or `init`) trained on renders of the training
     scenes at `render_size` pixels, in random `crop` windows (`training.vae_train`); `num_steps`
     stops early (the schedule still spans `steps`)."""
-    from stepvideo_jax.training import optimizer as optim
-    from stepvideo_jax.training import train_state, vae_train
-
     v, t = config.video, config[phase]
     model = VideoVAE(architecture.vae_config(config), rngs=nnx.Rngs(t.seed)) if init is None else init
     graphdef, params = nnx.split(model)
@@ -113,16 +119,11 @@ def dit_train_config(config, workdir: pathlib.Path):
 
 def demo_models(checkpoint_dir, *, dtype=jnp.float32):
     """The four components of a demo checkpoint, compute and parameters in `dtype`."""
-    from stepvideo_jax.sampling import components
-
-    return components.from_converted(checkpoint_dir, dit_dtype=dtype, vae_dtype=dtype, llm_dtype=dtype,
-                                     clip_dtype=dtype)
+    return checkpoints.loader(checkpoint_dir, dit_dtype=dtype, vae_dtype=dtype, llm_dtype=dtype,
+                              clip_dtype=dtype).models()
 
 
 def pipeline_of(models, dit=None):
-    from stepvideo_jax.sampling import components
-    from stepvideo_jax.sampling.pipeline import TextToVideo
-
     return TextToVideo(encode_text=models.text, dit=models.dit if dit is None else dit,
                        decode=components.vae_decoder(models.vae, stream_frames=32))
 
@@ -140,9 +141,6 @@ def reconstruct(vae: VideoVAE, videos: np.ndarray) -> jax.Array:
 
 
 def sampling_settings(config):
-    from stepvideo_jax.sampling.flow_matching import SamplerSettings
-    from stepvideo_jax.sampling.pipeline import VideoSize
-
     s, v = config.sample, config.video
     return (VideoSize(v.frames, v.height, v.width),
             SamplerSettings(s.num_steps, float(s.guidance_scale), float(s.time_shift)))
@@ -152,9 +150,6 @@ def evaluate_checkpoint(config, checkpoint_dir, printer=print) -> dict:
     """Checker accuracy of the trained DiT and of a randomly initialised one (same VAE and text
     encoders) on the held-out scenes and every `config.eval.train_stride`-th training scene (none
     when 0)."""
-    from stepvideo_jax.demo import evaluate
-    from stepvideo_jax.models.dit import StepVideoDiT
-
     e = config.eval
     models = demo_models(checkpoint_dir)
     size, settings = sampling_settings(config)
@@ -201,14 +196,14 @@ def build(config, workdir, *, export_to: str = "", printer=print) -> dict:
     vae = None
     for phase in config.vae_phases:
         phase_dir = workdir / phase
-        if not (phase_dir / "conversion.json").exists():
+        if not checkpoints.is_converted(phase_dir):
             with _stage(phase, printer) as timer:
                 vae, history = train_vae(config, printer, phase=phase, init=vae)
                 export.write_checkpoint(phase_dir, {"vae": vae}, dtype="bfloat16")
             curves[phase] = history
             curves_path.write_text(json.dumps(curves))
             record(phase, timer)
-        vae = export.load_component(phase_dir, "vae")
+        vae = checkpoints.load_component(phase_dir, "vae")
     step_llm, clip = architecture.text_encoders(config)
 
     latents_dir = workdir / "latents"
@@ -218,8 +213,6 @@ def build(config, workdir, *, export_to: str = "", printer=print) -> dict:
             write_training_latents(config, latents_dir, vae, step_llm, clip)
         record("latents", timer)
 
-    from stepvideo_jax.training import loop
-
     dit_config = dit_train_config(config, workdir)
     if "dit" not in curves:
         with _stage("dit", printer) as timer:
@@ -228,7 +221,7 @@ def build(config, workdir, *, export_to: str = "", printer=print) -> dict:
         curves["dit_heldout"] = result.heldout
         curves_path.write_text(json.dumps(curves))
         record("dit", timer)
-    dit = loop.load_dit(dit_config.workdir)
+    dit = checkpoints.load_dit(dit_config.workdir)
 
     demo_dir = workdir / "demo"
     with _stage("export", printer) as timer:
@@ -253,9 +246,7 @@ def build(config, workdir, *, export_to: str = "", printer=print) -> dict:
 
 
 def main(argv=None):
-    from absl import app, flags
-    from ml_collections import config_flags
-
+    # the flags are defined when the command runs, not when the module is imported (tests import it)
     config_flag = config_flags.DEFINE_config_file("config", str(config_files.path("demo/train.py")),
                                                   "demo build config")
     flags.DEFINE_string("workdir", None, "run directory; default config.workdir")

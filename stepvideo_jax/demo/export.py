@@ -1,5 +1,5 @@
 """Trained in-memory models -> a converted checkpoint (`convert/orbax_io.py` layout), the format
-`python -m stepvideo_jax.convert` writes and `sampling.components.from_converted` reads.
+`python -m stepvideo_jax.convert` writes and `stepvideo_jax.checkpoints` reads.
 
 Layout: `conversion.json`, and per component (`transformer`, `vae`, `step_llm`, `hunyuan_clip`) a
 directory with `manifest.json` (the model config record), the Orbax parameter groups and the files
@@ -15,20 +15,21 @@ import uuid
 from typing import Mapping
 
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 from flax import nnx
 
 from stepvideo_jax.convert import config_records, orbax_io
 from stepvideo_jax.convert.keymap import checkpoint_arrays
+from stepvideo_jax.convert.registry import CONVERTED_MARKER
+from stepvideo_jax.dtypes import DTYPES
+from stepvideo_jax.text.sentencepiece_tokenizer import RELEASED_MODEL
+from stepvideo_jax.text.wordpiece_tokenizer import released_tokenizer_dir
 
-ASSETS = pathlib.Path(__file__).resolve().parents[1] / "assets"
-# component -> {path in the component directory: packaged source}
+# component -> {path in the component directory: packaged source (the released tokenizers)}
 TOKENIZER_FILES: Mapping[str, Mapping[str, pathlib.Path]] = {
-    "step_llm": {"step1_chat_tokenizer.model": ASSETS / "step_llm_tokenizer" / "step1_chat_tokenizer.model"},
-    "hunyuan_clip": {f"tokenizer/{p.name}": p for p in sorted((ASSETS / "hunyuan_clip_tokenizer").iterdir())},
+    "step_llm": {"step1_chat_tokenizer.model": RELEASED_MODEL},
+    "hunyuan_clip": {f"tokenizer/{p.name}": p for p in sorted(released_tokenizer_dir().iterdir())},
 }
-DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 
 
 def flat_params(model: nnx.Module, dtype: str) -> dict[str, np.ndarray]:
@@ -69,7 +70,7 @@ def write_checkpoint(out, models: Mapping[str, nnx.Module], *, dtype: str = "bfl
         summary = {"release": source, "dtype": dtype, "components": {
             name: {"num_params": m["num_params"], "groups": len(m["groups"]), "files": m["files"]}
             for name, m in manifests.items()}}
-        (tmp / "conversion.json").write_text(json.dumps(summary, indent=1) + "\n")
+        (tmp / CONVERTED_MARKER).write_text(json.dumps(summary, indent=1) + "\n")
         if out.exists():
             old = out.parent / f".{out.name}.replaced-{uuid.uuid4().hex[:8]}"
             out.rename(old)
@@ -81,10 +82,3 @@ def write_checkpoint(out, models: Mapping[str, nnx.Module], *, dtype: str = "bfl
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def load_component(root, name: str, *, dtype=jnp.float32) -> nnx.Module:
-    """One component of a converted checkpoint, parameters and compute in `dtype`."""
-    from stepvideo_jax.convert import cli
-
-    return cli.load_converted(root, name, dtype=dtype, param_dtype=dtype)

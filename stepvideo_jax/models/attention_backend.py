@@ -91,7 +91,7 @@ class AttentionCase:
 
 @dataclasses.dataclass(frozen=True)
 class Choice:
-    """backend: one of `models.attention.BACKENDS`; reason: why, in words; fallback: True when the
+    """backend: one of `models.attention_kernels.BACKENDS`; reason: why, in words; fallback: True when the
     platform's preferred kernel (cuDNN, splash) was refused for this case."""
 
     backend: str

@@ -77,13 +77,25 @@ class MeshConfig:
         return sizes
 
 
-def make_mesh(config: MeshConfig = MeshConfig(), devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
-    """A (data, fsdp, sequence, tensor) mesh over `devices` (default: all, every process).
+def make_mesh(config: MeshConfig | Mapping[str, int] | str = MeshConfig(),
+              devices: Optional[Sequence[jax.Device]] = None, *, subset: bool = False) -> Mesh:
+    """The one mesh builder: a (data, fsdp, sequence, tensor) mesh over `devices` (default: all,
+    every process). `config`: a `MeshConfig`, a mapping of axis sizes (`config.mesh` of a training
+    config) or a spec string ("sequence=2,tensor=2"). `subset=True`: fixed sizes whose product is below
+    the device count take the first devices (e.g. a one-device run on a host with 8); otherwise the
+    sizes must use every device.
 
     Device order comes from `mesh_utils.create_device_mesh`, which follows the physical topology on
     TPU and GPU (innermost axis on the nearest chips).
     """
+    if isinstance(config, str):
+        config = MeshConfig.from_string(config)
+    elif not isinstance(config, MeshConfig):
+        config = MeshConfig.from_mapping(config)
     devices = list(jax.devices() if devices is None else devices)
+    fixed = [getattr(config, name) for name in MESH_AXES]
+    if subset and min(fixed) > 0 and len(devices) % math.prod(fixed) == 0:
+        devices = devices[:math.prod(fixed)]
     sizes = config.resolve(len(devices))
     shape = tuple(sizes[name] for name in MESH_AXES)
     try:
@@ -98,11 +110,6 @@ def shard_model(model: nnx.Module, mesh: Mesh, rules: Rules = LOGICAL_RULES) -> 
     state = nnx.state(model)
     nnx.update(model, jax.device_put(state, state_shardings(state, mesh, rules)))
     return model
-
-
-def model_shardings(model: nnx.Module, mesh: Mesh, rules: Rules = LOGICAL_RULES):
-    """NamedSharding tree of `nnx.state(model)`; `model` may be abstract (`nnx.eval_shape`)."""
-    return state_shardings(nnx.state(model), mesh, rules)
 
 
 # Environment variables that mean "this process is one of several" for the launchers we support.
@@ -132,7 +139,9 @@ def multi_process_env(environ: Mapping[str, str] = os.environ) -> Optional[str]:
 
 
 def initialize_distributed(force: bool = False, environ: Mapping[str, str] = os.environ) -> bool:
-    """Calls `jax.distributed.initialize()` when a multi-process launch is detected (or `force`).
+    """The one multi-host start-up: calls `jax.distributed.initialize()` when a multi-process launch
+    is detected (or `force`), once (a second call, e.g. by `launch/entry.py` and then the entry point
+    it runs, does nothing). Every entry point calls it first.
 
     Must run before any other JAX call. Returns whether it initialised. `initialize()` itself reads
     the coordinator, process count and id from SLURM, Open MPI or the TPU metadata server.

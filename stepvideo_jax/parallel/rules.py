@@ -23,7 +23,6 @@ LOGICAL_RULES: Rules = (
     # activations
     ("batch", ("data", "fsdp")),
     ("length", "sequence"),        # video tokens (f h w) of self-attention
-    ("kv_length", None),           # text keys of cross-attention; full self-attn keys
     ("text_length", None),         # text-encoder tokens (Step-LLM, CLIP): short, replicated
     ("act_embed", None),
     ("act_heads", "tensor"),
@@ -43,8 +42,8 @@ LOGICAL_RULES: Rules = (
     ("layers", None),              # stacked (scanned) blocks
     ("norm", None),
     ("conv_window", None),         # convolution taps (t, h, w)
-    ("vae_channels", None),
-    ("vae_chunks", ("data", "fsdp", "sequence", "tensor")),  # independent VAE chunks: every device        # Video-VAE channels: replicated (0.5B params; one chip per chunk)
+    ("vae_channels", None),        # Video-VAE channels: replicated (0.5B params; one chip per chunk)
+    ("vae_chunks", ("data", "fsdp", "sequence", "tensor")),  # independent VAE chunks: every device
 )
 
 

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from stepvideo_jax.models import attention as attn
+from stepvideo_jax.models import attention_kernels as attn
 from stepvideo_jax.parallel.rules import LOGICAL_RULES, Rules, logical_to_spec
 
 MODES = ("ulysses", "ring", "ulysses_ring")
@@ -67,6 +67,15 @@ class SequenceParallel:
         return backend if isinstance(backend, cls) else cls(mode=backend)
 
 
+def parse_backend(text: str):
+    """A command line's attention backend: a kernel name ("splash", "blockwise", "xla", "cudnn"), or
+    "mode:local" for sequence parallelism, e.g. "ulysses:splash" (a `SequenceParallel`)."""
+    if ":" not in text:
+        return text
+    mode, local = text.split(":", 1)
+    return SequenceParallel(mode=mode, local_backend=local or None)
+
+
 def sequence_parallel_attention(q, k, v, config, *, key_mask=None, causal=False, bias_fn=None,
                                 scale=None, cross=False, rules: Rules = LOGICAL_RULES,
                                 key_mask_is_prefix: bool = False):
@@ -77,7 +86,7 @@ def sequence_parallel_attention(q, k, v, config, *, key_mask=None, causal=False,
     keys added here go at the end, so a prefix stays a prefix)."""
     config = SequenceParallel.of(config)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    local = functools.partial(attn.attention, scale=scale, backend=config.local_backend,
+    local = functools.partial(attn.local_attention, scale=scale, backend=config.local_backend,
                               block_q=config.block_q, block_k=config.block_k,
                               key_mask_is_prefix=key_mask_is_prefix or key_mask is None)
     mesh = jax.sharding.get_abstract_mesh()
@@ -93,7 +102,7 @@ def sequence_parallel_attention(q, k, v, config, *, key_mask=None, causal=False,
                          f"(self-attention), got mode {config.mode!r}{' (cross)' if cross else ''}")
     qkv_spec = P(batch, seq, heads, None)
     if cross:
-        qp = attn._pad_to(q, 1, n)
+        qp = attn.pad_to(q, 1, n)
         valid = jnp.ones(k.shape[:2], bool) if key_mask is None else key_mask.astype(bool)
         fn = lambda q, k, v, m: local(q, k, v, key_mask=m)
         kv_spec = P(batch, None, heads, None)
@@ -107,7 +116,7 @@ def sequence_parallel_attention(q, k, v, config, *, key_mask=None, causal=False,
     u = _ulysses_degree(config, n, h_local, hkv_local)
     masked = key_mask is not None or s % n != 0
     valid = jnp.ones((b, s), bool) if key_mask is None else key_mask.astype(bool)
-    qp, kp, vp, valid = (attn._pad_to(x, 1, n) for x in (q, k, v, valid))
+    qp, kp, vp, valid = (attn.pad_to(x, 1, n) for x in (q, k, v, valid))
     shard = functools.partial(_self_attention_shard, axis=seq, n=n, u=u, masked=masked, local=local,
                               causal=causal, bias_fn=bias_fn, config=config, scale=scale)
     out = jax.shard_map(shard, in_specs=(qkv_spec, qkv_spec, qkv_spec, P(batch, seq)),
@@ -206,22 +215,22 @@ def _ring_attention(q, k, v, valid, ring: _Ring, *, scale, block_q=512, block_k=
     b, sq, h, d = q.shape
     sk, hkv = k.shape[1], k.shape[2]
     bq, bk = min(block_q, sq), min(block_k, sk)
-    cfg = attn._Cfg(causal=False, bias_fn=None, scale=scale, bq=bq, bk=bk)
-    qg = attn._pad_to(attn._grouped(q, hkv), 3, bq)
-    kt = attn._pad_to(k.transpose(0, 2, 1, 3), 2, bk)
-    vt = attn._pad_to(v.transpose(0, 2, 1, 3), 2, bk)
-    out = _ring(cfg, ring, qg, kt, vt, attn._pad_to(valid, 1, bk))
-    return attn._ungrouped(out[:, :, :, :sq]).astype(q.dtype)
+    cfg = attn.BlockwiseConfig(causal=False, bias_fn=None, scale=scale, bq=bq, bk=bk)
+    qg = attn.pad_to(attn.grouped(q, hkv), 3, bq)
+    kt = attn.pad_to(k.transpose(0, 2, 1, 3), 2, bk)
+    vt = attn.pad_to(v.transpose(0, 2, 1, 3), 2, bk)
+    out = _ring(cfg, ring, qg, kt, vt, attn.pad_to(valid, 1, bk))
+    return attn.ungrouped(out[:, :, :, :sq]).astype(q.dtype)
 
 
 def _ring_forward(cfg, ring, q, k, v, valid):
     """Grouped layout: q (b, hkv, g, sq, d), k/v (b, hkv, sk, d) -> out (q dtype), lse (float32)."""
-    o, lse = attn._forward(cfg, q, k, v, valid)
+    o, lse = attn.forward(cfg, q, k, v, valid)
 
     def step(carry, _):
         o, lse, k, v, valid = carry
         k, v, valid = ring.shift(k, v, valid)
-        o_j, lse_j = attn._forward(cfg, q, k, v, valid)
+        o_j, lse_j = attn.forward(cfg, q, k, v, valid)
         new = jnp.logaddexp(lse, lse_j)
         o = o * jnp.exp(lse - new)[..., None] + o_j.astype(jnp.float32) * jnp.exp(lse_j - new)[..., None]
         return (o, new, k, v, valid), None
@@ -247,7 +256,7 @@ def _ring_bwd(cfg, ring, res, dout):
     q, k, v, valid, out, lse = res
 
     def grads(k, v, valid):
-        dq, dk, dv, _ = attn._flash_bwd(cfg, (q, k, v, valid, out, lse), dout)
+        dq, dk, dv, _ = attn.flash_backward(cfg, (q, k, v, valid, out, lse), dout)
         return dq.astype(jnp.float32), dk.astype(jnp.float32), dv.astype(jnp.float32)
 
     def step(carry, _):

@@ -20,8 +20,6 @@ count again: the rounding is idempotent).
 """
 from __future__ import annotations
 
-import os
-import pathlib
 from typing import Mapping, Optional, Sequence
 
 import jax
@@ -72,24 +70,6 @@ class TextConditioner:
             return y, nnx.merge(clip_graph, clip_state)(clip_ids, clip_mask)
 
         self._encode = encode
-
-    @classmethod
-    def from_release(cls, release_dir: str | os.PathLike, *, llm_dtype=jnp.bfloat16, clip_dtype=jnp.float32,
-                     llm_tokenizer=None, **kwargs) -> "TextConditioner":
-        """Convert `step_llm/` and `hunyuan_clip/` of a release directory in memory, with the
-        tokenizer files found there (`llm_tokenizer`: one already made from that file). Dtypes
-        default to the official deployment's."""
-        from stepvideo_jax.convert import hunyuan_clip as clip_convert
-        from stepvideo_jax.convert import step_llm as llm_convert
-        from stepvideo_jax.text.sentencepiece_tokenizer import StepLLMTokenizer
-        from stepvideo_jax.text.wordpiece_tokenizer import WordPieceTokenizer
-
-        release_dir = pathlib.Path(release_dir)
-        llm_dir, clip_dir = release_dir / llm_convert.COMPONENT, release_dir / "hunyuan_clip"
-        return cls(step_llm=llm_convert.load(llm_dir, dtype=llm_dtype),
-                   llm_tokenizer=llm_tokenizer or StepLLMTokenizer(llm_dir / llm_convert.TOKENIZER),
-                   clip=clip_convert.load(clip_dir, dtype=clip_dtype),
-                   clip_tokenizer=WordPieceTokenizer.from_dir(clip_dir / clip_convert.TOKENIZER_DIR), **kwargs)
 
     def tokenize(self, prompts: str | Sequence[str]):
         """(Step-LLM batch, CLIP batch) of `TokenBatch`es for the prompts."""

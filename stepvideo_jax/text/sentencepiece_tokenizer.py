@@ -24,7 +24,9 @@ BOS, EOS, PAD = 1, 2, 2
 # Pieces the official `StepChatTokenizer.__init__` requires in the model file.
 REQUIRED_PIECES = ("<|BOT|>", "<|EOT|>", "<|CALL_START|>", "<|CALL_END|>", "<|THINK_START|>",
                    "<|THINK_END|>", "<|MASK_1e69f|>", "<|UNMASK_1e69f|>")
-RELEASED_MODEL = (pathlib.Path(__file__).resolve().parents[1] / "assets" / "step_llm_tokenizer"
+# The released tokenizer file ships once: in the shipped demo checkpoint, where every converted
+# checkpoint keeps it (`step_llm/step1_chat_tokenizer.model`).
+RELEASED_MODEL = (pathlib.Path(__file__).resolve().parents[1] / "assets" / "demo" / "step_llm"
                   / "step1_chat_tokenizer.model")
 
 log = logging.getLogger(__name__)

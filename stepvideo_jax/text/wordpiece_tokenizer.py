@@ -299,5 +299,6 @@ class WordPieceTokenizer:
 
 
 def released_tokenizer_dir() -> pathlib.Path:
-    """Folder of the released tokenizer files inside the package (`assets/hunyuan_clip_tokenizer`)."""
-    return pathlib.Path(__file__).resolve().parents[1] / "assets" / "hunyuan_clip_tokenizer"
+    """Folder of the released tokenizer files inside the package: they ship once, in the shipped demo
+    checkpoint, where every converted checkpoint keeps them (`assets/demo/hunyuan_clip/tokenizer`)."""
+    return pathlib.Path(__file__).resolve().parents[1] / "assets" / "demo" / "hunyuan_clip" / "tokenizer"

@@ -14,7 +14,7 @@ disk, unwritable directory) is reported by the next `poll()` (the loop calls it 
 resumes from the newest step that does restore.
 A checkpoint written before the DiT blocks were
 stacked (`blocks/<i>/...`, see `models/stack.py`) is refused by `restore` with the way out (export
-its weights, which `training.loop.load_dit` still reads, and start from them).
+its weights, which `checkpoints.load_dit` still reads, and start from them).
 """
 from __future__ import annotations
 
@@ -26,19 +26,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from stepvideo_jax import paths
-
-
-class CheckpointError(RuntimeError):
-    pass
-
-
-def short_reason(error: BaseException, limit: int = 300) -> str:
-    """The first line of an error, without tensorstore's spec dump, at most `limit` characters:
-    Orbax/tensorstore messages run to thousands of characters."""
-    text = (str(error).strip().splitlines() or [""])[0]
-    text = text.split(" [tensorstore_spec=")[0].split("See full TensorStore details")[0].strip()
-    text = f"{type(error).__name__}: {text}" if text else type(error).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+from stepvideo_jax.checkpoints import CheckpointError, short_reason
 
 from stepvideo_jax.models import stack
 

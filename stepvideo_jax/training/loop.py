@@ -6,38 +6,40 @@ logical-axis rules, the state donated. The loop checks the loss of every step on
 anything else happens, so a NaN/inf stops the run before a bad state can be saved.
 
 Workdir layout: `checkpoints/<step>/`, `metrics.jsonl`, `tensorboard/`, `dit_config.json` (the
-model config, read back by `load_dit` and the exporter), `samples/` (with `samples.every`: latents
+model config, read back by `checkpoints.load_dit` and the exporter), `samples/` (with `samples.every`: latents
 and mp4s of held-out prompts, see `TrainingSampler`), `synthetic_data/` (tiny configs only).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from stepvideo_jax import hub, paths
+from stepvideo_jax import checkpoints, paths
+from stepvideo_jax.convert import config_records
 from stepvideo_jax.data import format as data_format
 from stepvideo_jax.data import pipeline, synthetic
-from stepvideo_jax.models import stack
 from stepvideo_jax.models.dit import DiTConfig, StepVideoDiT
+from stepvideo_jax.parallel.mesh import make_mesh
 from stepvideo_jax.parallel.rules import STATE_RULES, logical_to_spec, state_shardings
+from stepvideo_jax.sampling.components import vae_decoder
+from stepvideo_jax.sampling.flow_matching import FlowMatchSampler, SamplerSettings
+from stepvideo_jax.sampling.image_condition import condition_frames
+from stepvideo_jax.sampling.pipeline import dit_velocity_fn, postprocess
+from stepvideo_jax.sampling.video_io import write_mp4
 from stepvideo_jax.training import optimizer as optim
 from stepvideo_jax.training import startup, train_state
-from stepvideo_jax.training.checkpoint import CheckpointError, Checkpointer, abstract_with_shardings, short_reason
+from stepvideo_jax.training.checkpoint import Checkpointer, abstract_with_shardings
 from stepvideo_jax.training.metrics import MetricsWriter, peak_flops_per_device, train_flops
 from stepvideo_jax.training.train_step import StepSettings, heldout_loss, make_train_step
-
-MESH_AXES = ("data", "fsdp", "sequence", "tensor")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -78,22 +80,6 @@ class TrainResult:
     heldout: list[tuple[int, float]]     # (step, held-out loss), step 0 = before training
 
 
-def build_mesh(sizes, devices=None) -> Mesh:
-    """(data, fsdp, sequence, tensor) mesh; one size may be -1 (the remaining devices). Sizes whose
-    product is below the device count use the first devices (e.g. a one-device run on a host with 8)."""
-    devices = list(jax.devices() if devices is None else devices)
-    sizes = {a: int(sizes.get(a, 1)) for a in MESH_AXES}
-    unknown = [a for a, v in sizes.items() if v == -1]
-    known = math.prod(v for v in sizes.values() if v != -1)
-    if len(unknown) > 1 or (unknown and len(devices) % known) or (not unknown and len(devices) % known):
-        raise ValueError(f"mesh sizes {sizes} do not fit {len(devices)} devices (at most one may be -1; "
-                         "the product must divide the device count)")
-    for a in unknown:
-        sizes[a] = len(devices) // known
-    devices = devices[: math.prod(sizes.values())]
-    return Mesh(np.asarray(devices, dtype=object).reshape([sizes[a] for a in MESH_AXES]), MESH_AXES)
-
-
 def dit_config(model_cfg) -> DiTConfig:
     """DiTConfig from `config.model` (fields of DiTConfig; `preset="full"` for the official size)."""
     raw = dict(model_cfg)
@@ -103,8 +89,7 @@ def dit_config(model_cfg) -> DiTConfig:
     unknown = sorted(set(raw) - fields)
     if unknown:
         raise ValueError(f"config.model has unknown keys {unknown}; DiTConfig fields are {sorted(fields)}")
-    raw = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
-    return dataclasses.replace(base, **raw)
+    return config_records.config_from_values(DiTConfig, {**dataclasses.asdict(base), **raw})
 
 
 def step_settings(config) -> StepSettings:
@@ -127,9 +112,9 @@ def open_dataset(config, workdir: epath.Path) -> data_format.Dataset:
     """`config.data.path` when set (it wins over a config's default synthetic set), else the
     synthetic set written into the workdir."""
     d = config.data
-    if d.get("path"):
+    if d.path:
         return data_format.Dataset(d.path)
-    if d.get("synthetic"):
+    if d.synthetic:
         root = workdir / "synthetic_data"
         if not (root / "meta.json").exists():
             s = d.synthetic
@@ -144,7 +129,7 @@ def _resume(ckpt: Checkpointer, abstract_state, config, writer: MetricsWriter, p
     """(state, data_state) of the newest checkpoint that restores (`config.checkpoint.fallback`,
     default True: an unreadable newest step is set aside, see `Checkpointer.restore_latest`); the
     metrics of the steps the run will replay are dropped from `metrics.jsonl`."""
-    step, state, data_state = ckpt.restore_latest(abstract_state, fallback=config.checkpoint.get("fallback", True),
+    step, state, data_state = ckpt.restore_latest(abstract_state, fallback=config.checkpoint.fallback,
                                                   printer=printer)
     writer.discard_after(step)
     if printer:
@@ -178,45 +163,70 @@ def make_heldout(dataset: data_format.Dataset, size: int, seed: int) -> dict:
     return out
 
 
-def train(config, workdir=None, *, printer: Optional[Callable[[str], Any]] = print,
-          objective: Optional[Objective] = None) -> TrainResult:
-    """Run or resume the run of `config` in `workdir` (default `config.workdir`); `objective`
-    replaces the flow-matching parts (see `Objective`)."""
+@dataclasses.dataclass
+class Run:
+    """Everything a run builds before its first step (`setup`): the model config, mesh, shardings,
+    data, the jitted step and held-out loss, the checkpointer and the metrics writer."""
+
+    config: Any
+    objective: Objective
+    workdir: epath.Path
+    printer: Optional[Callable[[str], Any]]
+    mesh: Mesh
+    cfg: DiTConfig
+    dtype: Any
+    init_state: Callable             # () -> a fresh TrainState (the seed's init)
+    abstract_state: Any
+    state_sh: Any
+    dataset: Any
+    data_iter: Any
+    aux: Any                         # the step's third, never donated argument
+    batch_sh: dict
+    replicated: NamedSharding
+    step_fn: Callable                # (state, batch, aux) -> (state, metrics)
+    eval_fn: Callable                # (params, heldout) -> held-out loss
+    sampler: Optional["TrainingSampler"]
+    ckpt: Checkpointer
+    writer: MetricsWriter
+
+
+def setup(config, workdir=None, *, printer: Optional[Callable[[str], Any]] = print,
+          objective: Optional[Objective] = None) -> Run:
+    """Check the run's directories and data, and build everything `train` needs; nothing is trained
+    and no parameter is initialised yet (`restore` does that)."""
     objective = objective or Objective()
     workdir = paths.absolute(workdir or config.workdir)
     startup.check_run_directories(workdir, workdir / "checkpoints")
     dataset = (objective.open_dataset or open_dataset)(config, workdir)
-    startup.check_dataset(dataset, config.data.get("path") or workdir, headers=config.data.get("check_headers", True))
-    mesh = build_mesh(dict(config.mesh))
-    init_from = hub.dit_source(config.model.get("init_from", ""))
-    cfg = _init_config(init_from) if init_from else dit_config(config.model)
+    startup.check_dataset(dataset, config.data.path or workdir, headers=config.data.check_headers)
+    mesh = make_mesh(dict(config.mesh), subset=True)
+    init_from = config.model.init_from
+    cfg = checkpoints.dit_config(init_from) if init_from else dit_config(config.model)
     if paths.writes_shared_files():
-        paths.write_text(workdir / "dit_config.json", json.dumps(dataclasses.asdict(cfg), indent=1))
+        paths.write_text(workdir / checkpoints.WORKDIR_DIT_CONFIG, json.dumps(dataclasses.asdict(cfg), indent=1))
     dtype = jnp.dtype(config.compute_dtype)
     settings = step_settings(config)
     schedule, optimizer = optimizer_of(config)
-    use_ema = settings.ema_decay > 0
+    if cfg.ti2v and settings.motion_score is None:
+        raise ValueError("this DiT is Step-Video-TI2V: training conditions on each sample's first latent frame "
+                         "and a motion score; set step.motion_score (e.g. 5, the TI2V default)")
 
     def init_state():
         model = objective.prepare(StepVideoDiT(cfg, dtype=dtype, param_dtype=jnp.float32,
                                                rngs=nnx.Rngs(config.seed)))
         return train_state.create(nnx.state(model, objective.trainable), optimizer, seed=config.seed,
-                                  use_ema=use_ema)
+                                  use_ema=settings.ema_decay > 0)
 
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: objective.prepare(
         StepVideoDiT(cfg, dtype=dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(0)))))
-    if cfg.ti2v and settings.motion_score is None:
-        raise ValueError("this DiT is Step-Video-TI2V: training conditions on each sample's first latent frame "
-                         "and a motion score; set step.motion_score (e.g. 5, the TI2V default)")
     sampler = None
-    if config.get("samples") and config.samples.every:
+    if config.samples.every:
         if objective.aux is not None:
             raise ValueError(f"samples.every = {config.samples.every}: sample videos are written by flow-matching "
                              "runs only; set samples.every = 0 for this objective")
         sampler = TrainingSampler(graphdef, config.samples, backend=settings.attention_backend, dtype=dtype,
                                   in_channels=cfg.in_channels,
                                   motion_score=settings.motion_score if cfg.ti2v else None)
-
     abstract_state = jax.eval_shape(init_state)
     state_sh = state_shardings(abstract_state, mesh, STATE_RULES)   # ZeRO-style: over fsdp x sequence
 
@@ -229,86 +239,137 @@ def train(config, workdir=None, *, printer: Optional[Callable[[str], Any]] = pri
         aux = jax.device_put({k: jnp.asarray(v) for k, v in dataset.negative().items()}, replicated)
     else:
         aux, aux_sh = objective.aux(config, dataset, mesh)
-    example = dataset.load(0)
-    batch_sh = batch_shardings({k: v[None] for k, v in example.items()}, mesh)
+    batch_sh = batch_shardings({k: v[None] for k, v in dataset.load(0).items()}, mesh)
 
-    ckpt = Checkpointer(workdir / "checkpoints", save_every=config.checkpoint.every,
-                        keep=config.checkpoint.keep, async_save=config.checkpoint.get("async_save", True))
-    writer = MetricsWriter(workdir, tensorboard=config.metrics.tensorboard, printer=printer)
     step_fn = jax.jit(objective.make_step(graphdef, optimizer, schedule, settings),
                       in_shardings=(state_sh, batch_sh, aux_sh), out_shardings=(state_sh, replicated),
                       donate_argnums=0)
     eval_fn = jax.jit(lambda params, held: heldout_loss(graphdef, params, held,
                                                         backend=settings.attention_backend,
                                                         motion_score=settings.motion_score))
-    peak = peak_flops_per_device(jax.devices()[0].device_kind, config.metrics.get("peak_flops"))
-    text_length, clip_length = dataset.meta["text_length"], dataset.meta["clip_length"]
+    ckpt = Checkpointer(workdir / "checkpoints", save_every=config.checkpoint.every,
+                        keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+    writer = MetricsWriter(workdir, tensorboard=config.metrics.tensorboard, printer=printer)
+    return Run(config, objective, workdir, printer, mesh, cfg, dtype, init_state, abstract_state, state_sh,
+               dataset, data_iter, aux, batch_sh, replicated, step_fn, eval_fn, sampler, ckpt, writer)
+
+
+def restore(run: Run):
+    """The state to train from: the newest checkpoint that restores (the data position with it), or
+    a fresh state with the objective's, `model.init_from`'s or the seed's weights."""
+    if run.ckpt.latest_step() is not None:
+        state, data_state = _resume(run.ckpt, abstract_with_shardings(run.abstract_state, run.state_sh),
+                                    run.config, run.writer, run.printer)
+        run.data_iter.set_state(data_state)
+        return state
+    run.writer.discard_after(-1)  # records of an earlier attempt that saved no checkpoint
+    state = jax.jit(run.init_state, out_shardings=run.state_sh)()
+    if run.objective.init_params is not None:
+        return run.objective.init_params(run.config, state, run.state_sh)
+    if run.config.model.init_from:
+        return _with_initial_weights(state, run.config.model.init_from, run.dtype, run.state_sh, run.mesh)
+    return state
+
+
+def train_step(run: Run, state, step: int):
+    """One optimiser step on the next batch: (state, host metrics, the batch's latents shape); a
+    non-finite loss stops the run before anything is saved (`NonFiniteLoss`)."""
+    local = next(run.data_iter)
+    state, metrics = run.step_fn(state, to_global(local, run.batch_sh), run.aux)
+    m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    if not m.pop("finite"):
+        run.ckpt.wait()
+        raise NonFiniteLoss(
+            f"loss is {m['loss']} at step {step + 1} (grad norm {m['grad_norm']}): stopping. The last "
+            f"good checkpoint is step {run.ckpt.latest_step()} in {run.ckpt.directory}")
+    return state, m, local[run.objective.latents_key].shape[1:]
+
+
+class Throughput:
+    """Step time, samples/s, tokens/s and MFU (analytic FLOPs, `metrics.train_flops`) over the steps
+    since the last `scalars()`; time spent outside training (held-out loss, samples) is `exclude`d."""
+
+    def __init__(self, run: Run):
+        self.run = run
+        self.peak = peak_flops_per_device(jax.devices()[0].device_kind, run.config.metrics.peak_flops)
+        self.lengths = dict(text_length=run.dataset.meta["text_length"],
+                            clip_length=run.dataset.meta["clip_length"])
+        self.reset()
+
+    def reset(self) -> None:
+        self.t0, self.samples, self.tokens, self.flops, self.steps = time.perf_counter(), 0, 0, 0.0, 0
+
+    def add(self, latents_shape) -> None:
+        f, _, h, w = latents_shape
+        b, cfg = self.run.config.data.global_batch, self.run.cfg
+        self.samples += b
+        self.tokens += b * f * (h // cfg.patch_size) * (w // cfg.patch_size)
+        self.flops += b * self.run.objective.forwards_per_sample / 3.0 * train_flops(
+            cfg, frames=f, height=h, width=w, **self.lengths)
+        self.steps += 1
+
+    def exclude(self, seconds: float) -> None:
+        self.t0 += seconds
+
+    def scalars(self) -> dict:
+        dt = time.perf_counter() - self.t0
+        out = dict(step_time_s=dt / self.steps, samples_per_s=self.samples / dt, tokens_per_s=self.tokens / dt)
+        if self.peak:
+            out["mfu"] = self.flops / dt / (self.peak * self.run.mesh.size)
+        self.reset()
+        return out
+
+
+def log_step(run: Run, state, step: int, stop: int, metrics: dict, heldout, throughput: Throughput,
+             heldout_curve: list) -> None:
+    """After step `step`: the held-out loss (`eval_every`), the metrics and throughput (`log_every`,
+    and the last step), sample videos (`samples.every`)."""
+    config, scalars = run.config, dict(metrics)
+    if config.eval_every and step % config.eval_every == 0:
+        t_eval = time.perf_counter()
+        scalars["heldout_loss"] = float(run.eval_fn(state.params, heldout))
+        heldout_curve.append((step, scalars["heldout_loss"]))
+        throughput.exclude(time.perf_counter() - t_eval)  # throughput counts training only
+    if step % config.log_every == 0 or step == stop:
+        scalars.update(throughput.scalars())
+        run.writer.write(step, scalars)
+    if run.sampler is not None and step % config.samples.every == 0:
+        t_samples = time.perf_counter()
+        run.sampler(run.workdir, step, state.ema if state.ema is not None else state.params, heldout, run.aux)
+        throughput.exclude(time.perf_counter() - t_samples)
+
+
+def train(config, workdir=None, *, printer: Optional[Callable[[str], Any]] = print,
+          objective: Optional[Objective] = None) -> TrainResult:
+    """Run or resume the run of `config` in `workdir` (default `config.workdir`); `objective`
+    replaces the flow-matching parts (see `Objective`)."""
+    run = setup(config, workdir, printer=printer, objective=objective)
     history: list[dict] = []
     heldout_curve: list[tuple[int, float]] = []
     try:
-        with jax.set_mesh(mesh):
-            if ckpt.latest_step() is not None:
-                state, data_state = _resume(ckpt, abstract_with_shardings(abstract_state, state_sh), config,
-                                            writer, printer)
-                data_iter.set_state(data_state)
-            else:
-                writer.discard_after(-1)  # records of an earlier attempt that saved no checkpoint
-                state = jax.jit(init_state, out_shardings=state_sh)()
-                if objective.init_params is not None:
-                    state = objective.init_params(config, state, state_sh)
-                elif init_from:
-                    state = _with_initial_weights(state, init_from, dtype, state_sh, mesh)
+        with jax.set_mesh(run.mesh):
+            state = restore(run)
             step = int(state.step)
-            heldout = (jax.device_put(make_heldout(dataset, config.eval_size, config.seed + 1), replicated)
-                       if config.eval_every or sampler is not None else None)
+            heldout = (jax.device_put(make_heldout(run.dataset, config.eval_size, config.seed + 1), run.replicated)
+                       if config.eval_every or run.sampler is not None else None)
             if config.eval_every and step == 0:
-                heldout_curve.append((0, float(eval_fn(state.params, heldout))))
-                writer.write(0, {"heldout_loss": heldout_curve[0][1]})
-            stop = min(config.total_steps, config.get("stop_at_step") or config.total_steps)
-            window = {"t0": time.perf_counter(), "samples": 0, "tokens": 0, "flops": 0.0, "steps": 0}
+                heldout_curve.append((0, float(run.eval_fn(state.params, heldout))))
+                run.writer.write(0, {"heldout_loss": heldout_curve[0][1]})
+            stop = min(config.total_steps, config.stop_at_step or config.total_steps)
+            throughput = Throughput(run)
             while step < stop:
-                local = next(data_iter)
-                state, metrics = step_fn(state, to_global(local, batch_sh), aux)
-                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                state, metrics, latents_shape = train_step(run, state, step)
                 step += 1
-                if not m.pop("finite"):
-                    ckpt.wait()
-                    raise NonFiniteLoss(
-                        f"loss is {m['loss']} at step {step} (grad norm {m['grad_norm']}): stopping. The last "
-                        f"good checkpoint is step {ckpt.latest_step()} in {ckpt.directory}")
-                history.append({"step": step, **m})
-                f, _, h, w = local[objective.latents_key].shape[1:]
-                b = config.data.global_batch
-                window["samples"] += b
-                window["tokens"] += b * f * (h // cfg.patch_size) * (w // cfg.patch_size)
-                window["flops"] += b * objective.forwards_per_sample / 3.0 * train_flops(
-                    cfg, frames=f, height=h, width=w, text_length=text_length, clip_length=clip_length)
-                window["steps"] += 1
-                scalars = dict(m)
-                if config.eval_every and step % config.eval_every == 0:
-                    t_eval = time.perf_counter()
-                    scalars["heldout_loss"] = float(eval_fn(state.params, heldout))
-                    heldout_curve.append((step, scalars["heldout_loss"]))
-                    window["t0"] += time.perf_counter() - t_eval  # throughput counts training only
-                if step % config.log_every == 0 or step == stop:
-                    dt = time.perf_counter() - window["t0"]
-                    scalars.update(step_time_s=dt / window["steps"], samples_per_s=window["samples"] / dt,
-                                   tokens_per_s=window["tokens"] / dt)
-                    if peak:
-                        scalars["mfu"] = window["flops"] / dt / (peak * mesh.size)
-                    writer.write(step, scalars)
-                    window = {"t0": time.perf_counter(), "samples": 0, "tokens": 0, "flops": 0.0, "steps": 0}
-                if sampler is not None and step % config.samples.every == 0:
-                    t_samples = time.perf_counter()
-                    sampler(workdir, step, state.ema if state.ema is not None else state.params, heldout, aux)
-                    window["t0"] += time.perf_counter() - t_samples
-                ckpt.save(step, state, data_iter.get_state())
-                ckpt.poll()
-            ckpt.save(step, state, data_iter.get_state(), force=step not in ckpt.all_steps())
-            ckpt.wait()
+                history.append({"step": step, **metrics})
+                throughput.add(latents_shape)
+                log_step(run, state, step, stop, metrics, heldout, throughput, heldout_curve)
+                run.ckpt.save(step, state, run.data_iter.get_state())
+                run.ckpt.poll()
+            run.ckpt.save(step, state, run.data_iter.get_state(), force=step not in run.ckpt.all_steps())
+            run.ckpt.wait()
     finally:
-        ckpt.close()
-        writer.close()
+        run.ckpt.close()
+        run.writer.close()
     return TrainResult(state=state, history=history, heldout=heldout_curve)
 
 
@@ -321,9 +382,6 @@ class TrainingSampler:
 
     def __init__(self, graphdef, sample_cfg, *, backend, dtype, in_channels: int,
                  motion_score: Optional[float] = None):
-        from stepvideo_jax.sampling.flow_matching import FlowMatchSampler, SamplerSettings
-        from stepvideo_jax.sampling.pipeline import dit_velocity_fn
-
         if sample_cfg.count < 1 or sample_cfg.num_steps < 1:
             raise ValueError(f"samples.count ({sample_cfg.count}) and samples.num_steps "
                              f"({sample_cfg.num_steps}) must be >= 1")
@@ -332,11 +390,8 @@ class TrainingSampler:
                                         shift=sample_cfg.shift)
         self.sampler = FlowMatchSampler(dit_velocity_fn(graphdef, backend=backend), model_dtype=dtype)
         self.decode = None
-        if sample_cfg.get("vae"):
-            from stepvideo_jax.convert import vae as vae_convert
-            from stepvideo_jax.sampling.components import vae_decoder
-
-            vae = vae_convert.load(sample_cfg.vae)
+        if sample_cfg.vae:
+            vae = checkpoints.load_vae(sample_cfg.vae)
             if vae.cfg.z_channels != in_channels:
                 raise ValueError(f"samples.vae {sample_cfg.vae}: its z_channels ({vae.cfg.z_channels}) must be "
                                  f"the DiT's in_channels ({in_channels})")
@@ -345,17 +400,12 @@ class TrainingSampler:
     def __call__(self, workdir, step: int, params, heldout: dict, negative: dict) -> epath.Path:
         """Sample with `params` (the EMA or raw weights) and write the files of `step` (process 0;
         every process samples)."""
-        from stepvideo_jax.sampling.pipeline import postprocess
-        from stepvideo_jax.sampling.video_io import write_mp4
-
         n = min(self.cfg.count, heldout["x"].shape[0])
         cond = {k: heldout[k][:n] for k in ("y", "y_mask", "clip")}
         if self.settings.cfg:
             cond = {k: jnp.concatenate([v, jnp.broadcast_to(negative[k].astype(v.dtype), v.shape)])
                     for k, v in cond.items()}
         if self.motion_score is not None:  # TI2V: the held-out videos' first latent frames, both CFG rows
-            from stepvideo_jax.sampling.image_condition import condition_frames
-
             x = heldout["x"][:n]
             condition = condition_frames(x[:, :1], x.shape[1])
             rows = 2 if self.settings.cfg else 1
@@ -377,73 +427,11 @@ class TrainingSampler:
         return path
 
 
-def _converted_root(init_from) -> Optional[epath.Path]:
-    path = paths.as_path(init_from)
-    return path if (path / "transformer" / "manifest.json").is_file() else None
-
-
-def _init_config(init_from) -> DiTConfig:
-    """DiTConfig of `init_from`: a converter output root (`python -m stepvideo_jax.convert`) or an
-    official `transformer/` directory."""
-    root = _converted_root(init_from)
-    if root is not None:
-        from stepvideo_jax.convert import cli, orbax_io
-
-        return cli.config_from_record(orbax_io.read_manifest(root / "transformer")["config"])
-    from stepvideo_jax.convert import dit as dit_convert
-
-    return dit_convert.read_config(init_from)
-
-
 def _with_initial_weights(state, init_from, dtype, state_sh, mesh):
-    """`state` with params (and EMA) from `init_from`, as float32 master weights in `state_sh`.
-    A converter output is restored straight into the mesh shardings, and so is an official
-    `transformer/` directory, tensor by tensor (`convert.release_restore`)."""
-    root = _converted_root(init_from)
-    if root is not None:
-        from stepvideo_jax.convert import cli
-
-        model = cli.load_converted(root, "transformer", dtype=dtype, param_dtype=jnp.float32, mesh=mesh)
-    else:
-        from stepvideo_jax.convert.release_restore import load_release_component
-
-        model = load_release_component(init_from, "transformer", param_dtype=jnp.float32, dtype=dtype, mesh=mesh)
+    """`state` with params (and EMA) from `init_from` (any DiT source of `checkpoints`), as float32
+    master weights in `state_sh`. A converted checkpoint or a release `transformer/` is restored
+    straight into the mesh shardings; a training workdir loads in host memory first."""
+    model = checkpoints.load_dit(init_from, dtype=dtype, param_dtype=jnp.float32, mesh=mesh)
     params = jax.device_put(nnx.state(model), state_sh.params)
     ema = jax.tree.map(jnp.copy, params) if state.ema is not None else None
     return state.replace(params=params, ema=ema)
-
-
-def load_dit(workdir, *, step: Optional[int] = None, ema: bool = False, dtype=jnp.float32) -> StepVideoDiT:
-    """The DiT of a training checkpoint (raw weights, or the EMA with `ema=True`), unsharded. A
-    checkpoint of the layout before the blocks were stacked (`blocks/<i>/...`) is stacked at load."""
-    workdir = paths.absolute(workdir)
-    cfg = DiTConfig(**{k: tuple(v) if isinstance(v, list) else v
-                       for k, v in json.loads((workdir / "dit_config.json").read_text()).items()})
-    model = nnx.eval_shape(lambda: StepVideoDiT(cfg, dtype=dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(0)))
-    graphdef, abstract = nnx.split(model)
-    mngr = ocp.CheckpointManager(workdir / "checkpoints")
-    step = mngr.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"no complete checkpoint in {workdir / 'checkpoints'}")
-    try:
-        raw = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
-    except Exception as e:  # noqa: BLE001  (corrupt files: tensorstore, msgpack, OS errors alike)
-        raise CheckpointError(f"checkpoint step {step} in {workdir / 'checkpoints'} does not restore "
-                              f"({short_reason(e)}); `python -m stepvideo_jax.verify --checkpoint {workdir}` "
-                              "lists the steps that do") from e
-    finally:
-        mngr.close()
-    which = "ema" if ema else "params"
-    if raw.get(which) is None:
-        raise ValueError(f"checkpoint {step} holds no {which!r} weights (train with step.ema_decay > 0 for EMA)")
-    nnx.replace_by_pure_dict(abstract, stack.stack_unrolled(_strip_value_level(raw[which])))
-    return nnx.merge(graphdef, abstract)
-
-
-def _strip_value_level(tree):
-    """Orbax restores an `nnx.Variable` without a target as `{"value": array}`; keep the array."""
-    if isinstance(tree, dict):
-        if set(tree) == {"value"}:
-            return jnp.asarray(tree["value"])
-        return {k: _strip_value_level(v) for k, v in tree.items()}
-    return jnp.asarray(tree)

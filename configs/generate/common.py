@@ -1,15 +1,14 @@
-r"""Step-Video-T2V (base model), the official recommended settings: 50 steps, CFG 9, time shift 13.
-
-    python -m stepvideo_jax.generate --config configs/generate/base.py \
-        --config.checkpoint_dir=/path/to/stepvideo-t2v --config.prompt="..."
-
-`checkpoint_dir` is a release directory as published (`transformer/`, `vae/`, `step_llm/`,
-`hunyuan_clip/`); 204 frames at 544 x 992, cropped to 540 x 960 as the official pipeline does.
+"""The fields of every generation config (`python -m stepvideo_jax.generate` and `generate_eval`),
+with the official release's settings as defaults; a config starts from `base()` and sets what
+differs, so every config of the family has the same fields.
 """
 import ml_collections
 
+POS_MAGIC = "超高清、HDR 视频、环境光、杜比全景声、画面稳定、流畅动作、逼真的细节、专业级构图、超现实主义、自然、生动、超细节、清晰。"
+NEG_MAGIC = "画面暗、低分辨率、不良手、文本、缺少手指、多余的手指、裁剪、低质量、颗粒状、签名、水印、用户名、模糊。"
 
-def get_config():
+
+def base() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.prompt = ""
     c.prompts = ()                 # a batch: overrides `prompt` when not empty
@@ -20,10 +19,14 @@ def get_config():
     c.num_steps = 50
     c.guidance_scale = 9.0         # <= 1 turns classifier-free guidance off
     c.time_shift = 13.0
-    c.pos_magic = "超高清、HDR 视频、环境光、杜比全景声、画面稳定、流畅动作、逼真的细节、专业级构图、超现实主义、自然、生动、超细节、清晰。"
-    c.neg_magic = "画面暗、低分辨率、不良手、文本、缺少手指、多余的手指、裁剪、低质量、颗粒状、签名、水印、用户名、模糊。"
+    c.pos_magic = POS_MAGIC
+    c.neg_magic = NEG_MAGIC
 
-    c.checkpoint_dir = ""          # required: the release directory
+    c.checkpoint_dir = ""          # a release directory (or its Hugging Face repo id) or a converted checkpoint
+    c.ti2v = False                 # image to video: a first frame per prompt (configs/generate/ti2v.py)
+    c.image = ""                   # TI2V: the first frame (PNG, JPEG, ...; other modes converted to RGB)
+    c.motion_score = None          # TI2V: more motion when higher; finite (configs/generate/ti2v.py: 5)
+    c.tiny = None                  # instead of checkpoint_dir: tiny random models (configs/generate/tiny.py)
     c.dtypes = ml_collections.ConfigDict(dict(dit="bfloat16", vae="bfloat16", step_llm="bfloat16",
                                               clip="float32"))   # the official deployment's
     c.mesh = ""                    # "": one device; else e.g. "fsdp=-1", "sequence=2,tensor=4"
@@ -33,7 +36,7 @@ def get_config():
 
     c.output = "outputs/stepvideo.mp4"   # a batch writes <stem>_<i>.mp4
     c.save_latents = False         # also write <stem>.npy with the final latents (1, f, c, h, w)
-    c.crop_540p = True             # the official crop2standard540p
+    c.crop_540p = True             # the official crop2standard540p (a no-op below 540 x 960)
     c.denoise_filter = True        # the official ffmpeg atadenoise filter
     c.progress = True
     c.compile_cache = True         # persistent compilation cache (stepvideo_jax/compile_cache.py)

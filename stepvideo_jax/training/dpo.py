@@ -1,0 +1,136 @@
+"""The Video-DPO objective of the training loop (`python -m stepvideo_jax.train_dpo` runs it).
+
+The run is the training loop of `training/loop.py` (mesh, sharding rules, grain pipeline, Orbax
+checkpoints with exact resume, metrics, NaN stop) with a DPO `Objective`:
+- data: a preference set (`data/preferences.py`), `config.data.path`, or `config.data.synthetic`
+  (the synthetic captioned-motion pairs, written into the workdir);
+- step: `training/dpo_step.py`; the frozen reference (and, with LoRA, the policy's frozen base) is
+  the step's third, never-donated argument, stored in `config.dpo.reference_dtype` (bfloat16 by
+  default) and sharded by the same logical-axis rules as the policy; it is rebuilt from its source
+  on resume, never checkpointed;
+- policy: full fine-tuning (float32 master weights, as `train`), or LoRA adapters on the attention
+  projections (`config.dpo.lora_rank > 0`, `training/lora.py`): only the adapters are optimised and
+  checkpointed. With LoRA and the reference taken from the initial policy, the frozen base and the
+  reference are the same arrays (one copy in memory).
+
+Weight sources (`config.dpo.policy_from`, `config.dpo.reference_from`):
+  ""                      the seed's random init (tiny configs); for the reference: the initial policy
+  <training workdir>      its latest checkpoint (`checkpoints/`), raw weights; `<workdir>:ema` the EMA
+  <release transformer/>  an official release's `transformer` directory (config.json + safetensors),
+                          or the release directory itself
+  <converted root>        a `python -m stepvideo_jax.convert` output (`conversion.json`), its transformer
+(`stepvideo_jax.checkpoints` detects and loads each kind.)
+"""
+from __future__ import annotations
+
+import functools
+import pathlib
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from stepvideo_jax import checkpoints
+from stepvideo_jax.data import preferences
+from stepvideo_jax.models.dit import DiTConfig, StepVideoDiT
+from stepvideo_jax.parallel.rules import state_shardings
+from stepvideo_jax.training import lora
+from stepvideo_jax.training.dpo_step import DPOSettings, make_dpo_step
+from stepvideo_jax.training.loop import Objective, TrainResult, dit_config, train
+
+
+def dpo_settings(config) -> DPOSettings:
+    d = config.dpo
+    return DPOSettings(beta=d.beta, beta_schedule=d.beta_schedule, sft_weight=d.sft_weight)
+
+
+def open_preferences(config, workdir: pathlib.Path) -> preferences.PairDataset:
+    """`config.data.path` when set (it wins over a config's default synthetic set), else the
+    synthetic pairs written into the workdir."""
+    d = config.data
+    if d.path:
+        return preferences.PairDataset(d.path)
+    if d.synthetic:
+        root = workdir / "synthetic_preferences"
+        if not (root / preferences.PAIRS_FILE).exists():
+            s = d.synthetic
+            preferences.write_synthetic(root, num_pairs=s.num_pairs, frames=s.frames, height=s.height,
+                                        width=s.width, channels=s.channels, time_factor=s.time_factor,
+                                        space_factor=s.space_factor, text_length=s.text_length,
+                                        clip_length=s.clip_length, caption_channels=tuple(s.caption_channels),
+                                        seed=s.seed)
+        return preferences.PairDataset(root)
+    raise ValueError("config.data needs `path` (a stepvideo-preferences-v1 directory) or `synthetic`")
+
+
+def load_weights(source: str, cfg: DiTConfig, *, dtype, param_dtype, seed: int, mesh=None) -> nnx.State:
+    """Plain DiT params from a source (module docstring; `checkpoints.load_dit`): a converted
+    checkpoint is restored in `param_dtype` straight into `mesh`'s rule shardings; the others load on
+    the default device (the seed init in float32, as the policy's; cast and place them with
+    `_cast_place`)."""
+    if not source:
+        return jax.jit(lambda: nnx.state(StepVideoDiT(cfg, dtype=dtype, param_dtype=jnp.float32,
+                                                      rngs=nnx.Rngs(seed))))()
+    params = nnx.state(checkpoints.load_dit(source, dtype=dtype, param_dtype=param_dtype, mesh=mesh))
+    want = jax.eval_shape(lambda: nnx.state(StepVideoDiT(cfg, dtype=dtype, param_dtype=jnp.float32,
+                                                         rngs=nnx.Rngs(0))))
+    if _shapes(params) != _shapes(want):   # (shapes compared per state path: tuples are pytrees themselves)
+        raise ValueError(f"weights of {source!r} do not fit the configured DiT {cfg}")
+    return params
+
+
+def _shapes(state: nnx.State) -> dict[str, tuple[int, ...]]:
+    return {"/".join(map(str, path)): tuple(v.get_value().shape) for path, v in nnx.to_flat_state(state)}
+
+
+def _cast_place(params: nnx.State, dtype, mesh) -> nnx.State:
+    sh = state_shardings(params, mesh)
+    return jax.jit(lambda p: jax.tree.map(lambda a: a.astype(dtype), p), out_shardings=sh)(params)
+
+
+def dpo_objective(config) -> Objective:
+    """The `Objective` of a DPO config (see the module docstring)."""
+    d = config.dpo
+    if config.model.init_from:
+        raise ValueError("DPO configs take the policy from config.dpo.policy_from; leave model.init_from empty")
+    if config.eval_every:
+        raise ValueError("the flow-matching held-out loss does not apply to DPO: set eval_every = 0")
+    if config.step.cond_dropout:
+        raise ValueError("DPO compares two videos of one prompt: set step.cond_dropout = 0")
+    cfg = dit_config(config.model)
+    dtype = jnp.dtype(config.compute_dtype)
+    ref_dtype = jnp.dtype(d.reference_dtype)
+    use_lora = d.lora_rank > 0
+    ref_graphdef = nnx.graphdef(nnx.eval_shape(
+        lambda: StepVideoDiT(cfg, dtype=dtype, param_dtype=ref_dtype, rngs=nnx.Rngs(0))))
+    weights = functools.partial(load_weights, cfg=cfg, dtype=dtype, seed=config.seed)
+
+    def aux(config, dataset, mesh):
+        policy_src, ref_src = d.policy_from, d.reference_from or d.policy_from
+        reference = _cast_place(weights(ref_src, param_dtype=ref_dtype, mesh=mesh), ref_dtype, mesh)
+        base = None
+        if use_lora:
+            base = reference if ref_src == policy_src else _cast_place(
+                weights(policy_src, param_dtype=dtype, mesh=mesh), dtype, mesh)
+        frozen = {"reference": reference, "base": base}
+        return frozen, jax.tree.map(lambda a: a.sharding, frozen)
+
+    def init_params(config, state, state_sh):
+        if use_lora or not d.policy_from:
+            return state
+        params = weights(d.policy_from, param_dtype=jnp.float32)
+        params = jax.device_put(jax.tree.map(lambda a: a.astype(jnp.float32), params), state_sh.params)
+        ema = jax.tree.map(jnp.copy, params) if state.ema is not None else None
+        return state.replace(params=params, ema=ema)
+
+    prepare = (lambda m: lora.apply_lora(m, rank=d.lora_rank, alpha=d.lora_alpha, targets=tuple(d.lora_targets),
+                                         seed=config.seed + 1)) if use_lora else (lambda m: m)
+    return Objective(open_dataset=open_preferences, prepare=prepare,
+                     trainable=lora.LoRAParam if use_lora else nnx.Param,
+                     make_step=functools.partial(make_dpo_step, ref_graphdef=ref_graphdef, dpo=dpo_settings(config)),
+                     aux=aux, init_params=init_params, latents_key="mean_w",
+                     forwards_per_sample=8.0)   # policy forward + backward of 2 videos, reference forward of 2
+
+
+def train_dpo(config, workdir=None, *, printer=print) -> TrainResult:
+    return train(config, workdir, printer=printer, objective=dpo_objective(config))
