@@ -96,12 +96,12 @@ def short_reason(error: BaseException, limit: int = 300) -> str:
 
 def is_converted(path) -> bool:
     """True for a converter output (its `conversion.json` marker), whatever components it holds."""
-    return (pathlib.Path(path) / CONVERTED_MARKER).is_file()
+    return (paths.as_path(path) / CONVERTED_MARKER).is_file()   # a gs:// URI stays one
 
 
 def source_kind(path) -> str:
     """Which of `SOURCE_KINDS` `path` is; a ValueError naming the kinds otherwise."""
-    path = pathlib.Path(path)
+    path = paths.as_path(path)
     if is_converted(path):
         return "converted"
     if (path / WORKDIR_CHECKPOINTS).is_dir():
@@ -140,7 +140,7 @@ def check_checkpoint_dir(path) -> pathlib.Path:
 def component_config(root, component: str):
     """The model config of `<root>/<component>`: the manifest's record (converted) or the
     release's config files."""
-    root = pathlib.Path(root)
+    root = paths.as_path(root)
     if is_converted(root):
         return config_from_record(orbax_io.read_manifest(root / component)["config"], component)
     return converter(component).read_config(root / component)
@@ -312,7 +312,7 @@ def dit_source(source: str | os.PathLike) -> DiTSource:
     the hub cache) and detect its kind."""
     text = os.fspath(source)
     ema = text.endswith(EMA_SUFFIX)
-    path = pathlib.Path(hub.dit_source(text[:-len(EMA_SUFFIX)] if ema else text))
+    path = paths.as_path(hub.dit_source(text[:-len(EMA_SUFFIX)] if ema else text))
     kind = source_kind(path)
     if ema and kind != "workdir":
         raise ValueError(f"{text!r}: only a training workdir takes the suffix {EMA_SUFFIX!r} ({path} is "

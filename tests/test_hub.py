@@ -135,17 +135,15 @@ def test_convert_and_generate_take_a_repo_id_through_the_environment(tmp_path):
     # a DiT source (training's model.init_from, DPO's policy_from / reference_from) by repo id
     probe = ("import jax, jax.numpy as jnp, numpy as np\n"
              "from flax import nnx\n"
-             "from stepvideo_jax import hub\n"
+             "from stepvideo_jax import checkpoints\n"
              "from stepvideo_jax.convert import dit as dit_convert\n"
-             "from stepvideo_jax.train_dpo import load_weights\n"
-             "from stepvideo_jax.training.loop import _init_config\n"
-             "src = hub.dit_source('%s-turbo')\n"
-             "cfg = _init_config(src)\n"
-             "got = load_weights('%s-turbo', cfg, dtype=jnp.float32, param_dtype=jnp.float32, seed=0)\n"
+             "src = checkpoints.dit_source('%s-turbo').path\n"
+             "cfg = checkpoints.dit_config('%s-turbo')\n"
+             "got = nnx.state(checkpoints.load_dit('%s-turbo'))\n"
              "want = nnx.state(dit_convert.load('%s/transformer'))\n"
              "same = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)))\n"
              "print('dit', src, cfg == dit_convert.read_config('%s/transformer'), same)\n"
-             ) % (REPO, REPO, release(), release())
+             ) % (REPO, REPO, REPO, release(), release())
     proc = subprocess.run([sys.executable, "-c", probe], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -19,10 +19,9 @@ from etils.epath import gpath
 from etils.epath import testing as epath_testing
 
 import stepvideo_jax
-from stepvideo_jax import generate, generate_eval, hub, paths
+from stepvideo_jax import checkpoints, generate, generate_eval, hub, paths
 from stepvideo_jax.convert import orbax_io
 from stepvideo_jax.sampling import video_io
-from stepvideo_jax.training import loop
 from stepvideo_jax.training.checkpoint import Checkpointer
 from stepvideo_jax.training.metrics import MetricsWriter, read_jsonl
 from tests.test_generate_cli import load_config
@@ -110,15 +109,21 @@ def test_outputs_metrics_and_manifests_reach_a_bucket(tmp_path, toy_pipeline):
         writer.close()
         assert [r["loss"] for r in read_jsonl("gs://bucket/runs/ft/metrics.jsonl")] == [0.5, 0.25]
         assert epath.Path("gs://bucket/eval/000.npy").exists()
-        assert loop._converted_root("gs://bucket/ckpt") is None
+        assert not checkpoints.is_converted("gs://bucket/ckpt")
         (bucket / "bucket" / "ckpt" / "transformer").mkdir(parents=True)
-        shipped = pathlib.Path(stepvideo_jax.__file__).parent / "assets" / "demo" / "transformer" / "manifest.json"
-        (bucket / "bucket" / "ckpt" / "transformer" / "manifest.json").write_bytes(shipped.read_bytes())
-        assert str(loop._converted_root("gs://bucket/ckpt")) == "gs://bucket/ckpt"
-        assert orbax_io.read_manifest("gs://bucket/ckpt/transformer") == json.loads(shipped.read_text())
+        shipped = pathlib.Path(stepvideo_jax.__file__).parent / "assets" / "demo"
+        (bucket / "bucket" / "ckpt" / "conversion.json").write_bytes((shipped / "conversion.json").read_bytes())
+        (bucket / "bucket" / "ckpt" / "transformer" / "manifest.json").write_bytes(
+            (shipped / "transformer" / "manifest.json").read_bytes())
+        assert checkpoints.source_kind("gs://bucket/ckpt") == "converted"
+        source = checkpoints.dit_source("gs://bucket/ckpt")
+        assert (source.kind, str(source.path)) == ("converted", "gs://bucket/ckpt")
+        assert checkpoints.dit_config("gs://bucket/ckpt") == checkpoints.dit_config(shipped)
+        assert orbax_io.read_manifest("gs://bucket/ckpt/transformer") == json.loads(
+            (shipped / "transformer" / "manifest.json").read_text())
     files = sorted(str(p.relative_to(bucket)) for p in bucket.rglob("*") if p.is_file())
     assert files == [
-        "bucket/ckpt/transformer/manifest.json", "bucket/eval/000.mp4", "bucket/eval/000.npy", "bucket/eval/001.mp4",
+        "bucket/ckpt/conversion.json", "bucket/ckpt/transformer/manifest.json", "bucket/eval/000.mp4", "bucket/eval/000.npy", "bucket/eval/001.mp4",
         "bucket/eval/001.npy", "bucket/eval/manifest.json", "bucket/runs/ft/metrics.jsonl"]
     frames, _ = video_io.read_mp4(bucket / "bucket" / "eval" / "000.mp4")
     assert frames.shape == (TOY_SIZE.num_frames, TOY_SIZE.height, TOY_SIZE.width, 3)
