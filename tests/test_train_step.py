@@ -138,7 +138,7 @@ def test_state_over_fsdp_x_sequence_is_gathered_for_compute():
     step = make_train_step(graphdef, opt, schedule, settings)
     fresh = lambda: train_state.create(jax.tree.map(jnp.copy, params), opt, seed=0, use_ema=True)  # noqa: E731
     one, m_one = jax.jit(step)(fresh(), batch, neg)
-    mesh = build_mesh({"fsdp": 4, "sequence": 2})
+    mesh = make_mesh({"fsdp": 4, "sequence": 2})
     s_sh = state_shardings(fresh(), mesh, STATE_RULES)
     compute_sh = state_shardings(fresh(), mesh)
     b_sh = batch_shardings(batch, mesh)
