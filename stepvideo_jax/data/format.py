@@ -26,7 +26,7 @@ import pathlib
 import shutil
 import threading
 import zipfile
-from typing import Iterable, Mapping, Optional
+from typing import Iterable, Iterator, Mapping, Optional
 
 import numpy as np
 from etils import epath
@@ -231,32 +231,38 @@ META_KEYS = ("latent_channels", "caption_channels", "text_length", "clip_length"
 INDEX_FIELDS = {"file": str, "frames": int, "height": int, "width": int}
 
 
+def read_jsonl(path) -> Iterator[tuple[int, object]]:
+    """(1-based line number, parsed value) of every non-blank line of a JSON-lines file; a malformed
+    line is a `DatasetError` naming the file and line."""
+    with epath.Path(path).open("r", encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield line_no, json.loads(line.rstrip("\r\n"))
+            except json.JSONDecodeError as e:
+                raise DatasetError(f"{path}:{line_no}: not JSON ({e.msg} at column {e.colno})") from None
+
+
 def read_index(path: epath.Path) -> list[dict]:
     """The records of index.jsonl, each with its 1-based line number as `line`. A malformed line is
     a `DatasetError` naming the file and line; `file` must be a relative path inside the dataset."""
     if not path.is_file():
         raise DatasetError(f"{path} not found: a {FORMAT} dataset needs its index")
     records = []
-    with path.open("r", encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                rec = json.loads(line.rstrip("\r\n"))
-            except json.JSONDecodeError as e:
-                raise DatasetError(f"{where}: not JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(rec, dict):
-                raise DatasetError(f"{where}: expected an object with fields {sorted(INDEX_FIELDS)}")
-            bad = [k for k, t in INDEX_FIELDS.items() if not isinstance(rec.get(k), t) or isinstance(rec.get(k), bool)]
-            if bad:
-                raise DatasetError(f"{where}: missing or mistyped fields {bad} (file: str; frames, height, width: int)")
-            if any(rec[k] < 1 for k in ("frames", "height", "width")):
-                raise DatasetError(f"{where}: frames, height, width must be >= 1")
-            file = pathlib.PurePosixPath(rec["file"])
-            if file.is_absolute() or ".." in file.parts:
-                raise DatasetError(f"{where}: file {rec['file']!r} must be a relative path inside the dataset")
-            records.append({**rec, "line": line_no})
+    for line_no, rec in read_jsonl(path):
+        where = f"{path}:{line_no}"
+        if not isinstance(rec, dict):
+            raise DatasetError(f"{where}: expected an object with fields {sorted(INDEX_FIELDS)}")
+        bad = [k for k, t in INDEX_FIELDS.items() if not isinstance(rec.get(k), t) or isinstance(rec.get(k), bool)]
+        if bad:
+            raise DatasetError(f"{where}: missing or mistyped fields {bad} (file: str; frames, height, width: int)")
+        if any(rec[k] < 1 for k in ("frames", "height", "width")):
+            raise DatasetError(f"{where}: frames, height, width must be >= 1")
+        file = pathlib.PurePosixPath(rec["file"])
+        if file.is_absolute() or ".." in file.parts:
+            raise DatasetError(f"{where}: file {rec['file']!r} must be a relative path inside the dataset")
+        records.append({**rec, "line": line_no})
     return records
 
 

@@ -16,7 +16,6 @@ Buckets: latent (frames, height, width) is the batch bucket of the training pipe
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import pathlib
 from typing import Callable, Mapping, Sequence
@@ -28,7 +27,7 @@ import numpy as np
 import tqdm
 
 from stepvideo_jax import checkpoints, hub
-from stepvideo_jax.data.format import DatasetError, Writer, check_new_output
+from stepvideo_jax.data.format import DatasetError, Writer, check_new_output, read_jsonl
 from stepvideo_jax.models import vae as vae_model
 
 # encode_video(video (1, f, 3, h, w) float32 in [-1, 1]) -> (mean, logvar), each (f', c, h', w')
@@ -103,20 +102,13 @@ def read_captions(videos: str | pathlib.Path, captions: str | pathlib.Path) -> l
     if not captions.is_file():
         raise DatasetError(f"--captions {captions} not found")
     entries = []
-    with open(captions, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                e = json.loads(line.rstrip("\r\n"))
-            except json.JSONDecodeError as err:
-                raise DatasetError(f"{captions}:{line_no}: not JSON ({err.msg} at column {err.colno})") from None
-            if not (isinstance(e, dict) and isinstance(e.get("video"), str) and isinstance(e.get("caption"), str)):
-                raise DatasetError(f"{captions}:{line_no}: expected {{\"video\": name, \"caption\": text}} (strings), "
-                                   f"got {e!r}")
-            if not (videos / e["video"]).is_file():
-                raise DatasetError(f"{captions}:{line_no}: video {videos / e['video']} not found")
-            entries.append(e)
+    for line_no, e in read_jsonl(captions):
+        if not (isinstance(e, dict) and isinstance(e.get("video"), str) and isinstance(e.get("caption"), str)):
+            raise DatasetError(f"{captions}:{line_no}: expected {{\"video\": name, \"caption\": text}} (strings), "
+                               f"got {e!r}")
+        if not (videos / e["video"]).is_file():
+            raise DatasetError(f"{captions}:{line_no}: video {videos / e['video']} not found")
+        entries.append(e)
     if not entries:
         raise DatasetError(f"{captions} holds no entries")
     return entries

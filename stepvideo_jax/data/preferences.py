@@ -41,7 +41,7 @@ import numpy as np
 
 from stepvideo_jax import checkpoints, hub
 from stepvideo_jax.data import synthetic_motion
-from stepvideo_jax.data.format import COND_KEYS, Dataset, DatasetError, Writer, check_new_output
+from stepvideo_jax.data.format import COND_KEYS, Dataset, DatasetError, Writer, check_new_output, read_jsonl
 from stepvideo_jax.sampling.video_io import read_mp4
 
 FORMAT = "stepvideo-preferences-v1"
@@ -63,24 +63,17 @@ class PairDataset:
                                "(build one with python -m stepvideo_jax.data.preferences)")
         n = len(self.videos)
         self.pairs: list[tuple[int, int]] = []
-        with path.open("r", encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line.rstrip("\r\n"))
-                except json.JSONDecodeError as e:
-                    raise DatasetError(f"{path}:{line_no}: not JSON ({e.msg} at column {e.colno})") from None
-                if not isinstance(rec, dict):
-                    raise DatasetError(f"{path}:{line_no}: expected an object with chosen, rejected")
-                w, l = rec.get("chosen"), rec.get("rejected")
-                if not (isinstance(w, int) and isinstance(l, int) and 0 <= w < n and 0 <= l < n and w != l):
-                    raise DatasetError(f"{path}:{line_no}: chosen/rejected must be two different sample "
-                                       f"indices in [0, {n}), got {w!r}, {l!r}")
-                if self.videos.bucket(w) != self.videos.bucket(l):
-                    raise DatasetError(f"{path}:{line_no}: samples {w} and {l} have different latent shapes "
-                                       f"{self.videos.bucket(w)} vs {self.videos.bucket(l)}")
-                self.pairs.append((w, l))
+        for line_no, rec in read_jsonl(path):
+            if not isinstance(rec, dict):
+                raise DatasetError(f"{path}:{line_no}: expected an object with chosen, rejected")
+            w, l = rec.get("chosen"), rec.get("rejected")
+            if not (isinstance(w, int) and isinstance(l, int) and 0 <= w < n and 0 <= l < n and w != l):
+                raise DatasetError(f"{path}:{line_no}: chosen/rejected must be two different sample "
+                                   f"indices in [0, {n}), got {w!r}, {l!r}")
+            if self.videos.bucket(w) != self.videos.bucket(l):
+                raise DatasetError(f"{path}:{line_no}: samples {w} and {l} have different latent shapes "
+                                   f"{self.videos.bucket(w)} vs {self.videos.bucket(l)}")
+            self.pairs.append((w, l))
         if not self.pairs:
             raise DatasetError(f"{path} holds no pairs")
 
@@ -119,22 +112,16 @@ def read_choices(path: str | os.PathLike) -> list[Choice]:
     """Human choices from a JSONL file; video paths are resolved relative to the file; ties skipped."""
     path = pathlib.Path(path)
     out = []
-    with open(path) as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line.rstrip("\r\n"))
-            except json.JSONDecodeError as e:
-                raise DatasetError(f"{path}:{line_no}: not JSON ({e})") from None
-            missing = [k for k in ("prompt", "chosen", "rejected") if not isinstance(rec.get(k), str)]
-            if missing:
-                raise DatasetError(f"{path}:{line_no}: needs string fields prompt, chosen, rejected; "
-                                   f"missing or not strings: {missing}")
-            if rec.get("tie"):
-                continue
-            resolve = lambda p: str(p if pathlib.Path(p).is_absolute() else path.parent / p)  # noqa: E731
-            out.append(Choice(rec["prompt"], resolve(rec["chosen"]), resolve(rec["rejected"])))
+    for line_no, rec in read_jsonl(path):
+        rec = rec if isinstance(rec, dict) else {}
+        missing = [k for k in ("prompt", "chosen", "rejected") if not isinstance(rec.get(k), str)]
+        if missing:
+            raise DatasetError(f"{path}:{line_no}: needs string fields prompt, chosen, rejected; "
+                               f"missing or not strings: {missing}")
+        if rec.get("tie"):
+            continue
+        resolve = lambda p: str(p if pathlib.Path(p).is_absolute() else path.parent / p)  # noqa: E731
+        out.append(Choice(rec["prompt"], resolve(rec["chosen"]), resolve(rec["rejected"])))
     if not out:
         raise DatasetError(f"{path}: no (non-tie) choices")
     return out
