@@ -62,8 +62,12 @@ def parse_caption(caption: str) -> Scene:
     raise ValueError(f"not a caption of the synthetic set: {caption!r}")
 
 
-def _shape_mask(shape: str, yy, xx, cy, cx, r):
-    """Soft coverage in [0, 1] of a shape of radius r centred at (cy, cx), 1-pixel anti-aliasing."""
+def shape_coverage(shape: str, yy, xx, cy, cx, r):
+    """Soft coverage in [0, 1] of a shape of radius r centred at (cy, cx), 1-pixel anti-aliasing.
+
+    yy, xx: pixel-centre coordinates (broadcastable). A circle of radius r, a square of side 2r, or a
+    triangle with apex up whose base (width 2r) lies at cy + r and apex at cy - r.
+    """
     if shape == "circle":
         d = np.sqrt((yy - cy) ** 2 + (xx - cx) ** 2) - r
     elif shape == "square":
@@ -103,7 +107,7 @@ def render(scene: Scene, *, frames: int, height: int, width: int, seed: int) -> 
     bg = np.array(BACKGROUND, np.float64)
     video = np.empty((frames, height, width, 3), np.uint8)
     for i in range(frames):
-        a = _shape_mask(scene.shape, yy, xx, cy[i], cx[i], r[i])[..., None]
+        a = shape_coverage(scene.shape, yy, xx, cy[i], cx[i], r[i])[..., None]
         video[i] = np.round(bg * (1 - a) + colour * a).astype(np.uint8)
     return video
 

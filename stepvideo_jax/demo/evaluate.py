@@ -2,11 +2,12 @@
 
 For every scene, caption language and seed, one video is generated (no magic prompt suffixes: the
 demo is trained on bare captions and samples its unconditional rows with the empty prompt) and
-`eval.motion_checker.score` says whether its dominant object has the caption's colour and motion.
-Chance is `motion_checker.CHANCE` = 1 / (colours x motions).
+`eval.motion_checker` reads its dominant object's colour, shape and motion. Chance is
+`motion_checker.CHANCE` = 1 / (colours x motions) for colour and motion, `CHANCE_ALL` with the shape.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from typing import Sequence
 
@@ -43,15 +44,25 @@ def cases(scenes: Sequence[sm.Scene], seeds: Sequence[int] = EVAL_SEEDS,
 
 def evaluate(pipe: TextToVideo, scenes: Sequence[sm.Scene], *, size: VideoSize, settings: SamplerSettings,
              seeds: Sequence[int] = EVAL_SEEDS, languages: Sequence[str] = LANGUAGES, batch: int = 48) -> dict:
-    """{"accuracy", "chance", "results": [{"caption", "seed", "colour", "motion", "ok"}]} and the
-    videos under "videos"."""
+    """{"accuracy" (colour and motion), "accuracy_with_shape" (colour, shape and motion), "by_field"
+    ({field: fraction right}), "chance", "chance_with_shape", "results": [{"caption", "seed", "colour",
+    "shape", "motion", "ok", "ok_with_shape"}]} and the videos under "videos"."""
     todo = cases(scenes, seeds, languages)
     videos = generate(pipe, [c for c, _ in todo], [s for _, s in todo], size=size, settings=settings, batch=batch)
     results = []
     for (caption, seed), video in zip(todo, videos):
         reading = motion_checker.read_video(video)
-        want = sm.parse_caption(caption)
-        results.append({"caption": caption, "seed": seed, "colour": reading.colour, "motion": reading.motion,
-                        "ok": reading.colour == want.colour and reading.motion == want.motion})
-    accuracy = float(np.mean([r["ok"] for r in results]))
-    return {"accuracy": accuracy, "chance": motion_checker.CHANCE, "results": results, "videos": videos}
+        results.append({"caption": caption, "seed": seed, **dataclasses.asdict(reading),
+                        "ok": motion_checker.matches(reading, caption, motion_checker.COLOUR_MOTION),
+                        "ok_with_shape": motion_checker.matches(reading, caption, motion_checker.FIELDS)})
+    return {**summarise(results), "results": results, "videos": videos}
+
+
+def summarise(results: Sequence[dict]) -> dict:
+    """Accuracies of `evaluate`'s result rows (any subset of them, e.g. one seed's)."""
+    wanted = [sm.parse_caption(r["caption"]) for r in results]
+    return {"accuracy": float(np.mean([r["ok"] for r in results])),
+            "accuracy_with_shape": float(np.mean([r["ok_with_shape"] for r in results])),
+            "by_field": {f: float(np.mean([r[f] == getattr(w, f) for r, w in zip(results, wanted)]))
+                         for f in motion_checker.FIELDS},
+            "chance": motion_checker.CHANCE, "chance_with_shape": motion_checker.CHANCE_ALL}

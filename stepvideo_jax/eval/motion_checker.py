@@ -1,9 +1,12 @@
-"""Scores a video against a synthetic-motion prompt: is the dominant object's colour and motion right?
+"""Scores a video against a synthetic-motion prompt: the dominant object's colour, shape and motion.
 
 Written from the set's definition (`data/synthetic_motion.py`), not from a model: the object is the set
 of pixels far from the background colour; its colour is the palette entry nearest to their median;
 its motion is read from the trajectory of its centroid and the change of its area between the first
-and last quarter of the clip. Chance level for a random video is 1 / (colours x motions).
+and last quarter of the clip; its shape is the set's shape whose coverage (`shape_coverage`, placed
+at the object's centroid with the object's area) differs least from the object's own soft coverage,
+summed over the frames. Chance for a random video is 1 / (colours x motions) for colour and motion,
+1 / (colours x shapes x motions) for all three.
 """
 from __future__ import annotations
 
@@ -11,14 +14,23 @@ import dataclasses
 
 import numpy as np
 
-from stepvideo_jax.data.synthetic_motion import BACKGROUND, COLOURS, MOTIONS, parse_caption
+from stepvideo_jax.data.synthetic_motion import BACKGROUND, COLOURS, MOTIONS, SHAPES, parse_caption, shape_coverage
 
+FIELDS = ("colour", "shape", "motion")
+COLOUR_MOTION = ("colour", "motion")
 CHANCE = 1.0 / (len(COLOURS) * len(MOTIONS))
+CHANCE_ALL = CHANCE / len(SHAPES)
+
+# Per shape of `shape_coverage` with radius r: (area / r^2, centroid row - centre row in units of r).
+# The triangle's centroid lies a third of the way from its base (at cy + r) to its apex (cy - r).
+_GEOMETRY = {"circle": (np.pi, 0.0), "square": (4.0, 0.0), "triangle": (2.0, 1.0 / 3.0)}
+assert set(_GEOMETRY) == set(SHAPES)
 
 
 @dataclasses.dataclass(frozen=True)
 class Reading:
     colour: str | None
+    shape: str | None
     motion: str | None
 
 
@@ -31,24 +43,61 @@ def _as_uint8_fhwc(video: np.ndarray) -> np.ndarray:
     return video
 
 
+def _coverage(video: np.ndarray, mask: np.ndarray, median: np.ndarray) -> np.ndarray:
+    """Soft object coverage (f, h, w) in [0, 1]: each pixel's projection on the background -> object
+    colour line, scaled so that the object's fully covered pixels (90th percentile of the masked
+    pixels' projections) read 1. Values under 0.1 (background noise) read 0."""
+    bg = np.array(BACKGROUND, np.float32)
+    direction = (median - bg) / max(float(np.linalg.norm(median - bg)), 1e-6)
+    projection = (video - bg) @ direction
+    full = max(float(np.percentile(projection[mask], 90)), 1e-6)
+    alpha = np.clip(projection / full, 0.0, 1.0)
+    return np.where(alpha < 0.1, 0.0, alpha)
+
+
+def read_shape(alpha: np.ndarray, *, min_pixels: float = 4.0) -> str | None:
+    """The set's shape closest to a soft coverage (f, h, w): per frame with at least `min_pixels` of
+    coverage, every shape is placed at the coverage's centroid with its area, and the L1 differences
+    (relative to the area, so that every frame counts alike) are summed over frames."""
+    f, h, w = alpha.shape
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64) + 0.5
+    errors = dict.fromkeys(_GEOMETRY, 0.0)
+    frames = 0
+    for a in alpha.astype(np.float64):
+        area = a.sum()
+        if area < min_pixels:
+            continue
+        frames += 1
+        cy, cx = (a * yy).sum() / area, (a * xx).sum() / area
+        for shape, (area_per_r2, centroid_offset) in _GEOMETRY.items():
+            r = np.sqrt(area / area_per_r2)
+            template = shape_coverage(shape, yy, xx, cy - centroid_offset * r, cx, r)
+            errors[shape] += np.abs(a - template).sum() / area
+    if not frames:
+        return None
+    return min(errors, key=errors.get)
+
+
 def read_video(video: np.ndarray, *, min_pixels: int = 4) -> Reading:
-    """Colour and motion of the dominant object of a (f, h, w, 3) video (uint8, or float in [-1, 1])."""
+    """Colour, shape and motion of the dominant object of a (f, h, w, 3) video (uint8, or float in
+    [-1, 1])."""
     video = _as_uint8_fhwc(video).astype(np.float32)
     f, h, w, _ = video.shape
     dist = np.linalg.norm(video - np.array(BACKGROUND, np.float32), axis=-1)
     mask = dist > 60.0
     if mask.sum() < min_pixels * f:
-        return Reading(None, None)
+        return Reading(None, None, None)
     names = list(COLOURS)
     palette = np.array([COLOURS[n][0] for n in names], np.float32)
     median = np.median(video[mask], axis=0)
     colour = names[int(np.argmin(np.linalg.norm(palette - median, axis=-1)))]
+    shape = read_shape(_coverage(video, mask, median), min_pixels=min_pixels)
 
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     area = mask.sum(axis=(1, 2)).astype(np.float32)
     present = area >= min_pixels
     if present.sum() < 2:
-        return Reading(colour, None)
+        return Reading(colour, shape, None)
     cy = np.where(present, (mask * yy).sum(axis=(1, 2)) / np.maximum(area, 1), np.nan)
     cx = np.where(present, (mask * xx).sum(axis=(1, 2)) / np.maximum(area, 1), np.nan)
     q = max(f // 4, 1)
@@ -65,16 +114,24 @@ def read_video(video: np.ndarray, *, min_pixels: int = 4) -> Reading:
         motion = ("right" if dx > 0 else "left") if abs(dx) >= abs(dy) else ("down" if dy > 0 else "up")
     else:
         motion = None
-    return Reading(colour, motion)
+    return Reading(colour, shape, motion)
 
 
-def score(video: np.ndarray, prompt: str) -> bool:
-    """True when the video's dominant object has the prompt's colour and motion."""
+def matches(reading: Reading, prompt: str, fields=COLOUR_MOTION) -> bool:
+    """True when `reading` agrees with the prompt's scene on every one of `fields` (of `FIELDS`)."""
+    unknown = set(fields) - set(FIELDS)
+    if unknown or not fields:
+        raise ValueError(f"fields {tuple(fields)!r}: choose a non-empty subset of {FIELDS}")
     want = parse_caption(prompt)
-    got = read_video(video)
-    return got.colour == want.colour and got.motion == want.motion
+    return all(getattr(reading, name) == getattr(want, name) for name in fields)
 
 
-def accuracy(videos, prompts) -> float:
-    results = [score(v, p) for v, p in zip(videos, prompts, strict=True)]
+def score(video: np.ndarray, prompt: str, fields=COLOUR_MOTION) -> bool:
+    """True when the video's dominant object has the prompt's `fields` (default colour and motion)."""
+    return matches(read_video(video), prompt, fields)
+
+
+def accuracy(videos, prompts, fields=COLOUR_MOTION) -> float:
+    """Fraction of (video, prompt) pairs whose `fields` all match."""
+    results = [score(v, p, fields) for v, p in zip(videos, prompts, strict=True)]
     return float(np.mean(results)) if results else 0.0
