@@ -34,6 +34,7 @@ from etils import epath
 
 from stepvideo_jax import checkpoints, config_files, hub, logs, paths
 from stepvideo_jax.convert.safetensors_io import CheckpointError
+from stepvideo_jax.demo import vocabulary
 from stepvideo_jax.dtypes import dtype_of
 from stepvideo_jax.parallel.mesh import MeshConfig, initialize_distributed, make_mesh
 from stepvideo_jax.sampling import components, image_condition, video_io
@@ -314,10 +315,13 @@ def main(argv=None):
         initialize_distributed()
         try:
             job = resolve(config_flag.value)
+            notes = vocabulary.prompt_warnings(config_flag.value.vocabulary, job.prompts)
             compile_cache.setup(config_flag.value)
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+        for note in notes:
+            print(f"warning: {note}", file=sys.stderr, flush=True)
         try:
             summary = run(config_flag.value, job)
         except CheckpointError as e:  # weights that do not match their config; other errors keep a traceback

@@ -78,9 +78,30 @@ def test_default_command_follows_its_prompt(tmp_path):
     assert "denoise" in proc.stderr and f"{config.num_steps}/{config.num_steps}" in proc.stderr
     lines = (proc.stdout + proc.stderr).replace("\r", "\n").splitlines()
     assert len(lines) <= 40, "\n".join(lines)
+    assert "warning: " not in proc.stderr, proc.stderr   # a caption of the demo's set: no vocabulary warning
     noise = [line for line in lines if line.startswith(("I0", "I1", "W0", "E0", "WARNING: All log"))
              or "cuda" in line.lower() or "oneDNN" in line]
     assert not noise, noise
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_out_of_vocabulary_prompt_generates_after_one_warning(tmp_path):
+    """A prompt the demo was never trained on still gives a video, after exactly one warning line
+    that names its unknown words and every word the demo knows."""
+    from stepvideo_jax.data import synthetic_motion as sm
+
+    out = tmp_path / "video.mp4"
+    proc = _cli("stepvideo_jax.generate", "--config.prompt=a purple hexagon dances", f"--config.output={out}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    warnings = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1, warnings
+    assert "unknown words: purple, hexagon, dances" in warnings[0]
+    known = [*sm.COLOURS, *sm.SHAPES, *(en for en, _ in sm.MOTIONS.values()),
+             *(zh for _, zh in sm.COLOURS.values()), *sm.SHAPES.values(), *(zh for _, zh in sm.MOTIONS.values())]
+    assert all(word in warnings[0] for word in known), warnings[0]
+    frames, _ = video_io.read_mp4(out)
+    assert frames.shape[0] == load_config("demo").num_frames
 
 
 @pytest.mark.e2e

@@ -85,3 +85,18 @@ def test_checker_shape_ignores_colour_and_rejects_bad_fields():
         assert mc.read_video(video).shape == "triangle"
     with pytest.raises(ValueError, match="colour.*shape.*motion"):
         mc.score(video, scene.caption(), ("size",))
+
+
+def test_vocabulary_warns_once_per_prompt_outside_the_set():
+    from stepvideo_jax.demo import vocabulary
+
+    captions = [s.caption(lang) for s in sm.ALL_SCENES for lang in ("en", "zh")]
+    assert vocabulary.prompt_warnings("synthetic_motion", captions) == []
+    lines = vocabulary.prompt_warnings("synthetic_motion", ["a purple  hexagon\ndances", captions[0], "一个紫色的六边形"])
+    assert len(lines) == 2 and all("\n" not in line for line in lines)
+    assert "unknown words: purple, hexagon, dances" in lines[0] and "unknown words" not in lines[1]
+    for line in lines:
+        assert all(name in line for name in [*sm.COLOURS, *sm.SHAPES, *(zh for _, zh in sm.COLOURS.values())])
+    assert vocabulary.prompt_warnings("", ["a purple hexagon dances"]) == []
+    with pytest.raises(ValueError, match="synthetic_motion"):
+        vocabulary.prompt_warnings("demo", captions)

@@ -19,6 +19,7 @@ def base() -> ml_collections.ConfigDict:
     c.num_steps = 50
     c.guidance_scale = 9.0         # <= 1 turns classifier-free guidance off
     c.time_shift = 13.0
+    c.vocabulary = ""              # prompts the model was trained on (demo/vocabulary.py): outside them, a warning
     c.pos_magic = POS_MAGIC
     c.neg_magic = NEG_MAGIC
 

@@ -8,7 +8,8 @@ Step-Video architecture at a tiny size trained by this project on the synthetic 
 (`stepvideo_jax/data/synthetic_motion.py`; retrain with `configs/demo/train.py`): it follows
 prompts "a <colour> <shape> <motion>" with colours red, green, blue, yellow; shapes circle, square,
 triangle; motions "moves to the left/right", "moves up/down", "grows", "shrinks" (English or
-Chinese), at 17 frames of 32 x 32. Other prompts give whatever the model makes of them.
+Chinese), at 17 frames of 32 x 32. Other prompts give whatever the model makes of them, after one
+warning line that names the words the demo knows.
 
 Random weights instead: `--config configs/generate/tiny.py`.
 """
@@ -30,6 +31,7 @@ def get_config():
     c.num_steps = 20
     c.guidance_scale = 4.0
     c.time_shift = 3.0
+    c.vocabulary = "synthetic_motion"  # other prompts generate with one warning line naming the known words
     c.pos_magic = ""               # the demo is trained on bare captions
     c.neg_magic = ""               # ... and the empty prompt as the unconditional one
     c.checkpoint_dir = str(DEMO_CHECKPOINT)

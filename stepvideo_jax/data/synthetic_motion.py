@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import re
 from typing import Iterator
 
 import numpy as np
@@ -60,6 +61,23 @@ def parse_caption(caption: str) -> Scene:
         if caption.strip() in (scene.caption("en"), scene.caption("zh")):
             return scene
     raise ValueError(f"not a caption of the synthetic set: {caption!r}")
+
+
+def vocabulary_warning(prompt: str) -> str | None:
+    """None for a caption of the set (`parse_caption` reads it); else one line (no line break)
+    naming the prompt's words the set does not know, where it can tell them apart (English), and
+    every word it knows, in both languages. For models trained on this set only (the demo)."""
+    if any(prompt.strip() in (s.caption("en"), s.caption("zh")) for s in ALL_SCENES):
+        return None
+    known = {"a", *COLOURS, *SHAPES, *" ".join(en for en, _ in MOTIONS.values()).split()}
+    unknown = list(dict.fromkeys(w for w in re.findall(r"[a-z]+", prompt.lower()) if w not in known))
+    detail = f" (unknown words: {', '.join(unknown)})" if unknown else ""
+    return (f"prompt {' '.join(prompt.split())!r} is not a caption the demo model was trained on{detail}; it knows "
+            f"\"a <colour> <shape> <motion>\" with colours {', '.join(COLOURS)}; shapes {', '.join(SHAPES)}; "
+            f"motions {', '.join(en for en, _ in MOTIONS.values())}; or in Chinese "
+            f"\"一个<colour>的<shape><motion>\" with {', '.join(zh for _, zh in COLOURS.values())}; "
+            f"{', '.join(SHAPES.values())}; {', '.join(zh for _, zh in MOTIONS.values())}. "
+            "It still generates: expect whatever the model makes of it")
 
 
 def shape_coverage(shape: str, yy, xx, cy, cx, r):
