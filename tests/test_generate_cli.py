@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from stepvideo_jax import generate, generate_eval
+from stepvideo_jax.sampling import eval_set, generation
 from stepvideo_jax.sampling import video_io
 from tests.fixtures import PROJECT_ROOT, fixture_dir, load_npz
 from tests.test_flow_matching import count_compiles
@@ -51,7 +51,7 @@ def test_default_command_follows_its_prompt(tmp_path):
     phase times and the output path, and no library INFO records."""
     from stepvideo_jax.eval import motion_checker
 
-    assert generate.DEFAULT_CONFIG.name == "demo.py"
+    assert generation.DEFAULT_CONFIG.name == "demo.py"
     prompt = "a blue square moves up"
     out, summary = tmp_path / "video.mp4", tmp_path / "summary.json"
     env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
@@ -154,7 +154,7 @@ def test_bad_inputs_are_rejected_before_any_compilation(override, message):
     config = load_config()
     config.update(override)
     with count_compiles() as n, pytest.raises(ValueError, match=message):
-        generate.resolve(config)
+        generation.resolve(config)
     assert n[0] == 0
 
 
@@ -162,7 +162,7 @@ def test_bad_dtype_names_the_choices():
     config = load_config()
     config.dtypes.dit = "float16"
     with pytest.raises(ValueError, match=r"dtypes.dit='float16': choose one of \['bfloat16', 'float32'\]"):
-        generate.resolve(config)
+        generation.resolve(config)
 
 
 def test_mesh_takes_a_release_directory():
@@ -171,7 +171,7 @@ def test_mesh_takes_a_release_directory():
     config = load_config()
     config.checkpoint_dir = str(fixture_dir("release_layout") / "stepvideo-t2v")
     config.mesh = "fsdp=-1"
-    job = generate.resolve(config)
+    job = generation.resolve(config)
     assert job.mesh is not None and str(job.checkpoint_dir) == config.checkpoint_dir
 
 
@@ -180,7 +180,7 @@ def test_checkpoint_missing_a_component(tmp_path, missing):
     config = load_config()
     config.checkpoint_dir = str(_fake_release_without(tmp_path, missing))
     with pytest.raises(ValueError, match=f"is missing component files: .*{missing.split('/')[0]}: "):
-        generate.resolve(config)
+        generation.resolve(config)
 
 
 @pytest.mark.parametrize("name, steps, guidance, shift", [("release:base", 50, 9.0, 13.0),
@@ -191,10 +191,10 @@ def test_presets(name, steps, guidance, shift):
     assert (config.num_frames, config.height, config.width) == (204, 544, 992)
     config.prompt = "a cat"
     with pytest.raises(ValueError, match="set --config.checkpoint_dir"):
-        generate.resolve(config)
+        generation.resolve(config)
     config.checkpoint_dir = str(fixture_dir("release_layout") / "stepvideo-t2v")
     config.output = "/tmp/stepvideo_preset_probe.mp4"
-    job = generate.resolve(config)
+    job = generation.resolve(config)
     assert job.size.latent_shape(1, 64) == (1, 36, 64, 34, 62)
 
 
@@ -206,11 +206,11 @@ def test_release_variants_are_named():
 def test_run_prints_a_short_config_and_all_fields_on_request():
     config = load_config("demo")
     config.prompt = "a red circle grows"
-    job = generate.resolve(config)
-    short = generate.describe(config, job)
+    job = generation.resolve(config)
+    short = generation.describe(config, job)
     assert short.splitlines()[0] == "resolved config (every field: --verbosity=1):" and len(short.splitlines()) <= 8
     assert f"prompt: {config.prompt}" in short and f"{config.num_steps} steps" in short
-    full = generate.describe(config, job, full=True)
+    full = generation.describe(config, job, full=True)
     assert full == "resolved config:\n" + str(config)
 
 
@@ -218,7 +218,7 @@ def test_batch_outputs_and_seeds():
     config = load_config()
     config.prompts = ("a", "b", "c")
     config.output = "/tmp/x/clip.mp4"
-    job = generate.resolve(config)
+    job = generation.resolve(config)
     assert [p.name for p in job.outputs] == ["clip_0.mp4", "clip_1.mp4", "clip_2.mp4"]
     assert job.seeds == [config.seed, config.seed + 1, config.seed + 2]
 
@@ -227,7 +227,7 @@ def test_batch_outputs_and_seeds():
 
 
 def test_eval_prompt_list_is_shipped():
-    prompts = generate_eval.read_prompts()
+    prompts = eval_set.read_prompts()
     assert len(prompts) == 128 and all(prompts)
     e2e = load_npz("release_layout", "e2e_cases.npz")
     case_prompts = {str(v) for k, v in e2e.items() if k.endswith(".prompt")}
@@ -246,7 +246,7 @@ def eval_setup(tmp_path, toy_pipeline):
 def test_eval_writes_videos_and_manifest_then_resumes(eval_setup):
     config, pipe, out = eval_setup
     prompts = ["a cat", "a dog", "a bird"]
-    manifest = generate_eval.run_eval(config, prompts, out, pipe=pipe, limit=2)
+    manifest = eval_set.run_eval(config, prompts, out, pipe=pipe, limit=2)
     assert sorted(os.listdir(out)) == ["000.mp4", "001.mp4", "manifest.json"]
     assert json.loads((out / "manifest.json").read_text()) == manifest
     assert manifest["videos"]["001.mp4"]["prompt"] == "a dog"
@@ -264,7 +264,7 @@ def test_eval_writes_videos_and_manifest_then_resumes(eval_setup):
             calls.append(list(prompts))
             return original(prompts, **kw)
 
-    manifest = generate_eval.run_eval(config, prompts, out, pipe=Counting())
+    manifest = eval_set.run_eval(config, prompts, out, pipe=Counting())
     assert calls == [["a bird"]]
     assert (out / "000.mp4").stat().st_mtime_ns == before
     assert sorted(manifest["videos"]) == ["000.mp4", "001.mp4", "002.mp4"]
@@ -272,10 +272,10 @@ def test_eval_writes_videos_and_manifest_then_resumes(eval_setup):
 
 def test_eval_refuses_a_folder_made_with_other_settings(eval_setup):
     config, pipe, out = eval_setup
-    generate_eval.run_eval(config, ["a cat"], out, pipe=pipe)
+    eval_set.run_eval(config, ["a cat"], out, pipe=pipe)
     config.num_steps = 3
     with pytest.raises(ValueError, match="other settings \\(changed: num_steps\\)"):
-        generate_eval.run_eval(config, ["a cat"], out, pipe=pipe)
+        eval_set.run_eval(config, ["a cat"], out, pipe=pipe)
 
 
 @pytest.mark.e2e
@@ -287,6 +287,6 @@ def test_eval_interrupted_leaves_no_partial_file(eval_setup, monkeypatch):
 
     monkeypatch.setattr(video_io, "write_mp4", interrupt)
     with pytest.raises(KeyboardInterrupt):
-        generate_eval.run_eval(config, ["a cat"], out, pipe=pipe)
+        eval_set.run_eval(config, ["a cat"], out, pipe=pipe)
     assert sorted(os.listdir(out)) == ["manifest.json"]
     assert json.loads((out / "manifest.json").read_text())["videos"] == {}

@@ -17,7 +17,7 @@ import imageio_ffmpeg
 import numpy as np
 import pytest
 
-from stepvideo_jax import generate, generate_eval
+from stepvideo_jax.sampling import eval_set, generation
 from stepvideo_jax.sampling import pipeline, video_io
 from stepvideo_jax.sampling.flow_matching import MAX_STEPS
 from tests.fixtures import PROJECT_ROOT
@@ -131,13 +131,13 @@ def test_eval_regenerates_a_truncated_or_short_video(eval_setup, capsys):
     """Before, a truncated 001.mp4 counted as done ("2 of 2 videos already")."""
     config, pipe, out = eval_setup
     prompts = ["a cat", "a dog", "a bird"]
-    generate_eval.run_eval(config, prompts, out, pipe=pipe)
+    eval_set.run_eval(config, prompts, out, pipe=pipe)
     data = (out / "001.mp4").read_bytes()
     (out / "001.mp4").write_bytes(data[:len(data) // 2])
     video_io.write_mp4(out / "002.mp4", np.zeros((3, config.height, config.width, 3), np.uint8))
     untouched = (out / "000.mp4").stat().st_mtime_ns
     counting = _Counting(pipe)
-    manifest = generate_eval.run_eval(config, prompts, out, pipe=counting)
+    manifest = eval_set.run_eval(config, prompts, out, pipe=counting)
     assert counting.calls == [["a dog"], ["a bird"]]
     text = capsys.readouterr().out
     assert "001.mp4 is damaged" in text and "is not a readable video" in text
@@ -159,40 +159,40 @@ def _snapshot(folder):
 def test_eval_refuses_another_prompt_list(eval_setup):
     """Before: another --prompts_file into the same folder reported "2 of 2 videos already"."""
     config, pipe, out = eval_setup
-    generate_eval.run_eval(config, ["a cat", "a dog"], out, pipe=pipe)
+    eval_set.run_eval(config, ["a cat", "a dog"], out, pipe=pipe)
     before = _snapshot(out)
     with pytest.raises(ValueError, match=r"another job, made with other settings \(changed: prompts \(another "
                                          r"prompt list\)\); use another --output_dir, or --overwrite"):
-        generate_eval.run_eval(config, ["a car", "a boat"], out, pipe=pipe)
+        eval_set.run_eval(config, ["a car", "a boat"], out, pipe=pipe)
     config.seed += 1
     with pytest.raises(ValueError, match=r"\(changed: seed\)"):
-        generate_eval.run_eval(config, ["a cat", "a dog"], out, pipe=pipe)
+        eval_set.run_eval(config, ["a cat", "a dog"], out, pipe=pipe)
     assert _snapshot(out) == before
 
 
 def test_eval_does_not_adopt_videos_without_a_manifest(eval_setup):
     """Before: with manifest.json deleted, a run with another seed adopted the old videos."""
     config, pipe, out = eval_setup
-    generate_eval.run_eval(config, ["a cat", "a dog"], out, pipe=pipe)
+    eval_set.run_eval(config, ["a cat", "a dog"], out, pipe=pipe)
     (out / "manifest.json").unlink()
     before = _snapshot(out)
     config.seed += 1
     with pytest.raises(ValueError, match=r"holds 2 video file\(s\) \(000.mp4, 001.mp4\) but no manifest.json: "
                                          r"their prompts and settings are unknown, so they are not reused"):
-        generate_eval.run_eval(config, ["a cat", "a dog"], out, pipe=pipe)
+        eval_set.run_eval(config, ["a cat", "a dog"], out, pipe=pipe)
     assert _snapshot(out) == before
 
 
 def test_eval_overwrite_starts_over_and_keeps_other_files(eval_setup):
     config, pipe, out = eval_setup
-    generate_eval.run_eval(config, ["a cat", "a dog"], out, pipe=pipe)
+    eval_set.run_eval(config, ["a cat", "a dog"], out, pipe=pipe)
     (out / "notes.txt").write_text("mine")
     counting = _Counting(pipe)
-    manifest = generate_eval.run_eval(config, ["a car"], out, pipe=counting, overwrite=True)
+    manifest = eval_set.run_eval(config, ["a car"], out, pipe=counting, overwrite=True)
     assert counting.calls == [["a car"]]
     assert sorted(os.listdir(out)) == ["000.mp4", "manifest.json", "notes.txt"]
     assert manifest["videos"]["000.mp4"]["prompt"] == "a car"
-    assert manifest["settings"]["prompts_sha256"] == generate_eval.prompts_digest(["a car"])
+    assert manifest["settings"]["prompts_sha256"] == eval_set.prompts_digest(["a car"])
 
 
 def test_eval_removes_stale_temporary_files_only(eval_setup, capsys):
@@ -202,7 +202,7 @@ def test_eval_removes_stale_temporary_files_only(eval_setup, capsys):
     kept = [".hidden", "notes.partial.txt", "partial.mp4"]
     for name in stale + kept:
         (out / name).write_bytes(b"x" * 10)
-    generate_eval.plan_eval(config, ["a cat"], out)
+    eval_set.plan_eval(config, ["a cat"], out)
     assert sorted(os.listdir(out)) == sorted(kept + ["manifest.json"])
     assert f"removed 3 temporary file(s) of an interrupted run: {', '.join(sorted(stale))}" in capsys.readouterr().out
 
@@ -213,7 +213,7 @@ def test_eval_cli_refuses_another_prompts_file(tmp_path):
     first, second = tmp_path / "a.txt", tmp_path / "b.txt"
     first.write_text("a cat\na dog\n")
     second.write_text("a car\na boat\n")
-    generate_eval.plan_eval(config, generate_eval.read_prompts(first), out)   # binds the folder, builds nothing
+    eval_set.plan_eval(config, eval_set.read_prompts(first), out)   # binds the folder, builds nothing
     proc = _cli("stepvideo_jax.generate_eval", "--config", str(PROJECT_ROOT / "configs/generate/tiny.py"),
                 f"--prompts_file={second}", f"--output_dir={out}", timeout=300)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -238,7 +238,7 @@ def test_resource_bombs_are_refused_before_anything_is_allocated(override, messa
     config = load_config()
     config.update(override)
     with count_compiles() as n, pytest.raises(ValueError, match=message):
-        generate.resolve(config)
+        generation.resolve(config)
     assert n[0] == 0
 
 
@@ -250,7 +250,7 @@ def test_bounds_leave_room_for_the_release_size():
     pipeline.VideoSize(204, 992, 544)                 # portrait
     config = load_config()
     config.num_steps = MAX_STEPS
-    generate.resolve(config)
+    generation.resolve(config)
 
 
 @pytest.mark.parametrize("prompts, message", [
@@ -262,7 +262,7 @@ def test_bounds_leave_room_for_the_release_size():
 def test_prompt_types(prompts, message):
     """Before: prompts={"a": 1} silently generated the prompt "a"."""
     with pytest.raises(ValueError, match=message):
-        generate.resolve(load_config(), prompts=prompts)
+        generation.resolve(load_config(), prompts=prompts)
 
 
 def test_long_prompt_is_cut_with_one_warning_line(caplog):
@@ -305,7 +305,7 @@ def test_long_prompt_is_reported_before_any_model_loads(tmp_path, caplog, monkey
         config.release_text_encoders = staged
         caplog.clear()
         with caplog.at_level(logging.WARNING), pytest.raises(Loading):
-            generate.run(config, generate.resolve(config))
+            generation.run(config, generation.resolve(config))
         assert [r.getMessage()[:41] for r in caplog.records] == ["Step-LLM text longer than 318 tokens, cut"]
     assert os.listdir(tmp_path) == []
 
@@ -320,21 +320,21 @@ def test_unwritable_output_fails_before_anything_is_built(output, message, tmp_p
     config = load_config()
     config.output = output
     with count_compiles() as n, pytest.raises(ValueError, match=message):
-        generate.resolve(config)
+        generation.resolve(config)
     assert n[0] == 0
     with pytest.raises(ValueError, match="cannot create files in /proc"):
-        generate_eval.plan_eval(load_config(), ["a cat"], "/proc/eval")
+        eval_set.plan_eval(load_config(), ["a cat"], "/proc/eval")
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(ValueError, match="is not a directory"):
-        generate_eval.plan_eval(load_config(), ["a cat"], blocker / "eval")
+        eval_set.plan_eval(load_config(), ["a cat"], blocker / "eval")
     assert blocker.read_text() == "x"
 
 
 def test_manifest_records_the_job(eval_setup):
     config, pipe, out = eval_setup
-    manifest = generate_eval.run_eval(config, ["a cat", "a dog"], out, pipe=pipe, limit=1)
+    manifest = eval_set.run_eval(config, ["a cat", "a dog"], out, pipe=pipe, limit=1)
     assert sorted(manifest["videos"]) == ["000.mp4"]
     record = json.loads((out / "manifest.json").read_text())["settings"]
-    assert record["prompts_sha256"] == generate_eval.prompts_digest(["a cat", "a dog"])
+    assert record["prompts_sha256"] == eval_set.prompts_digest(["a cat", "a dog"])
     assert record["num_prompts"] == 2 and record["seed"] == config.seed

@@ -116,13 +116,13 @@ def test_convert_and_generate_take_a_repo_id_through_the_environment(tmp_path):
     assert proc.returncode == 1 and "has no transformer/" in proc.stderr and "Traceback" not in proc.stderr
 
     build_hub_cache(cache, REPO + "-turbo", release())
-    probe = ("from stepvideo_jax import generate\n"
+    probe = ("from stepvideo_jax.sampling import generation\n"
              "from tests.fixtures import load_config\n"
              "for repo in ('%s-turbo', '%s'):\n"
              "    config = load_config('configs/generate/release.py:turbo', prompt='a cat', checkpoint_dir=repo,\n"
              "                         output='%s/x.mp4')\n"
              "    try:\n"
-             "        print('resolved', generate.resolve(config).checkpoint_dir)\n"
+             "        print('resolved', generation.resolve(config).checkpoint_dir)\n"
              "    except ValueError as e:\n"
              "        print('error', e)\n") % (REPO, REPO, tmp_path)
     proc = subprocess.run([sys.executable, "-c", probe], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True,

@@ -19,7 +19,8 @@ from etils.epath import gpath
 from etils.epath import testing as epath_testing
 
 import stepvideo_jax
-from stepvideo_jax import checkpoints, generate, generate_eval, hub, paths
+from stepvideo_jax import checkpoints, hub, paths
+from stepvideo_jax.sampling import eval_set, generation
 from stepvideo_jax.convert import orbax_io
 from stepvideo_jax.sampling import video_io
 from stepvideo_jax.training.checkpoint import Checkpointer
@@ -71,9 +72,9 @@ def test_local_paths_become_absolute(tmp_path, monkeypatch):
 def test_job_outputs_keep_a_uri():
     config = load_config()
     config.output = "gs://bucket/videos/clip.mp4"
-    assert [str(p) for p in generate.resolve(config).outputs] == ["gs://bucket/videos/clip.mp4"]
+    assert [str(p) for p in generation.resolve(config).outputs] == ["gs://bucket/videos/clip.mp4"]
     config.prompts = ("a", "b")
-    assert [str(p) for p in generate.resolve(config).outputs] == [
+    assert [str(p) for p in generation.resolve(config).outputs] == [
         "gs://bucket/videos/clip_0.mp4", "gs://bucket/videos/clip_1.mp4"]
 
 
@@ -98,9 +99,9 @@ def test_outputs_metrics_and_manifests_reach_a_bucket(tmp_path, toy_pipeline):
                        progress=False, save_latents=True))
     bucket = tmp_path / "gcs"
     with fake_gcs(bucket):
-        manifest = generate_eval.run_eval(config, ["a cat", "a dog"], "gs://bucket/eval", pipe=toy_pipeline)
+        manifest = eval_set.run_eval(config, ["a cat", "a dog"], "gs://bucket/eval", pipe=toy_pipeline)
         assert sorted(manifest["videos"]) == ["000.mp4", "001.mp4"]
-        again = generate_eval.plan_eval(config, ["a cat", "a dog"], "gs://bucket/eval")
+        again = eval_set.plan_eval(config, ["a cat", "a dog"], "gs://bucket/eval")
         assert again.todo == [] and str(again.output_dir) == "gs://bucket/eval"
 
         writer = MetricsWriter("gs://bucket/runs/ft", printer=None)
@@ -150,7 +151,7 @@ def test_only_process_0_writes_shared_files(tmp_path, toy_pipeline, monkeypatch)
             calls.append(list(prompts))
             return original(prompts, **kw)
 
-    manifest = generate_eval.run_eval(config, ["a cat"], tmp_path / "eval", pipe=Counting())
+    manifest = eval_set.run_eval(config, ["a cat"], tmp_path / "eval", pipe=Counting())
     assert calls == [["a cat"]] and "000.mp4" in manifest["videos"]
     writer = MetricsWriter(tmp_path / "run", printer=None)
     writer.write(1, {"loss": 1.0})
@@ -158,5 +159,5 @@ def test_only_process_0_writes_shared_files(tmp_path, toy_pipeline, monkeypatch)
     assert list((tmp_path / "eval").iterdir()) == [] and not (tmp_path / "run").exists()   # (the folder: every process)
 
     monkeypatch.setattr(jax, "process_index", lambda: 0)
-    generate_eval.run_eval(config, ["a cat"], tmp_path / "eval", pipe=toy_pipeline)
+    eval_set.run_eval(config, ["a cat"], tmp_path / "eval", pipe=toy_pipeline)
     assert sorted(os.listdir(tmp_path / "eval")) == ["000.mp4", "000.npy", "manifest.json"]

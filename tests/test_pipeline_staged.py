@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from stepvideo_jax import checkpoints, generate, generate_eval
+from stepvideo_jax import checkpoints
+from stepvideo_jax.sampling import eval_set, generation
 from stepvideo_jax.models.dit import StepVideoDiT
 from stepvideo_jax.sampling import video_io
 from stepvideo_jax.sampling import pipeline as P
@@ -38,12 +39,12 @@ def settled_live_bytes() -> int:
     collected: otherwise a collection during a measured load lowers the count, and a test's
     memory figures depend on which tests ran before it."""
     gc.collect()
-    return generate.live_bytes()
+    return generation.live_bytes()
 
 
 def run_cli(config) -> dict:
     settled_live_bytes()
-    return generate.run(config, generate.resolve(config))
+    return generation.run(config, generation.resolve(config))
 
 
 def outputs(summary) -> tuple[np.ndarray, np.ndarray]:
@@ -102,7 +103,7 @@ def test_staged_run_equals_the_all_loaded_run(tmp_path, compile_cache):
 
 def test_text_encoders_are_released_before_the_dit_loads(tmp_path, monkeypatch):
     config = tiny_config(tmp_path / "v.mp4")
-    job = generate.resolve(config)
+    job = generation.resolve(config)
     refs, param_bytes = [], []
     init = conditioning.TextConditioner.__init__
 
@@ -115,13 +116,13 @@ def test_text_encoders_are_released_before_the_dit_loads(tmp_path, monkeypatch):
     monkeypatch.setattr(conditioning.TextConditioner, "__init__", recording_init)
     before = settled_live_bytes()
     memory = {}
-    conds, seconds, _ = generate.encode_stage(config, generate.build_loader(config, job), [["a cat"], ["a dog"]],
+    conds, seconds, _ = generation.encode_stage(config, generation.build_loader(config, job), [["a cat"], ["a dog"]],
                                               job.settings, memory)
     assert len(param_bytes) == 1 and len(refs) > 10
     assert [r for r in refs if r() is not None] == [], "something still holds the text encoders"
     assert memory["text encoders loaded"] - before >= param_bytes[0]
     assert memory["text encoders loaded"] - memory["text encoders released"] >= param_bytes[0]
-    assert generate.live_bytes() < before + param_bytes[0] / 10
+    assert generation.live_bytes() < before + param_bytes[0] / 10
     assert len(conds) == len(seconds) == 2
     for cond in conds:
         assert all(isinstance(v, np.ndarray) and v.shape[0] == 2 for v in cond.values())
@@ -150,7 +151,7 @@ def test_staged_run_from_a_relative_converted_checkpoint(tmp_path, monkeypatch, 
 def test_eval_encodes_every_prompt_before_denoising_and_resumes(tmp_path, monkeypatch, compile_cache):
     config = tiny_config(tmp_path / "unused.mp4", save_latents=False)
     events, text_refs = [], []
-    build_loader, run_batch = generate.build_loader, generate.generate
+    build_loader, run_batch = generation.build_loader, generation.generate
 
     class Recording(checkpoints.Loader):
         def __init__(self, inner):
@@ -179,21 +180,21 @@ def test_eval_encodes_every_prompt_before_denoising_and_resumes(tmp_path, monkey
         events.append(("generate", job.prompts[0], pipe.encode_text is None and cond is not None))
         return run_batch(config, job, pipe, cond=cond)
 
-    monkeypatch.setattr(generate, "build_loader", lambda *a: Recording(build_loader(*a)))
-    monkeypatch.setattr(generate, "generate", recording_generate)
+    monkeypatch.setattr(generation, "build_loader", lambda *a: Recording(build_loader(*a)))
+    monkeypatch.setattr(generation, "generate", recording_generate)
     out, pos = tmp_path / "eval", config.pos_magic
 
-    generate_eval.run_eval(config, ["a cat", "a dog", "a bird"], out, limit=2)
+    eval_set.run_eval(config, ["a cat", "a dog", "a bird"], out, limit=2)
     assert events == ["load text", ("encode", "a cat" + pos), ("encode", "a dog" + pos), ("load dit", 0),
                       "load vae", ("generate", "a cat", True), ("generate", "a dog", True)]
 
     events.clear()
-    manifest = generate_eval.run_eval(config, ["a cat", "a dog", "a bird"], out)
+    manifest = eval_set.run_eval(config, ["a cat", "a dog", "a bird"], out)
     assert events == ["load text", ("encode", "a bird" + pos), ("load dit", 0), "load vae",
                       ("generate", "a bird", True)]
     assert sorted(manifest["videos"]) == ["000.mp4", "001.mp4", "002.mp4"]
     assert set(manifest["videos"]["002.mp4"]["timings"]) == {"tokenize+encode", "denoise", "decode", "write"}
 
     events.clear()
-    generate_eval.run_eval(config, ["a cat", "a dog", "a bird"], out)
+    eval_set.run_eval(config, ["a cat", "a dog", "a bird"], out)
     assert events == [], "nothing pending: nothing is loaded"

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stepvideo_jax import generate, generate_eval
+from stepvideo_jax.sampling import eval_set, generation
 from stepvideo_jax.sampling import video_io
 from tests.fixtures import fixture_dir, load_config, load_json
 from tests.test_ti2v_e2e import ti2v_release
@@ -40,8 +40,8 @@ def _config(tmp_path, **overrides):
 def test_generate_writes_the_video(tmp_path, guidance):
     """With and without CFG (guidance <= 1: no uncond branch)."""
     config = _config(tmp_path, guidance_scale=guidance, save_latents=True)
-    job = generate.resolve(config)
-    summary = generate.run(config, job)
+    job = generation.resolve(config)
+    summary = generation.run(config, job)
     frames, _ = video_io.read_mp4(tmp_path / "out.mp4")
     assert frames.shape == (config.num_frames, config.height, config.width, 3)
     assert np.isfinite(np.load(tmp_path / "out.npy")).all()
@@ -50,30 +50,30 @@ def test_generate_writes_the_video(tmp_path, guidance):
 
 def test_bad_input_is_named_before_loading(tmp_path):
     with pytest.raises(ValueError, match="set --config.image"):
-        generate.resolve(_config(tmp_path, image=""))
+        generation.resolve(_config(tmp_path, image=""))
     with pytest.raises(ValueError, match="not found"):
-        generate.resolve(_config(tmp_path / "b", image=str(tmp_path / "nope.png")))
+        generation.resolve(_config(tmp_path / "b", image=str(tmp_path / "nope.png")))
     (tmp_path / "junk.png").write_bytes(b"\x89PNG broken")
     with pytest.raises(ValueError, match="cannot be read"):
-        generate.resolve(_config(tmp_path / "c", image=str(tmp_path / "junk.png")))
+        generation.resolve(_config(tmp_path / "c", image=str(tmp_path / "junk.png")))
     Image.fromarray(np.zeros((4, 400, 3), np.uint8)).save(tmp_path / "strip.png")
     with pytest.raises(ValueError, match="too unlike"):
-        generate.resolve(_config(tmp_path / "d", image=str(tmp_path / "strip.png")))
+        generation.resolve(_config(tmp_path / "d", image=str(tmp_path / "strip.png")))
     for bad in (float("nan"), float("inf")):
         with pytest.raises(ValueError, match="motion_score"):
-            generate.resolve(_config(tmp_path / f"e{bad}", motion_score=bad))
+            generation.resolve(_config(tmp_path / f"e{bad}", motion_score=bad))
 
 
 def test_small_images_are_accepted(tmp_path):
     Image.fromarray(np.full((3, 5, 3), 200, np.uint8)).save(tmp_path / "tiny.png")
-    job = generate.resolve(_config(tmp_path, image=str(tmp_path / "tiny.png")))
+    job = generation.resolve(_config(tmp_path, image=str(tmp_path / "tiny.png")))
     assert job.images[0].shape == (3, 5, 3) and job.motion_score == float(_config(tmp_path / "x").motion_score)
 
 
 def make_ti2v_eval(root, per_set=2):
     """A Step-Video-TI2V-Eval-shaped folder: <set>/<category>/<NNN>.png + <NNN>.txt."""
     rng = np.random.default_rng(0)
-    for s, name in enumerate(generate_eval.TI2V_SETS):
+    for s, name in enumerate(eval_set.TI2V_SETS):
         for k in range(per_set):
             folder = root / name / "HA"[k % 2]
             folder.mkdir(parents=True, exist_ok=True)
@@ -85,37 +85,37 @@ def make_ti2v_eval(root, per_set=2):
 
 def test_ti2v_eval_layout(tmp_path):
     root = make_ti2v_eval(tmp_path / "bench")
-    items = generate_eval.read_ti2v_eval(root)
-    assert items.sources == sorted(items.sources) and len(items.prompts) == 2 * len(generate_eval.TI2V_SETS)
+    items = eval_set.read_ti2v_eval(root)
+    assert items.sources == sorted(items.sources) and len(items.prompts) == 2 * len(eval_set.TI2V_SETS)
     assert items.prompts == [(root / f"{s}.txt").read_text(encoding="utf-8").strip() for s in items.sources]
     assert all(p.with_suffix(".txt").is_file() for p in items.images)
-    one = generate_eval.read_ti2v_eval(root, ["ti2v_eval_real"])
+    one = eval_set.read_ti2v_eval(root, ["ti2v_eval_real"])
     assert all(s.startswith("ti2v_eval_real/") for s in one.sources)
     with pytest.raises(ValueError, match="unknown TI2V-Eval sets"):
-        generate_eval.read_ti2v_eval(root, ["ti2v_eval_cartoon"])
+        eval_set.read_ti2v_eval(root, ["ti2v_eval_cartoon"])
     next(root.glob("ti2v_eval_ani/*/*.txt")).unlink()
     with pytest.raises(ValueError, match="no matching .txt prompt"):
-        generate_eval.read_ti2v_eval(root)
+        eval_set.read_ti2v_eval(root)
 
 
 @pytest.mark.e2e
 @pytest.mark.slow
 def test_ti2v_eval_resumes_with_manifest(tmp_path):
-    items = generate_eval.read_ti2v_eval(make_ti2v_eval(tmp_path / "bench"), ["ti2v_eval_real"])
+    items = eval_set.read_ti2v_eval(make_ti2v_eval(tmp_path / "bench"), ["ti2v_eval_real"])
     config = _config(tmp_path, num_steps=1, image="")
     out = tmp_path / "eval"
-    job = generate.resolve(config, prompts=items.prompts, outputs=[out / "x.mp4"] * len(items.prompts),
+    job = generation.resolve(config, prompts=items.prompts, outputs=[out / "x.mp4"] * len(items.prompts),
                            images=items.images)
-    pipe = generate.build_pipeline(config, job)
-    manifest = generate_eval.run_eval(config, items, out, pipe=pipe, limit=1)
+    pipe = generation.build_pipeline(config, job)
+    manifest = eval_set.run_eval(config, items, out, pipe=pipe, limit=1)
     assert sorted(manifest["videos"]) == ["000.mp4"]
     assert manifest["videos"]["000.mp4"]["source"] == items.sources[0]
     assert "images_sha256" in manifest["settings"] and manifest["settings"]["motion_score"] == config.motion_score
     first = (out / "000.mp4").stat().st_mtime_ns
-    manifest = generate_eval.run_eval(config, items, out, pipe=pipe)
+    manifest = eval_set.run_eval(config, items, out, pipe=pipe)
     assert sorted(manifest["videos"]) == ["000.mp4", "001.mp4"]
     assert (out / "000.mp4").stat().st_mtime_ns == first          # resumed, not regenerated
     assert [v["source"] for _, v in sorted(manifest["videos"].items())] == items.sources
     Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(items.images[0])   # another image: another job
     with pytest.raises(ValueError, match="images_sha256"):
-        generate_eval.plan_eval(config, items, out)
+        eval_set.plan_eval(config, items, out)
