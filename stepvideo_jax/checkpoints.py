@@ -37,9 +37,10 @@ from flax import nnx
 from stepvideo_jax import hub, paths
 from stepvideo_jax.convert import config_records, orbax_io
 from stepvideo_jax.convert.release_restore import load_release_component
-from stepvideo_jax.convert.registry import COMPONENTS, CONVERTED_MARKER, abstract_model, config_from_record, converter
+from stepvideo_jax.convert.registry import (COMPONENTS, CONVERTED_MARKER, QUANTISABLE, abstract_model,
+                                            component_weights, config_from_record, converter)
 from stepvideo_jax.dtypes import dtype_of
-from stepvideo_jax.models import stack
+from stepvideo_jax.models import quant, stack
 from stepvideo_jax.models.dit import DiTConfig, StepVideoDiT
 from stepvideo_jax.text.conditioning import TextConditioner
 from stepvideo_jax.text.sentencepiece_tokenizer import StepLLMTokenizer
@@ -147,42 +148,58 @@ def component_config(root, component: str):
 
 
 def load_converted(root: str | os.PathLike, component: str, *, dtype=None, param_dtype=None, mesh=None,
-                   shardings=None, **build_kwargs) -> nnx.Module:
+                   shardings=None, weights: str | None = None, **build_kwargs) -> nnx.Module:
     """The model of `<root>/<component>` (a converter output) restored into its shardings.
 
     Parameters take `param_dtype` (default: the stored dtype), computation `dtype` (default:
     `param_dtype`); `mesh` / `shardings` as in `orbax_io.restore`; `build_kwargs` go to the
-    component's `build` (e.g. `attention_backend`).
+    component's `build` (e.g. `attention_backend`). `weights`: the block linears' scheme
+    (`models.quant`; default: the stored one); a float checkpoint is quantised on load, a
+    quantised one restores only with its own scheme.
     """
+    if weights is not None:
+        quant.check_scheme(weights)
     folder = paths.as_path(root) / component
     manifest = orbax_io.read_manifest(folder)
+    stored = orbax_io.stored_scheme(manifest)
+    weights = component_weights(component, stored if weights is None else weights)
+    if stored != "bf16" and weights != stored:
+        raise ValueError(f"{folder} stores {stored} weights; load it with weights={stored} (got weights={weights})")
     param_dtype = dtype_of(manifest["dtype"], what=f"{folder}: stored dtype") if param_dtype is None else param_dtype
     model = abstract_model(converter(component), config_from_record(manifest["config"], component), param_dtype,
                            dtype, **build_kwargs)
+    quant.quantize(model, weights)
     return orbax_io.restore(folder, model, shardings=shardings, mesh=mesh)
 
 
-def load_component(root, component: str, *, dtype=jnp.float32, param_dtype=None, mesh=None) -> nnx.Module:
+def load_component(root, component: str, *, dtype=jnp.float32, param_dtype=None, mesh=None,
+                   weights: str | None = None) -> nnx.Module:
     """`<root>/<component>` with parameters in `param_dtype` (default `dtype`) and computation in
     `dtype`, in `mesh`'s rule shardings when given: restored from Orbax (converted), or converted
     from the release's tensors, in host memory (no mesh) or one tensor at a time straight into the
-    shardings (`convert.release_restore`)."""
+    shardings (`convert.release_restore`). `weights`: the block linears' scheme (`models.quant`;
+    None: a converted checkpoint's stored scheme, float for a release), quantised on load."""
     root = pathlib.Path(root)
     param_dtype = dtype if param_dtype is None else param_dtype
     if is_converted(root):
-        return load_converted(root, component, dtype=dtype, param_dtype=param_dtype, mesh=mesh)
+        return load_converted(root, component, dtype=dtype, param_dtype=param_dtype, mesh=mesh, weights=weights)
+    weights = component_weights(component, "bf16" if weights is None else weights)
     if mesh is not None:
-        return load_release_component(root / component, component, param_dtype=param_dtype, dtype=dtype, mesh=mesh)
-    return converter(component).load(root / component, dtype=dtype, param_dtype=param_dtype)
+        model = load_release_component(root / component, component, param_dtype=param_dtype, dtype=dtype, mesh=mesh)
+    else:
+        model = converter(component).load(root / component, dtype=dtype, param_dtype=param_dtype)
+    return quant.quantize(model, weights)
 
 
 def text_encoder(root, *, llm_dtype=jnp.bfloat16, clip_dtype=jnp.float32, mesh=None,
-                 llm_tokenizer: Optional[StepLLMTokenizer] = None, **kwargs) -> TextConditioner:
+                 llm_tokenizer: Optional[StepLLMTokenizer] = None, weights: str | None = None,
+                 **kwargs) -> TextConditioner:
     """Step-LLM + Hunyuan-CLIP of a release or converted checkpoint with the tokenizer files found
-    there (dtypes default to the official deployment's); `kwargs` go to `TextConditioner`."""
+    there (dtypes default to the official deployment's; `weights`: the Step-LLM's scheme, see
+    `load_component`); `kwargs` go to `TextConditioner`."""
     root = pathlib.Path(root)
     return TextConditioner(
-        step_llm=load_component(root, "step_llm", dtype=llm_dtype, mesh=mesh),
+        step_llm=load_component(root, "step_llm", dtype=llm_dtype, mesh=mesh, weights=weights),
         llm_tokenizer=llm_tokenizer or StepLLMTokenizer(root / LLM_TOKENIZER),
         clip=load_component(root, "hunyuan_clip", dtype=clip_dtype, mesh=mesh),
         clip_tokenizer=WordPieceTokenizer.from_dir(root / CLIP_TOKENIZER), **kwargs)
@@ -258,11 +275,14 @@ class Loader(abc.ABC):
 
 class CheckpointLoader(Loader):
     """The components of a converted checkpoint or of a release directory (`load_component`), in
-    `mesh`'s rule shardings if given. Defaults: the official dtypes."""
+    `mesh`'s rule shardings if given. Defaults: the official dtypes. `weights`: the DiT's and
+    Step-LLM's block-linear scheme (`models.quant.SCHEMES`; None: as stored), checked with the
+    stored schemes here, before any weight loads."""
 
     def __init__(self, path, *, mesh=None, dit_dtype=jnp.bfloat16, vae_dtype=jnp.bfloat16,
                  llm_dtype=jnp.bfloat16, clip_dtype=jnp.float32, attention_backend: str | None = None,
-                 bf16_mask_sum: bool = False):
+                 bf16_mask_sum: bool = False, weights: str | None = None):
+        self.weights = None if weights is None else component_weights("transformer", weights)
         self.path = check_checkpoint_dir(path)
         self.mesh, self.attention_backend, self.bf16_mask_sum = mesh, attention_backend, bf16_mask_sum
         self._llm_tokenizer = None
@@ -270,6 +290,12 @@ class CheckpointLoader(Loader):
         cfgs = {c: component_config(self.path, c) for c in COMPONENTS}
         check_fit(cfgs["transformer"], cfgs["step_llm"].hidden_size, cfgs["hunyuan_clip"].hidden_size,
                   cfgs["vae"].z_channels)
+        if is_converted(self.path) and self.weights is not None:
+            for c in QUANTISABLE:
+                stored = orbax_io.stored_scheme(orbax_io.read_manifest(self.path / c))
+                if stored != "bf16" and stored != self.weights:
+                    raise ValueError(f"{self.path / c} stores {stored} weights; load it with weights={stored} "
+                                     f"(got weights={self.weights})")
 
     def llm_tokenizer(self) -> StepLLMTokenizer:
         if self._llm_tokenizer is None:
@@ -278,11 +304,12 @@ class CheckpointLoader(Loader):
 
     def text_encoder(self) -> TextConditioner:
         return text_encoder(self.path, llm_dtype=self.dtypes["step_llm"], clip_dtype=self.dtypes["hunyuan_clip"],
-                            mesh=self.mesh, llm_tokenizer=self.llm_tokenizer(),
+                            mesh=self.mesh, llm_tokenizer=self.llm_tokenizer(), weights=self.weights,
                             attention_backend=self.attention_backend, bf16_mask_sum=self.bf16_mask_sum)
 
     def dit(self) -> nnx.Module:
-        return load_component(self.path, "transformer", dtype=self.dtypes["transformer"], mesh=self.mesh)
+        return load_component(self.path, "transformer", dtype=self.dtypes["transformer"], mesh=self.mesh,
+                              weights=self.weights)
 
     def vae(self) -> nnx.Module:
         return load_component(self.path, "vae", dtype=self.dtypes["vae"], mesh=self.mesh)

@@ -2,12 +2,17 @@
 
     python -m stepvideo_jax.convert --release stepvideo-t2v/ --out ckpt/ \
         [--components transformer,vae,step_llm,hunyuan_clip] [--dtype bfloat16|float32] [--overwrite] \
-        [--allowed-root DIR]
+        [--allowed-root DIR] [--quantize int8|fp8]
 
 Output (`<out>/`): `conversion.json` (what was converted, from where, in which dtype) and one
 directory per component, `<out>/<component>/`, laid out as `orbax_io` describes (manifest, Orbax
 parameter groups) plus the release files generation needs besides the weights (config JSON,
 tokenizer files), at the same relative paths as in the release.
+
+`--quantize int8|fp8` stores the DiT's and the Step-LLM's block linears quantised
+(`models/quant.py`: values plus a float32 per-output-channel `kernel_scale`), each tensor quantised
+as it streams past, so the memory budget is unchanged; the manifest records the scheme. The VAE and
+CLIP are written as without it.
 
 Every component is checked (config, index, shard headers, key accounting, source dtypes) before
 any tensor is converted. Everything is written into a temporary sibling of `<out>` and renamed into
@@ -26,15 +31,20 @@ import pathlib
 import shutil
 import sys
 import uuid
-from typing import Any, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
+import jax
+import numpy as np
 from flax import nnx
 
 from stepvideo_jax import hub
 from stepvideo_jax.convert import config_records, orbax_io, release_paths
 from stepvideo_jax.convert.keymap import convert_tensors, flat_shapes
-from stepvideo_jax.convert.registry import COMPONENTS, CONVERTED_MARKER, OUTPUT_DTYPES, abstract_model, converter
+from stepvideo_jax.convert.registry import (COMPONENTS, CONVERTED_MARKER, OUTPUT_DTYPES, abstract_model,
+                                            component_weights, converter)
 from stepvideo_jax.convert.safetensors_io import DTYPES, CheckpointError, TensorSource
+from stepvideo_jax.models import quant
+from stepvideo_jax.models.stack import STACKED_MODULES
 
 log = logging.getLogger(__name__)
 
@@ -104,11 +114,42 @@ def _plan(release: pathlib.Path, name: str, dtype, allowed_root=None) -> _Plan:
                  orbax_io.stacked_layers(abstract_state))
 
 
-def _convert_component(plan: _Plan, out: pathlib.Path, dtype_name: str, group_bytes: int) -> dict:
+def quantize_tensors(tensors: Iterable[tuple[str, np.ndarray]], kernels: set[str], scheme: str
+                     ) -> Iterator[tuple[str, np.ndarray]]:
+    """The converter's `(checkpoint key, array)` stream with every kernel of `kernels` (stacked state
+    paths, `quant.kernel_paths`) replaced by its quantised values and followed by its
+    `kernel_scale`, one tensor at a time (`quant.quantize_kernel`)."""
+    for key, arr in tensors:
+        if stack_path(key) in kernels:
+            q, scale = _quantize(arr, scheme=scheme)
+            del arr
+            yield key, np.asarray(q)
+            yield quant.scale_path(key), np.asarray(scale)
+        else:
+            yield key, arr
+
+
+_quantize = jax.jit(quant.quantize_kernel, static_argnames="scheme")
+
+
+def stack_path(key: str) -> str:
+    """The stacked state path of a per-layer checkpoint key (`blocks/3/ff/fc1/kernel` ->
+    `blocks/ff/fc1/kernel`); other keys unchanged."""
+    head, _, rest = key.partition("/")
+    index, _, tail = rest.partition("/")
+    return f"{head}/{tail}" if head in STACKED_MODULES and index.isdigit() and tail else key
+
+
+def _convert_component(plan: _Plan, out: pathlib.Path, dtype_name: str, group_bytes: int,
+                       weights: str = "bf16") -> dict:
     dst = out / plan.name
     dst.mkdir(parents=True)
     tensors = convert_tensors(plan.source, plan.rules, plan.targets, dtype=OUTPUT_DTYPES[dtype_name],
                               ignore=plan.module.IGNORE, label=str(plan.folder))
+    weights = component_weights(plan.name, weights)
+    if weights != "bf16":
+        kernels = quant.kernel_paths(abstract_model(plan.module, plan.config, OUTPUT_DTYPES[dtype_name]))
+        tensors = quantize_tensors(tensors, kernels, weights)
     groups = orbax_io.write_params(dst, tensors, group_bytes=group_bytes, log=log.info)
     copied = []
     for rel, files in plan.copies.items():
@@ -116,7 +157,7 @@ def _convert_component(plan: _Plan, out: pathlib.Path, dtype_name: str, group_by
         copied.append(rel)
     manifest = orbax_io.write_manifest(dst, component=plan.name, dtype=dtype_name, groups=groups,
                                        config=config_records.config_record(plan.config), files=copied,
-                                       source=str(plan.folder.resolve()), layers=plan.layers)
+                                       source=str(plan.folder.resolve()), layers=plan.layers, weights=weights)
     log.info("%s: %d tensors, %d parameters in %d groups", plan.name, len(plan.targets),
              manifest["num_params"], len(groups))
     return manifest
@@ -125,9 +166,10 @@ def _convert_component(plan: _Plan, out: pathlib.Path, dtype_name: str, group_by
 def convert_release(release: str | os.PathLike, out: str | os.PathLike, *,
                     components: Sequence[str] | None = None, dtype: str = "float32",
                     overwrite: bool = False, group_bytes: int = orbax_io.GROUP_BYTES,
-                    allowed_root: str | os.PathLike | None = None) -> pathlib.Path:
+                    allowed_root: str | os.PathLike | None = None, quantize: str = "bf16") -> pathlib.Path:
     """Convert `components` of the release directory `release` into `out` (atomically).
 
+    `quantize`: "int8" / "fp8" store the DiT's and Step-LLM's block linears quantised (module docstring).
     `components=None` converts every registered component whose folder the release has.
     `allowed_root`: where the files of every component must resolve (default: per component, see
     `release_paths.default_root`; an installer passes e.g. a hub cache's repo folder).
@@ -140,6 +182,10 @@ def convert_release(release: str | os.PathLike, out: str | os.PathLike, *,
                               f"got {group_bytes!r}")
     if dtype not in OUTPUT_DTYPES:
         raise CheckpointError(f"unsupported output dtype {dtype!r}; choose from {sorted(OUTPUT_DTYPES)}")
+    try:
+        quant.check_scheme(quantize)
+    except ValueError as e:
+        raise CheckpointError(f"--quantize: {e}") from None
     if not release.is_dir():
         raise CheckpointError(f"release directory {release} not found")
     if components is None:
@@ -159,8 +205,8 @@ def convert_release(release: str | os.PathLike, out: str | os.PathLike, *,
     tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
     try:
         tmp.mkdir()
-        manifests = {p.name: _convert_component(p, tmp, dtype, group_bytes) for p in plans}
-        summary = {"release": str(release.resolve()), "dtype": dtype, "components": {
+        manifests = {p.name: _convert_component(p, tmp, dtype, group_bytes, quantize) for p in plans}
+        summary = {"release": str(release.resolve()), "dtype": dtype, "weights": quantize, "components": {
             name: {"num_params": m["num_params"], "groups": len(m["groups"]), "files": m["files"]}
             for name, m in manifests.items()}}
         (tmp / CONVERTED_MARKER).write_text(json.dumps(summary, indent=1) + "\n")
@@ -240,6 +286,9 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"comma-separated subset of {','.join(COMPONENTS)} (default: all the release has)")
     p.add_argument("--dtype", default="bfloat16", choices=sorted(OUTPUT_DTYPES),
                    help="stored parameter dtype (default bfloat16: the released shards' dtype, so nothing is lost)")
+    p.add_argument("--quantize", default="bf16", choices=list(quant.SCHEMES),
+                   help="store the DiT's and Step-LLM's block linears int8 or fp8 (e4m3) with per-output-channel "
+                        "scales (default bf16: not quantised; docs/quantization.md)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out once the new one is complete")
     p.add_argument("--allowed-root", default=None,
                    help="folder every release file must resolve into (default: each component folder, or the "
@@ -262,7 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         out = convert_release(release, args.out, components=components, dtype=args.dtype,
                               overwrite=args.overwrite, group_bytes=args.group_mb * 2**20,
-                              allowed_root=args.allowed_root)
+                              allowed_root=args.allowed_root, quantize=args.quantize)
     except (CheckpointError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

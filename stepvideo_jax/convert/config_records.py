@@ -28,6 +28,7 @@ from typing import Any, Mapping
 from stepvideo_jax.convert.safetensors_io import CheckpointError
 from stepvideo_jax.models.dit import DiTConfig
 from stepvideo_jax.models.hunyuan_clip import HunyuanClipConfig
+from stepvideo_jax.models.quant import WeightQuant
 from stepvideo_jax.models.step_llm import StepLLMConfig
 from stepvideo_jax.models.vae import VAEConfig
 
@@ -78,6 +79,7 @@ register(DiTConfig, legacy=("stepvideo_jax.models.dit:DiTConfig",))
 register(VAEConfig, legacy=("stepvideo_jax.models.vae:VAEConfig",))
 register(StepLLMConfig, legacy=("stepvideo_jax.models.step_llm:StepLLMConfig",))
 register(HunyuanClipConfig, legacy=("stepvideo_jax.models.hunyuan_clip:HunyuanClipConfig",))
+register(WeightQuant)   # a quantised checkpoint's scheme (manifest `quantization`)
 
 
 class _Mismatch(Exception):

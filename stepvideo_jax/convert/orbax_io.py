@@ -3,7 +3,10 @@
 Layout of one component directory (`<dest>/<component>/`):
 
     manifest.json        format, version, component, dtype, parameter count, `layers` (version 2:
-                         {stacked module: number of layers}) and `groups`:
+                         {stacked module: number of layers}), optional `quantization` (a
+                         `config_records` record of `models.quant.WeightQuant`: the block linears'
+                         kernels are stored int8 / float8_e4m3fn with a float32 `kernel_scale`;
+                         `dtype` is then the other parameters' dtype) and `groups`:
                          [{"dir": "params/00000", "params": {checkpoint path: shape}}, ...]
     params/00000/ ...    one Orbax PyTree checkpoint per group: a nested dict of arrays keyed by the
                          state path ('blocks/0/attn1/q/kernel' -> blocks.0.attn1.q.kernel)
@@ -28,6 +31,7 @@ stored in chunks of at most `chunk_bytes` so a device's shard reads only the chu
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import pathlib
@@ -40,9 +44,10 @@ from flax import nnx
 from orbax.checkpoint import type_handlers
 
 from stepvideo_jax import paths
-from stepvideo_jax.convert import release_paths
+from stepvideo_jax.dtypes import DTYPES
+from stepvideo_jax.convert import config_records, release_paths
 from stepvideo_jax.convert.keymap import unflatten
-from stepvideo_jax.models import stack
+from stepvideo_jax.models import quant, stack
 from stepvideo_jax.convert.safetensors_io import CheckpointError
 
 FORMAT = "stepvideo-jax/orbax-groups"
@@ -128,13 +133,19 @@ def write_params(component_dir: str | pathlib.Path, tensors: Iterable[tuple[str,
 
 
 def write_manifest(component_dir: str | pathlib.Path, *, component: str, dtype: str, groups: list[dict],
-                   config: dict, files: list[str], source: str, layers: Mapping[str, int]) -> dict:
+                   config: dict, files: list[str], source: str, layers: Mapping[str, int],
+                   weights: str = "bf16") -> dict:
     """`manifest.json`: `groups` from `write_params`, the model `config` record, copied `files`,
-    `layers` ({stacked module: layer count}, see `stacked_layers`)."""
-    count = sum(math.prod(s) for g in groups for s in g["params"].values())
+    `layers` ({stacked module: layer count}, see `stacked_layers`), `weights` the quantisation
+    scheme (`models.quant.SCHEMES`; recorded only when it quantises). `num_params` counts the
+    model's parameters (not the scales)."""
+    count = sum(math.prod(s) for g in groups for k, s in g["params"].items()
+                if not k.endswith("/" + quant.SCALE_NAME))
     manifest = {"format": FORMAT, "version": VERSION, "component": component, "dtype": dtype,
                 "num_params": count, "config": config, "files": files, "source": source,
                 "layers": dict(layers), "groups": groups}
+    if quant.check_scheme(weights) is not None:
+        manifest["quantization"] = config_records.config_record(quant.WeightQuant(weights))
     (pathlib.Path(component_dir) / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     return manifest
 
@@ -161,7 +172,17 @@ def read_manifest(component_dir: str | pathlib.Path) -> dict:
                               "names to positive layer counts")
     if manifest.get("dtype") not in MANIFEST_DTYPES:
         raise CheckpointError(f"{path}: dtype {manifest.get('dtype')!r:.40}; expected one of {list(MANIFEST_DTYPES)}")
+    if "quantization" in manifest:
+        config_records.config_from_record(manifest["quantization"], expect=quant.WeightQuant)
     return manifest
+
+
+def stored_scheme(manifest: Mapping) -> str:
+    """The weight scheme of a manifest from `read_manifest`: "int8" / "fp8", or "bf16" (float
+    weights in the manifest's `dtype`)."""
+    if "quantization" not in manifest:
+        return "bf16"
+    return config_records.config_from_record(manifest["quantization"], expect=quant.WeightQuant).scheme
 
 
 def _check_groups(path: pathlib.Path, groups) -> None:
@@ -236,6 +257,12 @@ def restore(component_dir: str | pathlib.Path, abstract_model, *, shardings=None
     axis rules' `parallel.rules.state_shardings(nnx.state(abstract_model), mesh)`; with neither, on
     the default device. Arrays are cast to the abstract model's dtypes. Stacked layer variables are
     assembled in place from their per-layer tensors (module docstring).
+
+    Quantisation (`models.quant`): a quantised model restores a checkpoint stored with its scheme
+    as is; from a float checkpoint, each block kernel is read in the stored dtype into its target
+    sharding and quantised there (`quant.quantize_kernel`, one tensor at a time: quantise-on-load),
+    giving the kernel and its `kernel_scale`. A quantised checkpoint into a model of another scheme
+    is an error.
     """
     graphdef, state = nnx.split(abstract_model)
     if shardings is None and mesh is not None:
@@ -257,8 +284,31 @@ def restore(component_dir: str | pathlib.Path, abstract_model, *, shardings=None
     if manifest["version"] >= 2 and manifest.get("layers", {}) != layers:
         raise CheckpointError(f"{component_dir}: stacked layers {manifest.get('layers')} on disk, the model has "
                               f"{layers}")
+    want, stored = quant.model_scheme(abstract_model), stored_scheme(manifest)
+    if stored != "bf16" and stored != want:
+        raise CheckpointError(f"{component_dir}: the checkpoint stores {stored} weights, the model expects {want}; "
+                              f"load it with weights={stored} (or convert the release again without --quantize)")
     assembler = stack.Assembler(variables, placement)
-    for key, arr in restore_arrays(component_dir, assembler.targets):
+    targets, requant = dict(assembler.targets), {}
+    if want != stored:
+        float_dtype = DTYPES[manifest["dtype"]]
+        for key in [k for k in targets if k.endswith("/" + quant.SCALE_NAME)]:
+            kernel = key[: -len(quant.SCALE_NAME)] + "kernel"
+            q, s = targets[kernel], targets.pop(key)
+            requant[kernel] = (key, _quantizer(want, q.sharding, s.sharding))
+            targets[kernel] = jax.ShapeDtypeStruct(q.shape, float_dtype, sharding=q.sharding)
+    for key, arr in restore_arrays(component_dir, targets):
+        if key in requant:
+            scale_key, fn = requant[key]
+            arr, scale = fn(arr)
+            assembler.put(scale_key, scale)
         assembler.put(key, arr)
     nnx.replace_by_pure_dict(state, unflatten(assembler.arrays))
     return nnx.merge(graphdef, state)
+
+
+@functools.lru_cache(maxsize=None)
+def _quantizer(scheme: str, kernel_sharding, scale_sharding):
+    """Jitted `quant.quantize_kernel` with the outputs in the kernel's and the scale's shardings."""
+    return jax.jit(functools.partial(quant.quantize_kernel, scheme=scheme),
+                   out_shardings=(kernel_sharding, scale_sharding))

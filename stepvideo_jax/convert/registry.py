@@ -19,7 +19,8 @@ from stepvideo_jax.convert import hunyuan_clip as clip_convert
 from stepvideo_jax.convert import step_llm as llm_convert
 from stepvideo_jax.convert import vae as vae_convert
 from stepvideo_jax.convert.safetensors_io import CheckpointError
-from stepvideo_jax.dtypes import DTYPES as OUTPUT_DTYPES  # the dtypes a converted checkpoint stores
+from stepvideo_jax.dtypes import DTYPES as OUTPUT_DTYPES
+from stepvideo_jax.models import quant  # the dtypes a converted checkpoint stores
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +45,16 @@ COMPONENTS: Mapping[str, Component] = {
     "step_llm": Component(llm_convert, "StepLLMConfig", ("config.json", "step1_chat_tokenizer.model")),
     "hunyuan_clip": Component(clip_convert, "HunyuanClipConfig", ("clip_text_encoder/config.json", "tokenizer")),
 }
+
+QUANTISABLE = ("transformer", "step_llm")   # the components whose block linears `weights` quantises
+
+
+def component_weights(component: str, weights: str) -> str:
+    """The scheme `weights` (`models.quant.SCHEMES`; a ValueError naming them otherwise) means for
+    `component`: itself for the DiT and the Step-LLM, "bf16" (unquantised) for the VAE and CLIP."""
+    quant.check_scheme(weights)
+    return weights if component in QUANTISABLE else "bf16"
+
 
 CONVERTED_MARKER = "conversion.json"   # at the top of a converted checkpoint: what was converted, from where
 

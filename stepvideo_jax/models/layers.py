@@ -10,6 +10,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import qwix
 from flax import nnx
 
 Axes = tuple[str | None, ...]
@@ -40,16 +41,28 @@ def fan_in_normal(key, shape, dtype):
 
 
 class Linear(nnx.Module):
-    """`y = x @ kernel (+ bias)`; kernel (in, out) with logical axes `axes`."""
+    """`y = x @ kernel (+ bias)`; kernel (in, out) with logical axes `axes`.
+
+    Weight-only quantised (`models/quant.py`): `kernel` holds int8 / float8_e4m3fn values and
+    `kernel_scale` (1, out) their per-output-channel scale; the product goes through qwix's
+    quantised `dot_general`, which dequantises the weight (in the compute dtype) before a float
+    matmul. Unquantised, `kernel_scale` is None.
+    """
 
     def __init__(self, din: int, dout: int, *, axes: Axes, use_bias: bool = True,
                  dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.kernel = param(rngs, fan_in_normal, (din, dout), axes, param_dtype)
+        self.kernel_scale = nnx.data(None)
         self.bias = param(rngs, zeros, (dout,), (axes[1],), param_dtype) if use_bias else None
         self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.dot(x.astype(self.dtype), self.kernel.value.astype(self.dtype))
+        x = x.astype(self.dtype)
+        if self.kernel_scale is None:
+            y = jnp.dot(x, self.kernel.value.astype(self.dtype))
+        else:
+            w = qwix.QArray(self.kernel[...], self.kernel_scale[...].astype(self.dtype))
+            y = qwix.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
         if self.bias is not None:
             y = y + self.bias.value.astype(self.dtype)
         return y

@@ -19,6 +19,7 @@ from flax import nnx
 from stepvideo_jax.checkpoints import Loader, Models, check_fit
 from stepvideo_jax.convert.config_records import config_from_values
 from stepvideo_jax.models.dit import DiTConfig, StepVideoDiT
+from stepvideo_jax.models import quant
 from stepvideo_jax.models.hunyuan_clip import HunyuanClip, HunyuanClipConfig
 from stepvideo_jax.models.step_llm import StepLLM, StepLLMConfig
 from stepvideo_jax.models.vae import VAEConfig, VideoVAE
@@ -63,8 +64,10 @@ class TinyRandomLoader(Loader):
 
     def __init__(self, dims: Mapping, *, seed: int = 0, mesh=None, dit_dtype=jnp.float32, vae_dtype=jnp.float32,
                  llm_dtype=jnp.float32, clip_dtype=jnp.float32, attention_backend: str | None = None,
-                 bf16_mask_sum: bool = False):
+                 bf16_mask_sum: bool = False, weights: str | None = None):
         self.seed, self.mesh = seed, mesh
+        self.weights = "bf16" if weights is None else weights
+        quant.check_scheme(self.weights)
         self.dit_dtype, self.vae_dtype, self.llm_dtype, self.clip_dtype = dit_dtype, vae_dtype, llm_dtype, clip_dtype
         self.attention_backend, self.bf16_mask_sum = attention_backend, bf16_mask_sum
         self._llm_tokenizer, self.clip_tokenizer = StepLLMTokenizer(), WordPieceTokenizer.released()
@@ -85,7 +88,8 @@ class TinyRandomLoader(Loader):
 
     def text_encoder(self):
         place = _placer(self.mesh)
-        return TextConditioner(step_llm=place(StepLLM(self.llm_cfg, **self._kw("step_llm", self.llm_dtype))),
+        llm = quant.quantize(StepLLM(self.llm_cfg, **self._kw("step_llm", self.llm_dtype)), self.weights)
+        return TextConditioner(step_llm=place(llm),
                                llm_tokenizer=self._llm_tokenizer,
                                clip=place(HunyuanClip(self.clip_cfg, attention_backend=self.attention_backend,
                                                       **self._kw("clip", self.clip_dtype))),
@@ -96,7 +100,8 @@ class TinyRandomLoader(Loader):
         return self._llm_tokenizer
 
     def dit(self) -> nnx.Module:
-        return _placer(self.mesh)(StepVideoDiT(self.dit_cfg, **self._kw("dit", self.dit_dtype)))
+        dit = StepVideoDiT(self.dit_cfg, **self._kw("dit", self.dit_dtype))
+        return _placer(self.mesh)(quant.quantize(dit, self.weights))
 
     def vae(self) -> nnx.Module:
         return _placer(self.mesh)(VideoVAE(self.vae_cfg, attention_backend=self.attention_backend,

@@ -25,6 +25,7 @@ from etils import epath
 
 from stepvideo_jax import checkpoints, config_files, hub, logs, paths
 from stepvideo_jax.dtypes import dtype_of
+from stepvideo_jax.models import quant
 from stepvideo_jax.parallel.mesh import MeshConfig, make_mesh
 from stepvideo_jax.sampling import components, image_condition, video_io
 from stepvideo_jax.sampling.flow_matching import SamplerSettings
@@ -48,6 +49,7 @@ class Job:
     mesh: MeshConfig | None
     images: list[np.ndarray] | None = None   # TI2V: one uint8 (H0, W0, 3) first frame per prompt
     motion_score: float | None = None        # TI2V
+    weights: str = "bf16"                    # block-linear scheme (models/quant.py)
 
 
 def resolve(config: ml_collections.ConfigDict, *, prompts=None, outputs=None, images=None) -> Job:
@@ -64,6 +66,7 @@ def resolve(config: ml_collections.ConfigDict, *, prompts=None, outputs=None, im
     size = VideoSize(config.num_frames, config.height, config.width)
     settings = SamplerSettings(config.num_steps, float(config.guidance_scale), float(config.time_shift))
     dtypes = {name: dtype_of(value, what=f"dtypes.{name}") for name, value in config.dtypes.items()}
+    quant.check_scheme(config.weights)
     mesh = None
     if config.mesh:
         mesh = MeshConfig.from_string(config.mesh)
@@ -87,7 +90,8 @@ def resolve(config: ml_collections.ConfigDict, *, prompts=None, outputs=None, im
     if config.ti2v or config.image or images is not None:
         loaded, motion_score = resolve_images(config, images, len(prompts), size)
     return Job(prompts=prompts, seeds=seeds, size=size, settings=settings, outputs=outputs,
-               checkpoint_dir=checkpoint_dir, dtypes=dtypes, mesh=mesh, images=loaded, motion_score=motion_score)
+               checkpoint_dir=checkpoint_dir, dtypes=dtypes, mesh=mesh, images=loaded, motion_score=motion_score,
+               weights=config.weights)
 
 
 def resolve_images(config: ml_collections.ConfigDict, images, n: int, size: VideoSize):
@@ -117,7 +121,8 @@ def build_loader(config: ml_collections.ConfigDict, job: Job, mesh=None) -> chec
     """The job's components, each built when asked for (configs read and checked now)."""
     backend = config.attention_backend or None
     kw = dict(mesh=mesh, dit_dtype=job.dtypes["dit"], vae_dtype=job.dtypes["vae"], llm_dtype=job.dtypes["step_llm"],
-              clip_dtype=job.dtypes["clip"], attention_backend=backend, bf16_mask_sum=config.bf16_mask_sum)
+              clip_dtype=job.dtypes["clip"], attention_backend=backend, bf16_mask_sum=config.bf16_mask_sum,
+              weights=job.weights)
     if job.checkpoint_dir is not None:
         return checkpoints.loader(job.checkpoint_dir, **kw)
     return components.TinyRandomLoader(config.tiny.to_dict(), seed=config.tiny.seed, **kw)
@@ -241,7 +246,7 @@ def describe(config: ml_collections.ConfigDict, job: Job, *, full: bool = False)
         *([f"  first frame: {config.image or 'one image per prompt'}, motion score {job.motion_score:g}"]
           if job.images is not None else []),
         f"  sampler: {s.num_steps} steps, guidance {s.guidance_scale:g}, time shift {s.shift:g}",
-        f"  dtypes: {dtypes}; mesh: {config.mesh or 'one device'}",
+        f"  dtypes: {dtypes}; block linears: {job.weights}; mesh: {config.mesh or 'one device'}",
     ])
 
 

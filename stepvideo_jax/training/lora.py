@@ -66,6 +66,9 @@ def apply_lora(model: nnx.Module, *, rank: int, alpha: float, targets=PROJECTION
         base = getattr(attn, proj)
         if isinstance(base, LoRALinear):
             raise ValueError(f"{name} already carries a LoRA adapter")
+        if base.kernel_scale is not None:
+            raise ValueError(f"{name} is quantised ({base.kernel[...].dtype}); LoRA adapts float weights only "
+                             "(train on a bf16/float32 model: weights=bf16)")
         setattr(attn, proj, LoRALinear(base, rank=rank, alpha=alpha, rngs=rngs))
     return model
 
