@@ -16,7 +16,8 @@ from stepvideo_jax import config_files
 from tests.fixtures import PROJECT_ROOT
 from tests.test_generate_cli import load_config
 
-TEST_TOOLS = {"pytest", "setuptools"}
+TEST_TOOLS = {"pytest", "setuptools", "selenium"}
+UI = {"gradio"}   # the [ui] extra
 
 
 def _pyproject():
@@ -40,12 +41,13 @@ def test_dependencies_are_requirements_without_test_tools():
     project = _pyproject()["project"]
     runtime = _pins(project["dependencies"])
     pinned = _pins((PROJECT_ROOT / "requirements.txt").read_text().splitlines())
-    assert runtime == {k: v for k, v in pinned.items() if k not in TEST_TOOLS}
-    assert not TEST_TOOLS & set(runtime) and "sentencepiece" not in runtime
+    assert runtime == {k: v for k, v in pinned.items() if k not in TEST_TOOLS | UI}
+    assert not (TEST_TOOLS | UI) & set(runtime) and "sentencepiece" not in runtime
     jax_pin = runtime["jax"].split("==")[1]
     extras = project["optional-dependencies"]
     assert extras["tpu"] == [f"jax[tpu]=={jax_pin}"] and extras["cuda12"] == [f"jax[cuda12]=={jax_pin}"]
     assert extras["cuda13"] == [f"jax[cuda13]=={jax_pin}"] and extras["test"] == [pinned["pytest"]]
+    assert extras["ui"] == [pinned[name] for name in sorted(UI)]
 
 
 def test_console_scripts_point_at_functions():
