@@ -21,6 +21,7 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from stepvideo_jax.dtypes import DTYPES  # noqa: E402
+from stepvideo_jax.models import quant  # noqa: E402
 from stepvideo_jax.models.dit import DiTConfig, StepVideoDiT  # noqa: E402
 from stepvideo_jax.parallel import aot  # noqa: E402
 from stepvideo_jax.parallel.rules import state_shardings  # noqa: E402
@@ -28,8 +29,10 @@ from stepvideo_jax.parallel.sequence_parallel import parse_backend  # noqa: E402
 
 
 def compile_forward(cfg: DiTConfig, mesh, *, batch, frames, height, width, text_len, clip_len, dtype,
-                    backend):
-    model = nnx.eval_shape(lambda: StepVideoDiT(cfg, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0)))
+                    backend, weights: str = "bf16"):
+    """`weights`: the block linears' scheme (`models.quant.SCHEMES`)."""
+    model = quant.quantize(nnx.eval_shape(lambda: StepVideoDiT(cfg, dtype=dtype, param_dtype=dtype,
+                                                               rngs=nnx.Rngs(0))), weights)
     graphdef, state = nnx.split(model)
     c_text, c_clip = cfg.caption_channels
     args = (aot.abstract((batch, frames, cfg.in_channels, height, width), dtype, mesh,
@@ -60,6 +63,8 @@ def main(argv=None):
     p.add_argument("--text-len", type=int, default=320)
     p.add_argument("--clip-len", type=int, default=77)
     p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
+    p.add_argument("--weights", default="bf16", choices=list(quant.SCHEMES),
+                   help="the block linears: bf16, or int8 / fp8 weight-only (docs/quantization.md)")
     p.add_argument("--backend", default="splash", help="attention backend; mode:local for sequence "
                                                         "parallelism, e.g. ulysses:splash")
     a = p.parse_args(argv)
@@ -67,12 +72,12 @@ def main(argv=None):
     cfg = dataclasses.replace(full, num_layers=a.layers)
     mesh = aot.mesh_over(aot.tpu_devices(a.slice), aot.parse_axes(a.mesh))
     print(f"{a.slice} ({mesh.devices.size} x {mesh.devices.flat[0].device_kind}), mesh {dict(mesh.shape)}; "
-          f"DiT {cfg.num_layers} layers, {a.dtype}, backend {a.backend}; batch {a.batch}, latents "
+          f"DiT {cfg.num_layers} layers, {a.dtype}, weights {a.weights}, backend {a.backend}; batch {a.batch}, latents "
           f"{a.frames}x{a.height}x{a.width}, text {a.clip_len} + {a.text_len}", flush=True)
     t0 = time.perf_counter()
     compiled = compile_forward(cfg, mesh, batch=a.batch, frames=a.frames, height=a.height, width=a.width,
                                text_len=a.text_len, clip_len=a.clip_len, dtype=DTYPES[a.dtype],
-                               backend=parse_backend(a.backend))
+                               backend=parse_backend(a.backend), weights=a.weights)
     print(f"forward: {aot.format_memory(aot.memory(compiled))}  (compiled in {time.perf_counter() - t0:.1f}s)")
 
 

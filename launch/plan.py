@@ -2,6 +2,7 @@
 
     TPU_LIBRARY_PATH=/path/to/libtpu.so python launch/plan.py [--targets v5p-1,v5p-4,...]
         [--programs denoise,step_llm,clip,vae_decode] [--mesh sequence=2,tensor=2] [--layers N]
+        [--weights bf16|int8|fp8]
 
 Compiles ahead of time for real TPU topologies from a CPU machine (libtpu compile-only devices,
 `stepvideo_jax/parallel/aot.py`; nothing runs) and prints `memory_analysis()` per chip (arguments,
@@ -15,6 +16,10 @@ outputs, temporaries, peak) with analytic FLOPs, for:
   the 12 independent 3-latent chunks are split over every chip (`models/vae.py` `spread_over_devices`,
   logical axis `vae_chunks`), padded with zero chunks to a multiple of the chips (8 chips: 16, two
   per chip; 16 chips: one per chip, 4 of them on zero chunks), the VAE replicated on each chip.
+
+`--weights int8|fp8`: the DiT's and Step-LLM's block linears quantised (`models/quant.py`: one byte
+per weight plus a float32 scale per output channel, dequantised before each matmul); the abstract
+models are quantised with `quant.quantize`, so the plan holds exactly what a quantised restore holds.
 
 Each target uses one mesh for every program (parameters sharded by `parallel/rules.py`: tensor
 parallelism keeps each chip's share of the weights without FSDP gathers; attention sequence-parallel
@@ -41,6 +46,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from stepvideo_jax.models import quant  # noqa: E402
 from stepvideo_jax.models.dit import DiTConfig, StepVideoDiT  # noqa: E402
 from stepvideo_jax.models.hunyuan_clip import HunyuanClip, HunyuanClipConfig  # noqa: E402
 from stepvideo_jax.models.step_llm import StepLLM, StepLLMConfig  # noqa: E402
@@ -72,6 +78,7 @@ TARGETS = {
     "v5p-1": Target("v5p-8", 1, 95 * GB, "fsdp=1"),
     "v5p-4": Target("v5p-8", 4, 95 * GB, "sequence=2,tensor=2"),
     "v5p-8": Target("v5p-16", 8, 95 * GB, "sequence=4,tensor=2"),
+    "v6e-1": Target("v6e-8", 1, 32 * GB, "fsdp=1"),
     "v6e-8": Target("v6e-8", 8, 32 * GB, "sequence=2,tensor=4"),
     "v6e-16": Target("v6e-16", 16, 32 * GB, "sequence=4,tensor=4"),
 }
@@ -79,7 +86,8 @@ TARGETS = {
 
 @dataclasses.dataclass
 class Program:
-    """A compilable program: `build(mesh, layers) -> (fn, abstract args, in_shardings, donate)`."""
+    """A compilable program: `build(mesh, layers, weights) -> (fn, abstract args, in_shardings, donate)`
+    (`weights`: the block-linear scheme, `models.quant.SCHEMES`; ignored by CLIP and the VAE)."""
 
     build: Callable
     layers: int | None          # real depth of the layer stack; None: no stack
@@ -96,15 +104,15 @@ def attention_backend(mesh, heads: int):
     return SequenceParallel(mode, local_backend="splash")
 
 
-def _abstract_state(module_fn, mesh):
-    graphdef, state = nnx.split(nnx.eval_shape(module_fn))
+def _abstract_state(module_fn, mesh, weights="bf16"):
+    graphdef, state = nnx.split(quant.quantize(nnx.eval_shape(module_fn), weights))
     return graphdef, state, state_shardings(state, mesh)
 
 
-def build_denoise(mesh, layers):
+def build_denoise(mesh, layers, weights="bf16"):
     cfg = dataclasses.replace(DiTConfig.full(), num_layers=layers)
     graphdef, state, shardings = _abstract_state(
-        lambda: StepVideoDiT(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0)), mesh)
+        lambda: StepVideoDiT(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0)), mesh, weights)
     velocity = dit_velocity_fn(graphdef, backend=attention_backend(mesh, cfg.num_heads))
     bf16 = jnp.bfloat16
     latents = aot.abstract(LATENTS, jnp.float32, mesh, None)
@@ -123,16 +131,16 @@ def build_denoise(mesh, layers):
     return step, args, (shardings, *(shard(a) for a in args[1:])), (1,)
 
 
-def build_step_llm(mesh, layers):
+def build_step_llm(mesh, layers, weights="bf16"):
     cfg = dataclasses.replace(StepLLMConfig.full(), num_layers=layers)
     graphdef, state, shardings = _abstract_state(
-        lambda: StepLLM(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0)), mesh)
+        lambda: StepLLM(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0)), mesh, weights)
     ids = aot.abstract((PROMPTS, TEXT), jnp.int32, mesh, ("batch", "text_length"))
     fn = lambda state, ids: nnx.merge(graphdef, state)(ids)
     return fn, (state, ids), (shardings, ids.sharding), ()
 
 
-def build_clip(mesh, layers):
+def build_clip(mesh, layers, weights="bf16"):
     cfg = dataclasses.replace(HunyuanClipConfig.full(), num_layers=layers)
     graphdef, state, shardings = _abstract_state(lambda: HunyuanClip(cfg, rngs=nnx.Rngs(0)), mesh)
     ids = aot.abstract((PROMPTS, CLIP_LEN), jnp.int32, mesh, ("batch", "text_length"))
@@ -141,7 +149,7 @@ def build_clip(mesh, layers):
     return fn, (state, ids, mask), (shardings, ids.sharding, mask.sharding), ()
 
 
-def build_vae_decode(mesh, layers):
+def build_vae_decode(mesh, layers, weights="bf16"):
     """The Video-VAE decode over all of `mesh` (chunks split by `spread_over_devices`)."""
     vae = nnx.eval_shape(lambda: VideoVAE(VAEConfig.full(), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
                                           rngs=nnx.Rngs(0), attention_backend="splash"))
@@ -186,8 +194,8 @@ def programs() -> dict[str, Program]:
     }
 
 
-def compile_memory(program: Program, mesh, layers: int) -> dict[str, int]:
-    fn, args, shardings, donate = program.build(mesh, layers)
+def compile_memory(program: Program, mesh, layers: int, weights: str = "bf16") -> dict[str, int]:
+    fn, args, shardings, donate = program.build(mesh, layers, weights)
     jitted = jax.jit(fn, in_shardings=shardings, donate_argnums=donate)
     with jax.set_mesh(mesh):
         compiled = jitted.lower(*args).compile()
@@ -200,6 +208,8 @@ def main(argv=None) -> int:
     p.add_argument("--programs", default="denoise,step_llm,clip,vae_decode")
     p.add_argument("--mesh", default=None, help="override every target's mesh, e.g. fsdp=2,sequence=2")
     p.add_argument("--layers", type=int, default=None, help="compile this many layers (default: real depth)")
+    p.add_argument("--weights", default="bf16", choices=list(quant.SCHEMES),
+                   help="the DiT's and Step-LLM's block linears (docs/quantization.md)")
     a = p.parse_args(argv)
     progs = programs()
     unknown = [t for t in a.targets.split(",") if t not in TARGETS] + [
@@ -221,10 +231,11 @@ def main(argv=None) -> int:
             try:
                 prog = progs[prog_name]
                 layers = prog.layers if a.layers is None or prog.layers is None else a.layers
-                mem = compile_memory(prog, mesh, layers or 0)
+                mem = compile_memory(prog, mesh, layers or 0, a.weights)
                 how = f"{layers} layers" if layers else (
                     vae_chunk_split(mesh.size) if prog_name == "vae_decode" else "compiled")
                 how += "" if layers == prog.layers else f" of {prog.layers} (partial)"
+                how += f", weights {a.weights}" if a.weights != "bf16" and prog_name in ("denoise", "step_llm") else ""
             except Exception as e:  # noqa: BLE001 - one failed program must not hide the others
                 print(f"| {name} | {mesh_text} | {prog_name} | failed: {type(e).__name__}: "
                       f"{str(e).splitlines()[0][:200]} | | | | | | | |", flush=True)

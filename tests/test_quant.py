@@ -247,3 +247,32 @@ def test_lora_refuses_a_quantised_projection():
     model = quant.quantize(dit_model(), "int8")
     with pytest.raises(ValueError, match="is quantised"):
         lora.apply_lora(model, rank=2, alpha=2.0)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_plans_hold_quantised_block_linears(scheme):
+    """`launch/plan.py --weights` and `launch/aot.py --weights` compile the state a quantised restore
+    holds: block kernels in the scheme's dtype with float32 scales, sharded by the rules (here on the
+    host's devices, one full-size layer, abstract only)."""
+    import pathlib
+    import sys
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "launch"))
+    import plan
+
+    mesh = make_mesh(MeshConfig.from_string("fsdp=2,tensor=4"))
+    for build in (plan.build_denoise, plan.build_step_llm):
+        _, args, shardings, _ = build(mesh, 1, scheme)
+        state, state_shardings = args[0], shardings[0]
+        flat_state = dict(nnx.to_flat_state(state))
+        flat_shardings = dict(nnx.to_flat_state(state_shardings))
+        kernels = [p for p in flat_state if p[-1] == quant.SCALE_NAME]
+        assert kernels, build.__name__
+        for path in kernels:
+            kernel, scale = flat_state[path[:-1] + ("kernel",)].get_value(), flat_state[path].get_value()
+            assert kernel.dtype == quant.SCHEMES[scheme] and scale.dtype == jnp.float32
+            kernel_spec = flat_shardings[path[:-1] + ("kernel",)].spec
+            scale_spec = flat_shardings[path].spec
+            assert scale_spec[-1] == kernel_spec[-1] and scale_spec[-2] is None, path
+        top = [p for p in flat_state if p[0] not in stack.STACKED_MODULES and p[-1] == "kernel"]
+        assert all(flat_state[p].get_value().dtype == jnp.bfloat16 for p in top)   # the DiT's embeddings etc.

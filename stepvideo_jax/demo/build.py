@@ -118,10 +118,11 @@ def dit_train_config(config, workdir: pathlib.Path):
     return d
 
 
-def demo_models(checkpoint_dir, *, dtype=jnp.float32):
-    """The four components of a demo checkpoint, compute and parameters in `dtype`."""
+def demo_models(checkpoint_dir, *, dtype=jnp.float32, weights: str = "bf16"):
+    """The four components of a demo checkpoint, compute and parameters in `dtype`; `weights`: the
+    DiT's and Step-LLM's block linears (`models.quant.SCHEMES`; "bf16": unquantised, in `dtype`)."""
     return checkpoints.loader(checkpoint_dir, dit_dtype=dtype, vae_dtype=dtype, llm_dtype=dtype,
-                              clip_dtype=dtype).models()
+                              clip_dtype=dtype, weights=weights).models()
 
 
 def pipeline_of(models, dit=None):
