@@ -172,7 +172,7 @@ def test_mesh_takes_a_release_directory():
     config.checkpoint_dir = str(fixture_dir("release_layout") / "stepvideo-t2v")
     config.mesh = "fsdp=-1"
     job = generation.resolve(config)
-    assert job.mesh is not None and str(job.checkpoint_dir) == config.checkpoint_dir
+    assert job.models.mesh is not None and str(job.checkpoint_dir) == config.checkpoint_dir
 
 
 @pytest.mark.parametrize("missing", ["vae", "step_llm/step1_chat_tokenizer.model", "hunyuan_clip/tokenizer"])

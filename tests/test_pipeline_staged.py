@@ -116,7 +116,7 @@ def test_text_encoders_are_released_before_the_dit_loads(tmp_path, monkeypatch):
     monkeypatch.setattr(conditioning.TextConditioner, "__init__", recording_init)
     before = settled_live_bytes()
     memory = {}
-    conds, seconds, _ = generation.encode_stage(config, generation.build_loader(config, job), [["a cat"], ["a dog"]],
+    conds, seconds, _ = generation.encode_stage(config, job.models, [["a cat"], ["a dog"]],
                                               job.settings, memory)
     assert len(param_bytes) == 1 and len(refs) > 10
     assert [r for r in refs if r() is not None] == [], "something still holds the text encoders"

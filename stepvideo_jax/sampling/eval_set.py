@@ -266,16 +266,14 @@ def execute(config: ml_collections.ConfigDict, plan: EvalPlan, pipe: TextToVideo
     print(f"{plan.scope - len(plan.todo)} of {plan.scope} videos already in {plan.output_dir}", flush=True)
     batches = [plan.todo[s:s + plan.batch_size] for s in range(0, len(plan.todo), plan.batch_size)]
     conds, encode_seconds = [None] * len(batches), [None] * len(batches)
-    loader = None
     if batches and pipe is None:
-        loader = generation.build_loader(config, job, generation.job_mesh(job))
-        generation.report_long_prompts(config, loader, [job.prompts[i] for i in plan.todo], job.settings)
+        generation.report_long_prompts(config, job.models, [job.prompts[i] for i in plan.todo], job.settings)
     if batches and config.release_text_encoders:
         texts = [[job.prompts[i] for i in idx] for idx in batches]
         if pipe is None:
             memory = {}
-            conds, encode_seconds, _ = generation.encode_stage(config, loader, texts, job.settings, memory)
-            pipe = generation.build_pipeline(config, job, loader=loader, text_encoder=False)
+            conds, encode_seconds, _ = generation.encode_stage(config, job.models, texts, job.settings, memory)
+            pipe = generation.build_pipeline(config, job, text_encoder=False)
             generation.note_memory(memory, "dit+vae loaded")
         elif pipe.encode_text is None:
             raise ValueError("the given pipeline holds no text encoder: the eval runner encodes the prompts "
@@ -284,7 +282,7 @@ def execute(config: ml_collections.ConfigDict, plan: EvalPlan, pipe: TextToVideo
             conds, encode_seconds = generation.encode_batches(config, pipe.encode_text, texts, job.settings,
                                                             pipe.mesh)
     elif batches and pipe is None:
-        pipe = generation.build_pipeline(config, job, loader=loader)
+        pipe = generation.build_pipeline(config, job)
     for n, (idx, cond, seconds) in enumerate(zip(batches, conds, encode_seconds)):
         batch = dataclasses.replace(job, prompts=[job.prompts[i] for i in idx], seeds=[job.seeds[i] for i in idx],
                                     outputs=[job.outputs[i] for i in idx],

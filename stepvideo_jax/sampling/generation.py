@@ -37,7 +37,9 @@ DEFAULT_CONFIG = config_files.path("generate/demo.py")   # the embedded demo mod
 
 @dataclasses.dataclass(frozen=True)
 class Job:
-    """A checked config: everything the run needs, validated before anything compiles."""
+    """A checked config: everything the run needs, validated before any weight loads or anything
+    compiles. `models` says where the four models come from (their configs read and checked against
+    each other, on the job's mesh); each is built only when the run asks for it."""
 
     prompts: list[str]
     seeds: list[int]
@@ -46,7 +48,7 @@ class Job:
     outputs: list[epath.Path]
     checkpoint_dir: pathlib.Path | None
     dtypes: dict
-    mesh: MeshConfig | None
+    models: checkpoints.Loader
     images: list[np.ndarray] | None = None   # TI2V: one uint8 (H0, W0, 3) first frame per prompt
     motion_score: float | None = None        # TI2V
     weights: str = "bf16"                    # block-linear scheme (models/quant.py)
@@ -57,7 +59,9 @@ def resolve(config: ml_collections.ConfigDict, *, prompts=None, outputs=None, im
 
     `prompts` / `outputs` replace the config's prompts and the file names derived from `output`.
     TI2V configs (`ti2v`, or an `image` given): `images` (one file per prompt) replaces `config.image`
-    (one file for every prompt); each is read and its crop checked here, before any model loads.
+    (one file for every prompt); each is read and its crop checked here, before any model loads. Last,
+    the models' configs are read and checked against each other (`build_loader`): a checkpoint whose
+    components do not fit is named before any weight loads.
     """
     if prompts is None:
         prompts = config.prompts if config.prompts else config.prompt
@@ -71,6 +75,7 @@ def resolve(config: ml_collections.ConfigDict, *, prompts=None, outputs=None, im
     if config.mesh:
         mesh = MeshConfig.from_string(config.mesh)
         mesh.resolve(jax.device_count())
+        mesh = make_mesh(mesh)
     checkpoint_dir = None
     if config.checkpoint_dir:
         checkpoint_dir = checkpoints.check_checkpoint_dir(hub.resolve(config.checkpoint_dir))
@@ -90,8 +95,8 @@ def resolve(config: ml_collections.ConfigDict, *, prompts=None, outputs=None, im
     if config.ti2v or config.image or images is not None:
         loaded, motion_score = resolve_images(config, images, len(prompts), size)
     return Job(prompts=prompts, seeds=seeds, size=size, settings=settings, outputs=outputs,
-               checkpoint_dir=checkpoint_dir, dtypes=dtypes, mesh=mesh, images=loaded, motion_score=motion_score,
-               weights=config.weights)
+               checkpoint_dir=checkpoint_dir, dtypes=dtypes, models=build_loader(config, checkpoint_dir, dtypes, mesh),
+               images=loaded, motion_score=motion_score, weights=config.weights)
 
 
 def resolve_images(config: ml_collections.ConfigDict, images, n: int, size: VideoSize):
@@ -112,28 +117,22 @@ def resolve_images(config: ml_collections.ConfigDict, images, n: int, size: Vide
     return [cache[str(p)] for p in images], motion_score
 
 
-def job_mesh(job: Job):
-    """The job's device mesh (None: one device)."""
-    return make_mesh(job.mesh) if job.mesh is not None else None
-
-
-def build_loader(config: ml_collections.ConfigDict, job: Job, mesh=None) -> checkpoints.Loader:
-    """The job's components, each built when asked for (configs read and checked now)."""
-    backend = config.attention_backend or None
-    kw = dict(mesh=mesh, dit_dtype=job.dtypes["dit"], vae_dtype=job.dtypes["vae"], llm_dtype=job.dtypes["step_llm"],
-              clip_dtype=job.dtypes["clip"], attention_backend=backend, bf16_mask_sum=config.bf16_mask_sum,
-              weights=job.weights)
-    if job.checkpoint_dir is not None:
-        return checkpoints.loader(job.checkpoint_dir, **kw)
+def build_loader(config: ml_collections.ConfigDict, checkpoint_dir: pathlib.Path | None, dtypes: dict,
+                 mesh=None) -> checkpoints.Loader:
+    """Where the job's models come from: `checkpoint_dir`, else the config's tiny random models;
+    their configs are read and checked now, each model is built when asked for."""
+    kw = dict(mesh=mesh, dit_dtype=dtypes["dit"], vae_dtype=dtypes["vae"], llm_dtype=dtypes["step_llm"],
+              clip_dtype=dtypes["clip"], attention_backend=config.attention_backend or None,
+              bf16_mask_sum=config.bf16_mask_sum, weights=config.weights)
+    if checkpoint_dir is not None:
+        return checkpoints.loader(checkpoint_dir, **kw)
     return components.TinyRandomLoader(config.tiny.to_dict(), seed=config.tiny.seed, **kw)
 
 
-def build_pipeline(config: ml_collections.ConfigDict, job: Job, *, loader: checkpoints.Loader | None = None,
-                   text_encoder: bool = True) -> TextToVideo:
-    """DiT + VAE decoder, and the text encoders unless `text_encoder=False` (then every call needs
-    `cond=`). `loader`: where the components come from (default: `build_loader` on the job's mesh)."""
-    if loader is None:
-        loader = build_loader(config, job, job_mesh(job))
+def build_pipeline(config: ml_collections.ConfigDict, job: Job, *, text_encoder: bool = True) -> TextToVideo:
+    """DiT + VAE decoder of `job.models`, and the text encoders unless `text_encoder=False` (then
+    every call needs `cond=`)."""
+    loader = job.models
     dit, vae = loader.dit(), loader.vae()
     ti2v = bool(dit.cfg.ti2v)
     if ti2v != (job.images is not None):
@@ -266,20 +265,19 @@ def run(config: ml_collections.ConfigDict, job: Job) -> dict:
     """
     print(describe(config, job, full=logs.verbosity() >= 1), flush=True)
     memory = {}
+    report_long_prompts(config, job.models, job.prompts, job.settings)
     start = time.perf_counter()
-    loader = build_loader(config, job, job_mesh(job))
-    report_long_prompts(config, loader, job.prompts, job.settings)
     if config.release_text_encoders:
-        conds, seconds, timings = encode_stage(config, loader, [job.prompts], job.settings, memory)
+        conds, seconds, timings = encode_stage(config, job.models, [job.prompts], job.settings, memory)
         timings = {"load text encoders": timings["load text encoders"], "tokenize+encode": sum(seconds),
                    "release": timings["release"]}
         start = time.perf_counter()
-        pipe = build_pipeline(config, job, loader=loader, text_encoder=False)
+        pipe = build_pipeline(config, job, text_encoder=False)
         timings["load dit+vae"] = time.perf_counter() - start
         note_memory(memory, "dit+vae loaded")
         summary = generate(config, job, pipe, cond=conds[0])
     else:
-        pipe = build_pipeline(config, job, loader=loader)
+        pipe = build_pipeline(config, job)
         timings = {"load": time.perf_counter() - start}
         note_memory(memory, "all models loaded")
         summary = generate(config, job, pipe)
