@@ -68,6 +68,7 @@ def test_shipped_scores_match_the_record_and_random_weights_are_at_chance(scores
     recorded = json.loads((DEMO_DIR / "summary.json").read_text())["accuracy"]
     assert scores["demo"]["accuracy"] == pytest.approx(recorded["demo/held_out"], abs=0.05)
     assert scores["random"]["accuracy"] <= 3 * motion_checker.CHANCE
+    assert scores["random"]["accuracy_with_shape"] <= 3 * motion_checker.CHANCE_ALL
 
 
 @pytest.mark.slow
