@@ -128,10 +128,8 @@ class Studio:
         probe.ti2v, probe.image = False, ""   # the start-up check needs no image; requests bring theirs
         job = generation.resolve(probe)
         start = time.perf_counter()
-        self.loader = generation.build_loader(self.config, job, generation.job_mesh(job))
-        self.pipe = generation.build_pipeline(self.config, dataclasses.replace(job, images=[] if self.ti2v else None),
-                                              loader=self.loader)
-        self.tokenizer = self.loader.llm_tokenizer()
+        self.pipe = generation.build_pipeline(self.config, dataclasses.replace(job, images=[] if self.ti2v else None))
+        self.tokenizer = job.models.llm_tokenizer()
         self.load_seconds = time.perf_counter() - start
         self.weights = describe_weights(self.config.checkpoint_dir)
         self._lock = threading.Lock()
