@@ -46,13 +46,16 @@ def _free_port() -> int:
 
 
 def _listening_addresses(port: int) -> set[str]:
-    """IPv4 addresses with a socket listening on `port` (from /proc/net/tcp: state 0A = LISTEN)."""
+    """Addresses with a socket listening on `port` (/proc/net/tcp and tcp6: state 0A = LISTEN);
+    IPv4 dotted, IPv6 as the kernel's hex."""
     found = set()
-    for line in pathlib.Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        local, state = line.split()[1], line.split()[3]
-        address, hex_port = local.split(":")
-        if state == "0A" and int(hex_port, 16) == port:
-            found.add(socket.inet_ntoa(bytes.fromhex(address)[::-1]))
+    for table in ("tcp", "tcp6"):
+        path = pathlib.Path("/proc/net") / table
+        for line in (path.read_text().splitlines()[1:] if path.exists() else []):
+            local, state = line.split()[1], line.split()[3]
+            address, hex_port = local.rsplit(":", 1)
+            if state == "0A" and int(hex_port, 16) == port:
+                found.add(socket.inet_ntoa(bytes.fromhex(address)[::-1]) if table == "tcp" else address)
     return found
 
 
