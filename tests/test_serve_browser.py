@@ -207,7 +207,7 @@ def test_the_page_generates_offline_and_serves_the_mp4(server, browser, tmp_path
         shutil.copyfile(shot, os.environ["STEPVIDEO_SCREENSHOT"])
 
     # the progress bar follows the denoising loop: a long run shows "denoise" and its step count
-    steps = 400
+    steps = 1000   # the limit: long enough to be seen on a fast machine
     _fill(browser, "#steps input", steps)
     waiter = _submit(browser)
     seen = set()
