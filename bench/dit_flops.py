@@ -1,18 +1,8 @@
-"""Analytic FLOPs of the Step-Video DiT, cross-checked against XLA's `cost_analysis()`.
+"""The analytic FLOPs of the Step-Video DiT (`stepvideo_jax/models/flops.py`), printed by part and
+cross-checked against XLA's `cost_analysis()`.
 
     python -m bench.dit_flops                      # full size, 204x544x992 px, 397 text keys
     python -m bench.dit_flops --check-layers 2     # + the cross-check on a small unrolled model
-
-Per block (S video tokens, L text keys, width d; a multiply-add = 2 FLOPs):
-    self-attention projections q, k, v, o    8 S d^2
-    self-attention scores and values         4 S^2 d
-    cross-attention q, o                     4 S d^2
-    cross-attention k, v (text tokens)       4 L d^2
-    cross-attention scores and values        4 S L d
-    feed-forward d -> 4d -> d               16 S d^2
-  = 28 S d^2 + 4 S^2 d + 4 L d^2 + 4 S L d. Per forward: layers x block + patch embedding, timestep
-MLP and AdaLN, caption and CLIP projections, final projection. Norms, RoPE, softmax and modulation
-(O(S d) each) are left out.
 
 `cost_analysis()` counts a loop body once and cannot see inside Pallas kernels, so the cross-check
 compiles a small model with the blocks unrolled (the Python loop of `StepVideoDiT`) and plain "xla"
@@ -26,28 +16,7 @@ import argparse
 import dataclasses
 
 from stepvideo_jax.models.dit import DiTConfig
-
-
-def block_flops(cfg: DiTConfig, s: int, l: int) -> dict[str, float]:
-    d = cfg.dim
-    return {"self_attn_proj": 8 * s * d * d, "self_attn_core": 4 * s * s * d,
-            "cross_attn_proj": 4 * s * d * d + 4 * l * d * d, "cross_attn_core": 4 * s * l * d,
-            "ffn": 16 * s * d * d}
-
-
-def forward_flops(cfg: DiTConfig, *, batch: int, s: int, l_text: int, l_clip: int) -> dict[str, float]:
-    """FLOPs of one forward by part; `s` video tokens after patching, keys l_clip + l_text."""
-    d, p = cfg.dim, cfg.patch_size
-    c_text, c_clip = cfg.caption_channels
-    blocks = sum(block_flops(cfg, s, l_clip + l_text).values())
-    parts = {
-        "blocks": cfg.num_layers * blocks,
-        "patch_embed": 2 * s * cfg.in_channels * p * p * d,
-        "timestep": 2 * (cfg.timestep_dim * d + d * d + d * 6 * d),
-        "caption": 2 * l_text * (c_text * d + d * d) + 2 * l_clip * c_clip * d,
-        "proj_out": 2 * s * d * p * p * cfg.out_channels,
-    }
-    return {k: batch * v for k, v in parts.items()}
+from stepvideo_jax.models.flops import block_flops, forward_parts, video_tokens
 
 
 def xla_flops(cfg: DiTConfig, *, batch: int, frames: int, height: int, width: int, l_text: int,
@@ -98,7 +67,7 @@ def main(argv=None):
     a = p.parse_args(argv)
 
     cfg = DiTConfig.full()
-    s = a.frames * (a.height // cfg.patch_size) * (a.width // cfg.patch_size)
+    s = video_tokens(cfg, a.frames, a.height, a.width)
     l = a.text_len + a.clip_len
     print(f"full size: d {cfg.dim}, {cfg.num_layers} layers, S {s} video tokens, L {l} text keys, batch {a.batch}")
     for name, v in block_flops(cfg, s, l).items():
@@ -106,7 +75,8 @@ def main(argv=None):
     per_block = a.batch * sum(block_flops(cfg, s, l).values())
     print(f"  block total            {fmt_flops(per_block)}   (28 S d^2 = {fmt_flops(a.batch * 28 * s * cfg.dim ** 2)}, "
           f"4 S^2 d = {fmt_flops(a.batch * 4 * s * s * cfg.dim)})")
-    fwd = forward_flops(cfg, batch=a.batch, s=s, l_text=a.text_len, l_clip=a.clip_len)
+    fwd = {k: a.batch * v for k, v in forward_parts(cfg, frames=a.frames, height=a.height, width=a.width,
+                                                     text_length=a.text_len, clip_length=a.clip_len).items()}
     for name, v in fwd.items():
         print(f"  forward {name:14s} {fmt_flops(v)}")
     total = sum(fwd.values())
@@ -118,8 +88,8 @@ def main(argv=None):
         small = dataclasses.replace(cfg, num_layers=a.check_layers, num_heads=a.check_heads,
                                     caption_channels=(256, 128))
         l_text, l_clip = 24, 8
-        ana = sum(forward_flops(small, batch=1, s=f * h * w, l_text=l_text, l_clip=l_clip).values())
-        print(f"cross-check: {small.num_layers} layers, d {small.dim}, grid {f}x{h}x{w} (S {f * h * w}), "
+        ana = sum(forward_parts(small, frames=f, height=h, width=w, text_length=l_text, clip_length=l_clip).values())
+        print(f"cross-check: {small.num_layers} layers, d {small.dim}, grid {f}x{h}x{w} (S {video_tokens(small, f, h, w)}), "
               f"L {l_text + l_clip}")
         for backend in ("xla", "blockwise"):
             xla = xla_flops(small, batch=1, frames=f, height=h, width=w, l_text=l_text, l_clip=l_clip,

@@ -21,10 +21,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from bench.dit_flops import fmt_flops, forward_flops
+from bench.dit_flops import fmt_flops
 from stepvideo_jax import dtypes
 from stepvideo_jax.models.attention import BACKENDS
 from stepvideo_jax.models.dit import DiTConfig, StepVideoDiT
+from stepvideo_jax.models.flops import forward_flops, video_tokens
 
 DTYPES = {**dtypes.DTYPES, "float16": jnp.float16}
 
@@ -64,7 +65,7 @@ def main(argv=None):
 
     cfg = dataclasses.replace(full, num_layers=a.layers, num_heads=a.heads)
     dtype = DTYPES[a.dtype]
-    s = a.frames * (a.height // cfg.patch_size) * (a.width // cfg.patch_size)
+    s = video_tokens(cfg, a.frames, a.height, a.width)
     print(f"device {jax.devices()[0].device_kind} ({jax.default_backend()}), {a.dtype}, backend "
           f"{a.backend or 'default'}; {cfg.num_layers} layers, {cfg.num_heads} heads x {cfg.head_dim}; "
           f"batch {a.batch}, latents {a.frames}x{a.height}x{a.width} = {s} tokens, "
@@ -92,7 +93,8 @@ def main(argv=None):
         compiled(state, *args).block_until_ready()
         times.append(time.perf_counter() - t0)
     med = statistics.median(times)
-    flops = sum(forward_flops(cfg, batch=a.batch, s=s, l_text=a.text_len, l_clip=a.clip_len).values())
+    flops = a.batch * forward_flops(cfg, frames=a.frames, height=a.height, width=a.width, text_length=a.text_len,
+                                    clip_length=a.clip_len)
     print(f"forward median {med * 1e3:.1f} ms, min {min(times) * 1e3:.1f} ms over {a.iters} "
           f"(after {a.warmup} warm-up); {fmt_flops(flops).strip()} -> {flops / med / 1e12:.2f} TFLOP/s")
 

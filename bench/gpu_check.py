@@ -75,10 +75,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from bench.dit_flops import block_flops  # noqa: E402
 from stepvideo_jax.models import attention_backend  # noqa: E402
 from stepvideo_jax.models.attention import attention  # noqa: E402
 from stepvideo_jax.models.dit import Block, DiTConfig  # noqa: E402
+from stepvideo_jax.models.flops import block_flops  # noqa: E402
 from stepvideo_jax.models.rope import grid_positions  # noqa: E402
 from stepvideo_jax.models.vae import VAEConfig, VideoVAE  # noqa: E402
 

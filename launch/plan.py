@@ -48,6 +48,7 @@ from flax import nnx  # noqa: E402
 
 from stepvideo_jax.models import quant  # noqa: E402
 from stepvideo_jax.models.dit import DiTConfig, StepVideoDiT  # noqa: E402
+from stepvideo_jax.models.flops import forward_flops  # noqa: E402
 from stepvideo_jax.models.hunyuan_clip import HunyuanClip, HunyuanClipConfig  # noqa: E402
 from stepvideo_jax.models.step_llm import StepLLM, StepLLMConfig  # noqa: E402
 from stepvideo_jax.models.vae import VAEConfig, VideoVAE  # noqa: E402
@@ -57,7 +58,6 @@ from stepvideo_jax.parallel.rules import state_shardings  # noqa: E402
 from stepvideo_jax.parallel.sequence_parallel import SequenceParallel  # noqa: E402
 from stepvideo_jax.sampling.flow_matching import denoise_step  # noqa: E402
 from stepvideo_jax.sampling.pipeline import dit_velocity_fn  # noqa: E402
-from stepvideo_jax.training.metrics import dit_forward_flops  # noqa: E402
 
 GB, GIB = 1e9, 2**30
 LATENTS = (1, 36, 64, 34, 62)   # 204 x 544 x 992 px
@@ -168,8 +168,8 @@ def vae_chunk_split(chips: int) -> str:
 
 
 def dit_flops() -> float:
-    return PROMPTS * dit_forward_flops(DiTConfig.full(), frames=LATENTS[1], height=LATENTS[3], width=LATENTS[4],
-                                       text_length=TEXT, clip_length=CLIP_LEN)
+    return PROMPTS * forward_flops(DiTConfig.full(), frames=LATENTS[1], height=LATENTS[3], width=LATENTS[4],
+                                   text_length=TEXT, clip_length=CLIP_LEN)
 
 
 def encoder_flops(params: int, layers: int, d: int, s: int, causal: bool) -> float:

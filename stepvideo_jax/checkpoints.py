@@ -36,6 +36,7 @@ from flax import nnx
 
 from stepvideo_jax import hub, paths
 from stepvideo_jax.convert import config_records, orbax_io
+from stepvideo_jax.convert.errors import CheckpointError
 from stepvideo_jax.convert.release_restore import load_release_component
 from stepvideo_jax.convert.registry import (COMPONENTS, CONVERTED_MARKER, QUANTISABLE, abstract_model,
                                             component_weights, config_from_record, converter)
@@ -76,10 +77,6 @@ SOURCE_KINDS = {
     "transformer": "a release transformer/ directory (config.json + safetensors)",
     "workdir": f"a training workdir ({WORKDIR_CHECKPOINTS}/, {WORKDIR_DIT_CONFIG}) [{EMA_SUFFIX}]",
 }
-
-
-class CheckpointError(RuntimeError):
-    """A training run's checkpoint cannot be saved or restored (one-line message)."""
 
 
 def short_reason(error: BaseException, limit: int = 300) -> str:

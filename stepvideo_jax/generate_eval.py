@@ -17,7 +17,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from stepvideo_jax import compile_cache, config_files, logs
-from stepvideo_jax.convert.safetensors_io import CheckpointError
+from stepvideo_jax.convert.errors import CheckpointError
 from stepvideo_jax.parallel.mesh import initialize_distributed
 from stepvideo_jax.sampling import eval_set, generation
 

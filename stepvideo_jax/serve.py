@@ -37,7 +37,7 @@ import ml_collections
 import numpy as np
 
 from stepvideo_jax import compile_cache, config_files, logs
-from stepvideo_jax.convert.safetensors_io import CheckpointError
+from stepvideo_jax.convert.errors import CheckpointError
 from stepvideo_jax.demo import vocabulary
 from stepvideo_jax.sampling import generation, video_io
 from stepvideo_jax.sampling.pipeline import VideoSize, caption_prompts

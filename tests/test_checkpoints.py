@@ -5,7 +5,7 @@ import pytest
 from flax import nnx
 
 from stepvideo_jax import checkpoints
-from stepvideo_jax.convert import cli
+from stepvideo_jax.convert import conversion
 from tests.fixtures import fixture_dir
 
 RELEASE = fixture_dir("release_layout") / "stepvideo-t2v"
@@ -13,7 +13,7 @@ RELEASE = fixture_dir("release_layout") / "stepvideo-t2v"
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    return cli.convert_release(RELEASE, tmp_path_factory.mktemp("ckpt") / "ckpt", components=["transformer"],
+    return conversion.convert_release(RELEASE, tmp_path_factory.mktemp("ckpt") / "ckpt", components=["transformer"],
                                dtype="float32")
 
 

@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from stepvideo_jax import checkpoints
-from stepvideo_jax.convert import cli, dit, orbax_io, registry
+from stepvideo_jax.convert import cli, conversion, dit, orbax_io, registry
 from stepvideo_jax.convert.keymap import checkpoint_arrays
 from stepvideo_jax.parallel.rules import state_shardings
 from tests.fixtures import fixture_dir
@@ -97,7 +97,7 @@ def test_sharded_restore_on_8_devices(tmp_path):
     out = tmp_path / "out"
     index = json.loads((release() / "transformer" / "diffusion_pytorch_model.safetensors.index.json").read_text())
     budget = max(1, index["metadata"]["total_size"] // 4)
-    cli.convert_release(release(), out, components=["transformer"], dtype="float32", group_bytes=budget)
+    conversion.convert_release(release(), out, components=["transformer"], dtype="float32", group_bytes=budget)
     manifest = orbax_io.read_manifest(out / "transformer")
     assert len(manifest["groups"]) > 1
     for g in manifest["groups"]:

@@ -6,8 +6,8 @@ import pytest
 
 from stepvideo_jax.convert import dit as dit_convert
 from stepvideo_jax.convert import export_dit
+from stepvideo_jax.convert.errors import CheckpointError
 from stepvideo_jax.convert.keymap import Rule
-from stepvideo_jax.convert.safetensors_io import CheckpointError, TensorSource
 from tests.fixtures import fixture_dir
 
 

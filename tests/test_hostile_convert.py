@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from stepvideo_jax import checkpoints
-from stepvideo_jax.convert import cli, config_records, orbax_io, registry
-from stepvideo_jax.convert.safetensors_io import CheckpointError
+from stepvideo_jax.convert import cli, config_records, conversion, orbax_io, registry
+from stepvideo_jax.convert.errors import CheckpointError
 
 DEMO = pathlib.Path(cli.__file__).resolve().parents[1] / "assets" / "demo"
 
@@ -580,7 +580,7 @@ def test_group_mb_must_be_positive(tmp_path, capsys, value):
     assert exit_.value.code == 2 and "--group-mb: must be a positive integer" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
     with pytest.raises(CheckpointError, match="positive number of bytes"):
-        cli.convert_release(release, tmp_path / "out", group_bytes=0)
+        conversion.convert_release(release, tmp_path / "out", group_bytes=0)
 
 
 # --- 6. export_dit is atomic; exported files are 0644 ---------------------------------------------

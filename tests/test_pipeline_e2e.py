@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from stepvideo_jax import checkpoints
+from stepvideo_jax.convert import conversion
 from stepvideo_jax.sampling import components
 from stepvideo_jax.sampling import pipeline as P
 from stepvideo_jax.sampling.flow_matching import SamplerSettings, classifier_free_guidance
@@ -110,9 +111,8 @@ def test_a_converted_checkpoint_holds_the_same_models(tmp_path):
     """`python -m stepvideo_jax.convert` output restores to exactly the release directory's models."""
     from flax import nnx
 
-    from stepvideo_jax.convert import cli
 
-    ckpt = cli.convert_release(fixture_dir(FIXTURE) / "stepvideo-t2v", tmp_path / "ckpt")
+    ckpt = conversion.convert_release(fixture_dir(FIXTURE) / "stepvideo-t2v", tmp_path / "ckpt")
     f32 = jnp.float32
     converted = checkpoints.loader(ckpt, dit_dtype=f32, vae_dtype=f32, llm_dtype=f32, clip_dtype=f32).models()
     models, _ = pipe()

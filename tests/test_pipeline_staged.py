@@ -14,10 +14,11 @@ import pytest
 from flax import nnx
 
 from stepvideo_jax import checkpoints
-from stepvideo_jax.sampling import eval_set, generation
+from stepvideo_jax.convert import conversion
 from stepvideo_jax.models.dit import StepVideoDiT
-from stepvideo_jax.sampling import video_io
+from stepvideo_jax.sampling import eval_set, generation
 from stepvideo_jax.sampling import pipeline as P
+from stepvideo_jax.sampling import video_io
 from stepvideo_jax.text import conditioning
 from tests.fixtures import fixture_dir, load_config
 from tests.test_pipeline import SETTINGS, SIZE, TOY, toy_decode, toy_text_encoder
@@ -130,10 +131,9 @@ def test_text_encoders_are_released_before_the_dit_loads(tmp_path, monkeypatch):
 
 def test_staged_run_from_a_relative_converted_checkpoint(tmp_path, monkeypatch, compile_cache):
     """Orbax refuses relative paths: the restore must resolve `checkpoint_dir=ckpt` itself."""
-    from stepvideo_jax.convert import cli
 
     release = fixture_dir("release_layout") / "stepvideo-t2v"
-    cli.convert_release(release, tmp_path / "ckpt")
+    conversion.convert_release(release, tmp_path / "ckpt")
     monkeypatch.chdir(tmp_path)
     before = settled_live_bytes()   # arrays other tests of this process still hold
     staged = run_cli(tiny_config(tmp_path / "staged" / "v.mp4", checkpoint_dir="ckpt"))

@@ -22,10 +22,11 @@ import pytest
 from flax import nnx
 
 from stepvideo_jax import checkpoints
-from stepvideo_jax.convert import cli, orbax_io
+from stepvideo_jax.convert import cli, conversion, orbax_io
 from stepvideo_jax.convert import dit as dit_convert
 from stepvideo_jax.convert import step_llm as llm_convert
-from stepvideo_jax.convert.safetensors_io import CheckpointError, TensorSource
+from stepvideo_jax.convert.errors import CheckpointError
+from stepvideo_jax.convert.safetensors_io import TensorSource
 from stepvideo_jax.models import layers, quant, stack
 from stepvideo_jax.parallel.mesh import MeshConfig, make_mesh
 from stepvideo_jax.sampling import generation
@@ -171,7 +172,7 @@ def release():
 def converted(tmp_path_factory):
     """The release layout converted twice: bfloat16, and bfloat16 with int8 block linears."""
     root = tmp_path_factory.mktemp("ckpt")
-    return {w: cli.convert_release(release(), root / w, components=list(checkpoints.QUANTISABLE),
+    return {w: conversion.convert_release(release(), root / w, components=list(checkpoints.QUANTISABLE),
                                    dtype="bfloat16", quantize=w) for w in ("bf16", "int8")}
 
 
@@ -198,7 +199,7 @@ def test_int8_checkpoint_round_trip_on_1_and_8_devices(converted, component):
     in_memory = flat(quant.quantize(checkpoints.load_converted(converted["bf16"], component), "int8"))
     assert one.keys() == eight.keys() == on_load.keys() == in_memory.keys()
     int8_keys = [k for k, v in one.items() if v.dtype == jnp.int8]
-    assert {quant.scale_path(k) for k in int8_keys} == {cli.stack_path(k) for k in scales}
+    assert {quant.scale_path(k) for k in int8_keys} == {conversion.stack_path(k) for k in scales}
     sharded_scales = 0
     for k, want in one.items():
         for other in (eight, on_load, in_memory):
@@ -227,7 +228,7 @@ def test_unknown_scheme_is_refused_before_anything_loads(tmp_path):
         with pytest.raises(ValueError, match=r"weights='int4': choose one of \['bf16', 'int8', 'fp8'\]"):
             call()
     with pytest.raises(CheckpointError, match="--quantize: weights='nf4'"):
-        cli.convert_release(release(), tmp_path / "out", quantize="nf4")
+        conversion.convert_release(release(), tmp_path / "out", quantize="nf4")
     assert not (tmp_path / "out").exists()
     with pytest.raises(SystemExit):
         cli.main(["--release", str(release()), "--out", str(tmp_path / "out"), "--quantize", "int4"])

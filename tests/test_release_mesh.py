@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from stepvideo_jax import checkpoints
-from stepvideo_jax.convert import cli, registry
+from stepvideo_jax.convert import conversion, registry
 from stepvideo_jax.parallel.mesh import MeshConfig, make_mesh
 from tests.fixtures import fixture_dir
 
@@ -20,7 +20,7 @@ def release():
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    return cli.convert_release(release(), tmp_path_factory.mktemp("ckpt") / "ckpt", dtype="float32")
+    return conversion.convert_release(release(), tmp_path_factory.mktemp("ckpt") / "ckpt", dtype="float32")
 
 
 def flat(model):

@@ -18,7 +18,7 @@ from stepvideo_jax import checkpoints
 from stepvideo_jax.checkpoints import load_dit
 from stepvideo_jax.convert import cli, orbax_io, registry
 from stepvideo_jax.convert.keymap import checkpoint_arrays
-from stepvideo_jax.convert.safetensors_io import CheckpointError
+from stepvideo_jax.convert.errors import CheckpointError
 from stepvideo_jax.models.dit import StepVideoDiT
 from stepvideo_jax.training import lora, train_state
 from stepvideo_jax.training.checkpoint import Checkpointer, UnrolledCheckpointError

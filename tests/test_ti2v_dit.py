@@ -9,7 +9,8 @@ import pytest
 from flax import nnx
 
 from stepvideo_jax.convert import dit as dit_convert
-from stepvideo_jax.convert.safetensors_io import CheckpointError, TensorSource
+from stepvideo_jax.convert.errors import CheckpointError
+from stepvideo_jax.convert.safetensors_io import TensorSource
 from stepvideo_jax.parallel.mesh import MeshConfig, make_mesh, shard_model
 from tests.fixtures import assert_close, fixture_dir, load_json, load_npz
 

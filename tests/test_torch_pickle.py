@@ -9,7 +9,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from stepvideo_jax.convert.safetensors_io import CheckpointError, TensorSource
+from stepvideo_jax.convert.errors import CheckpointError
+from stepvideo_jax.convert.safetensors_io import TensorSource
 from stepvideo_jax.convert.torch_pickle import STORAGE_DTYPES, TorchPickleFile
 from tests.fixtures import fixture_dir
 

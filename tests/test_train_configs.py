@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from stepvideo_jax.convert import conversion
 from stepvideo_jax.models.dit import DiTConfig, StepVideoDiT
+from stepvideo_jax.parallel.mesh import make_mesh
 from stepvideo_jax.parallel.rules import state_shardings
 from stepvideo_jax.training import train_state
-from stepvideo_jax.parallel.mesh import make_mesh
 from stepvideo_jax.training.loop import dit_config, optimizer_of, step_settings
 from stepvideo_jax.training.train_step import remat_policy
 
@@ -60,14 +61,13 @@ def test_full_size_state_shards_over_a_mesh():
 
 def test_init_from_release_and_converted_checkpoint(tmp_path):
     """`model.init_from` accepts an official transformer/ directory and a converter output root."""
-    from stepvideo_jax.convert import cli
     from stepvideo_jax.convert import dit as dit_convert
     from stepvideo_jax.checkpoints import dit_config as source_dit_config
     from stepvideo_jax.training.loop import _with_initial_weights
     from tests.fixtures import fixture_dir
 
     release = fixture_dir("release_layout") / "stepvideo-t2v"
-    cli.convert_release(release, tmp_path / "ckpt", components=["transformer"])
+    conversion.convert_release(release, tmp_path / "ckpt", components=["transformer"])
     want = nnx.state(dit_convert.load(release / "transformer"))
     mesh = make_mesh({"fsdp": 2}, subset=True)
     for source in (release / "transformer", tmp_path / "ckpt"):

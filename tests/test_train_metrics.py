@@ -3,6 +3,7 @@ import dataclasses
 
 import numpy as np
 
+from stepvideo_jax.models import flops
 from stepvideo_jax.models.dit import DiTConfig
 from stepvideo_jax.training import metrics
 
@@ -12,13 +13,16 @@ def test_flops_match_the_hand_count_at_full_size():
     shape = dict(frames=36, height=34, width=62, text_length=320, clip_length=77)
     s, l, d = 36 * 34 * 62, 397, cfg.dim
     per_block = 28 * s * d * d + 4 * s * s * d + 4 * l * d * d + 4 * s * l * d
-    fwd = metrics.dit_forward_flops(cfg, **shape)
+    fwd = flops.forward_flops(cfg, **shape)
     assert abs(per_block / 222.5e12 - 1) < 1e-3          # docs/full_size_plan.md's 222.5 TFLOP per block
     blocks = cfg.num_layers * per_block
     assert 0 < fwd - blocks < 1e-3 * fwd                   # embeddings and projections are small
     assert metrics.train_flops(cfg, **shape) == 3 * fwd
+    parts = flops.forward_parts(cfg, **shape)
+    assert parts["blocks"] == blocks and sum(parts.values()) == fwd
+    assert sum(flops.block_flops(cfg, s, l).values()) == per_block
     half = dataclasses.replace(cfg, num_layers=24)
-    np.testing.assert_allclose(metrics.dit_forward_flops(half, **shape) - fwd / 2,
+    np.testing.assert_allclose(flops.forward_flops(half, **shape) - fwd / 2,
                                (fwd - blocks) / 2, rtol=1e-9)
 
 

@@ -8,7 +8,8 @@ import pytest
 from safetensors.numpy import save_file
 
 from stepvideo_jax.convert import vae as vae_convert
-from stepvideo_jax.convert.safetensors_io import CheckpointError, TensorSource
+from stepvideo_jax.convert.errors import CheckpointError
+from stepvideo_jax.convert.safetensors_io import TensorSource
 from stepvideo_jax.models import vae as vae_model
 from tests.fixtures import fixture_dir, fixtures_root, load_json
 

@@ -25,7 +25,7 @@ import types
 import typing
 from typing import Any, Mapping
 
-from stepvideo_jax.convert.safetensors_io import CheckpointError
+from stepvideo_jax.convert.errors import CheckpointError
 from stepvideo_jax.models.dit import DiTConfig
 from stepvideo_jax.models.hunyuan_clip import HunyuanClipConfig
 from stepvideo_jax.models.quant import WeightQuant

@@ -20,7 +20,8 @@ from flax import nnx
 
 from stepvideo_jax.convert import release_paths
 from stepvideo_jax.convert.keymap import Rule, convert_model, expand, transpose
-from stepvideo_jax.convert.safetensors_io import CheckpointError, TensorSource
+from stepvideo_jax.convert.errors import CheckpointError
+from stepvideo_jax.convert.safetensors_io import TensorSource
 from stepvideo_jax.models.dit import DiTConfig, StepVideoDiT
 
 COMPONENT = "transformer"

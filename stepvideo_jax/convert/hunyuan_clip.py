@@ -21,7 +21,8 @@ from flax import nnx
 
 from stepvideo_jax.convert import release_paths
 from stepvideo_jax.convert.keymap import Rule, convert_model, expand, transpose
-from stepvideo_jax.convert.safetensors_io import CheckpointError, TensorSource
+from stepvideo_jax.convert.errors import CheckpointError
+from stepvideo_jax.convert.safetensors_io import TensorSource
 from stepvideo_jax.convert.torch_pickle import TorchPickleFile
 from stepvideo_jax.models.hunyuan_clip import HunyuanClip, HunyuanClipConfig
 

@@ -14,7 +14,7 @@ from typing import Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 
-from stepvideo_jax.convert.safetensors_io import CheckpointError
+from stepvideo_jax.convert.errors import CheckpointError
 from stepvideo_jax.models import stack
 
 Transform = Callable[[np.ndarray], np.ndarray]

@@ -48,7 +48,7 @@ from stepvideo_jax.dtypes import DTYPES
 from stepvideo_jax.convert import config_records, release_paths
 from stepvideo_jax.convert.keymap import unflatten
 from stepvideo_jax.models import quant, stack
-from stepvideo_jax.convert.safetensors_io import CheckpointError
+from stepvideo_jax.convert.errors import CheckpointError
 
 FORMAT = "stepvideo-jax/orbax-groups"
 VERSION = 2

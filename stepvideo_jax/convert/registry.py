@@ -18,7 +18,7 @@ from stepvideo_jax.convert import dit as dit_convert
 from stepvideo_jax.convert import hunyuan_clip as clip_convert
 from stepvideo_jax.convert import step_llm as llm_convert
 from stepvideo_jax.convert import vae as vae_convert
-from stepvideo_jax.convert.safetensors_io import CheckpointError
+from stepvideo_jax.convert.errors import CheckpointError
 from stepvideo_jax.dtypes import DTYPES as OUTPUT_DTYPES
 from stepvideo_jax.models import quant  # the dtypes a converted checkpoint stores
 

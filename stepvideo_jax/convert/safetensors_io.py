@@ -25,7 +25,7 @@ import numpy as np
 from stepvideo_jax.convert import release_paths
 from stepvideo_jax.convert.errors import CheckpointError
 
-__all__ = ["CheckpointError", "DTYPES", "MAX_HEADER_BYTES", "SafetensorsFile", "TensorSource"]
+__all__ = ["DTYPES", "MAX_HEADER_BYTES", "SafetensorsFile", "TensorSource"]
 
 DTYPES: Mapping[str, np.dtype] = {
     "F32": np.dtype(np.float32),

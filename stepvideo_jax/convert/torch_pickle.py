@@ -33,7 +33,7 @@ from typing import Any, Iterator, Mapping
 import ml_dtypes
 import numpy as np
 
-from stepvideo_jax.convert.safetensors_io import CheckpointError
+from stepvideo_jax.convert.errors import CheckpointError
 
 # torch storage class name -> (numpy dtype, safetensors-style dtype name)
 STORAGE_DTYPES: Mapping[str, tuple[np.dtype, str]] = {

@@ -26,7 +26,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from stepvideo_jax import paths
-from stepvideo_jax.checkpoints import CheckpointError, short_reason
+from stepvideo_jax.checkpoints import short_reason
+from stepvideo_jax.convert.errors import CheckpointError
 
 from stepvideo_jax.models import stack
 

@@ -1,9 +1,8 @@
-"""Training metrics: analytic DiT FLOPs, MFU, and a JSONL / TensorBoard writer.
+"""Training metrics: training FLOPs, MFU, and a JSONL / TensorBoard writer.
 
-FLOPs are counted from the architecture (2 per multiply-add of every matmul, attention included),
-not from `cost_analysis`, which counts a scanned or rematerialised layer once or twice. A training
-step costs 3x the forward (forward + two backward matmuls per forward matmul); recomputation for
-remat is not counted, as MFU conventionally measures useful model FLOPs.
+FLOPs are the DiT's analytic count (`models/flops.py`). A training step costs 3x the forward
+(forward + two backward matmuls per forward matmul); recomputation for remat is not counted, as MFU
+conventionally measures useful model FLOPs.
 """
 from __future__ import annotations
 
@@ -12,6 +11,7 @@ import os
 from typing import Mapping, Optional
 
 from stepvideo_jax import paths
+from stepvideo_jax.models import flops
 from stepvideo_jax.models.dit import DiTConfig
 
 # Dense bf16 peak FLOP/s per chip, by the substring of `device.device_kind` (lower case).
@@ -21,28 +21,9 @@ PEAK_FLOPS = {
 }
 
 
-def dit_forward_flops(cfg: DiTConfig, *, frames: int, height: int, width: int, text_length: int,
-                      clip_length: int) -> float:
-    """Forward FLOPs of one sample: latent (frames, height, width), l_text + l_clip text tokens."""
-    p, d = cfg.patch_size, cfg.dim
-    s = frames * (height // p) * (width // p)
-    lk = text_length + clip_length
-    mm = lambda rows, din, dout: 2.0 * rows * din * dout
-    per_block = (4 * mm(s, d, d)                        # self-attention q, k, v, o
-                 + 2 * 2.0 * s * s * d                  # scores and weighted values
-                 + 2 * mm(s, d, d) + 2 * mm(lk, d, d)   # cross-attention q, o and k, v on text
-                 + 2 * 2.0 * s * lk * d
-                 + mm(s, d, 4 * d) + mm(s, 4 * d, d))   # feed-forward
-    embed = (mm(s, cfg.in_channels * p * p, d) + mm(s, d, p * p * cfg.out_channels)
-             + mm(text_length, cfg.caption_channels[0], d) + mm(text_length, d, d)
-             + mm(clip_length, cfg.caption_channels[1], d)
-             + mm(1, cfg.timestep_dim, d) + mm(1, d, d) + mm(1, d, 6 * d))
-    return cfg.num_layers * per_block + embed
-
-
 def train_flops(cfg: DiTConfig, **shape) -> float:
-    """Training FLOPs of one sample (3x the forward)."""
-    return 3.0 * dit_forward_flops(cfg, **shape)
+    """Training FLOPs of one sample (3x the forward, `models.flops.forward_flops`)."""
+    return 3.0 * flops.forward_flops(cfg, **shape)
 
 
 def peak_flops_per_device(device_kind: str, override: Optional[float] = None) -> Optional[float]:
