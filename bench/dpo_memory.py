@@ -32,7 +32,8 @@ from stepvideo_jax.parallel.sequence_parallel import parse_backend  # noqa: E402
 from stepvideo_jax.models.dit import DiTConfig, StepVideoDiT  # noqa: E402
 from stepvideo_jax.parallel import aot  # noqa: E402
 from stepvideo_jax.parallel.rules import STATE_RULES, state_shardings  # noqa: E402
-from stepvideo_jax.training import lora, train_state  # noqa: E402
+from stepvideo_jax.models import lora  # noqa: E402
+from stepvideo_jax.training import train_state  # noqa: E402
 from stepvideo_jax.training.checkpoint import abstract_with_shardings  # noqa: E402
 from stepvideo_jax.training import optimizer as optim  # noqa: E402
 from stepvideo_jax.training.dpo_step import DPOSettings, make_dpo_step  # noqa: E402

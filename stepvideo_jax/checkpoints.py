@@ -11,7 +11,8 @@ A weight source is a path of one of these kinds (`source_kind`):
   converter (`convert.registry`), on one device.
 - "transformer": one release component directory, `transformer/` (config.json + shards): a DiT.
 - "workdir": a training run directory (`checkpoints/<step>/`, `dit_config.json`): its DiT, raw or
-  EMA weights (`<workdir>:ema`).
+  EMA weights (`<workdir>:ema`). A LoRA run (`lora.json` beside them: rank, alpha, targets and the
+  base's source) checkpoints only its adapters: its DiT is the base with the adapters folded in.
 
 The tokenizer files sit at the same relative paths in a release and in a converted checkpoint
 (`step_llm/step1_chat_tokenizer.model`, `hunyuan_clip/tokenizer/`), so the text encoders of both
@@ -30,6 +31,7 @@ import os
 import pathlib
 from typing import Callable, Mapping, Optional
 
+import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
@@ -41,7 +43,7 @@ from stepvideo_jax.convert.release_restore import load_release_component
 from stepvideo_jax.convert.registry import (COMPONENTS, CONVERTED_MARKER, QUANTISABLE, abstract_model,
                                             component_weights, config_from_record, converter)
 from stepvideo_jax.dtypes import dtype_of
-from stepvideo_jax.models import quant, stack
+from stepvideo_jax.models import lora, quant, stack
 from stepvideo_jax.models.dit import DiTConfig, StepVideoDiT
 from stepvideo_jax.text.conditioning import TextConditioner
 from stepvideo_jax.text.sentencepiece_tokenizer import StepLLMTokenizer
@@ -51,6 +53,9 @@ LLM_TOKENIZER = "step_llm/step1_chat_tokenizer.model"
 CLIP_TOKENIZER = "hunyuan_clip/tokenizer"
 WORKDIR_DIT_CONFIG = "dit_config.json"   # written by `training.loop.train`
 WORKDIR_CHECKPOINTS = "checkpoints"
+# a LoRA run's record, written by `training.dpo`: {"rank", "alpha", "targets", "base": a DiT source ("": the
+# seed's init), "seed"}
+LORA_RECORD = "lora.json"
 EMA_SUFFIX = ":ema"
 
 # component -> files (relative to the checkpoint directory) that must all exist; alternatives as tuples
@@ -376,11 +381,9 @@ def load_dit(source, *, dtype=jnp.float32, param_dtype=jnp.float32, mesh=None, s
 
 def _load_run_dit(workdir: pathlib.Path, *, step: Optional[int], ema: bool, dtype, param_dtype) -> StepVideoDiT:
     """The DiT of a training checkpoint (`training.checkpoint.Checkpointer` layout: the `state`
-    item holds `params` and, with EMA, `ema`), unsharded."""
+    item holds `params` and, with EMA, `ema`), unsharded; a LoRA run's through `_with_adapters`."""
     workdir = paths.absolute(workdir)   # Orbax needs absolute paths; a gs:// URI stays one
     cfg = dit_config(DiTSource("workdir", workdir))
-    model = nnx.eval_shape(lambda: StepVideoDiT(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
-    graphdef, abstract = nnx.split(model)
     mngr = ocp.CheckpointManager(workdir / WORKDIR_CHECKPOINTS)
     try:
         step = mngr.latest_step() if step is None else step
@@ -397,8 +400,35 @@ def _load_run_dit(workdir: pathlib.Path, *, step: Optional[int], ema: bool, dtyp
     which = "ema" if ema else "params"
     if raw.get(which) is None:
         raise ValueError(f"checkpoint {step} holds no {which!r} weights (train with step.ema_decay > 0 for EMA)")
-    nnx.replace_by_pure_dict(abstract, stack.stack_unrolled(_strip_value_level(raw[which], param_dtype)))
+    if (workdir / LORA_RECORD).is_file():
+        record = json.loads((workdir / LORA_RECORD).read_text())
+        return _with_adapters(cfg, record, _strip_value_level(raw[which], jnp.float32), dtype=dtype,
+                              param_dtype=param_dtype)
+    return _plain_dit(cfg, stack.stack_unrolled(_strip_value_level(raw[which], param_dtype)), dtype, param_dtype)
+
+
+def _plain_dit(cfg: DiTConfig, params: dict, dtype, param_dtype) -> StepVideoDiT:
+    """A `StepVideoDiT` holding `params` (a pure dict of its whole state)."""
+    graphdef, abstract = nnx.split(nnx.eval_shape(
+        lambda: StepVideoDiT(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))))
+    nnx.replace_by_pure_dict(abstract, params)
     return nnx.merge(graphdef, abstract)
+
+
+def _with_adapters(cfg: DiTConfig, record: Mapping, adapters: dict, *, dtype, param_dtype) -> StepVideoDiT:
+    """A LoRA run's DiT: its base (`record["base"]`, any DiT source; "": the seed's init, as the run
+    drew it) with the run's `adapters` (a pure dict of the `LoRAParam`s) folded into the kernels in
+    float32 (`models.lora.merged_state`), as a plain `StepVideoDiT` in `param_dtype`."""
+    if record["base"]:
+        base = load_dit(record["base"], dtype=dtype, param_dtype=jnp.float32)
+    else:
+        base = StepVideoDiT(cfg, dtype=dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(record["seed"]))
+    model = lora.apply_lora(base, rank=record["rank"], alpha=record["alpha"], targets=tuple(record["targets"]))
+    state = nnx.state(model, lora.LoRAParam)
+    nnx.replace_by_pure_dict(state, adapters)
+    nnx.update(model, state)
+    merged = nnx.to_pure_dict(lora.merged_state(model))
+    return _plain_dit(cfg, jax.tree.map(lambda a: jnp.asarray(a, param_dtype), merged), dtype, param_dtype)
 
 
 def _strip_value_level(tree, dtype):

@@ -8,9 +8,10 @@ import optax
 import pytest
 from flax import nnx
 
+from stepvideo_jax.models import lora
 from stepvideo_jax.models.dit import DiTConfig, StepVideoDiT
 from stepvideo_jax.parallel.rules import state_shardings
-from stepvideo_jax.training import lora, train_state
+from stepvideo_jax.training import train_state
 from stepvideo_jax.training.dpo_step import (DPOSettings, dpo_loss_and_grads, draw_pair_inputs, make_dpo_step,
                                              pair_metrics)
 from stepvideo_jax.parallel.mesh import make_mesh

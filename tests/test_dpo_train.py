@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from stepvideo_jax import checkpoints
 from stepvideo_jax.data.preferences import PairDataset
+from stepvideo_jax.models import lora
 from stepvideo_jax.models.dit import StepVideoDiT
 from stepvideo_jax.training.dpo import dpo_objective, dpo_settings, load_weights, train_dpo
 from stepvideo_jax.training.dpo_step import draw_pair_inputs, pair_metrics
@@ -88,6 +90,27 @@ def test_lora_run_resumes_and_checkpoints_only_adapters(tmp_path, compile_cache)
     straight = train_dpo(dpo_config(**overrides), tmp_path / "straight", printer=None)
     np.testing.assert_allclose([h["loss"] for h in first.history + second.history],
                                [h["loss"] for h in straight.history], rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_a_lora_run_loads_as_its_base_with_the_adapters_folded_in(tmp_path, compile_cache):
+    """`checkpoints.load_dit` of a LoRA run (its checkpoints hold only the adapters) rebuilds the
+    base from the run's record (here the seed's init) and folds the trained adapters in."""
+    config = dpo_config(**{"dpo.lora_rank": 4, "total_steps": 2, "optim.warmup_steps": 1, "checkpoint.every": 2,
+                           "log_every": 1})
+    result = train_dpo(config, tmp_path, printer=None)
+    d, cfg = config.dpo, dit_config(config.model)
+    model = lora.apply_lora(StepVideoDiT(cfg, rngs=nnx.Rngs(config.seed)), rank=d.lora_rank, alpha=d.lora_alpha,
+                            targets=tuple(d.lora_targets))
+    nnx.update(model, result.state.params)
+    want = nnx.to_flat_state(lora.merged_state(model))
+    got = dict(nnx.to_flat_state(nnx.state(checkpoints.load_dit(tmp_path))))
+    assert sorted(got) == sorted(p for p, _ in want)
+    for path, v in want:
+        np.testing.assert_array_equal(np.asarray(got[path].get_value()), np.asarray(v.get_value()), err_msg=str(path))
+    base = dict(nnx.to_flat_state(nnx.state(StepVideoDiT(cfg, rngs=nnx.Rngs(config.seed)))))
+    changed = [p for p, _ in want if not np.array_equal(np.asarray(got[p].get_value()), np.asarray(base[p].get_value()))]
+    assert changed and all(p[-1] == "kernel" and p[-2] in "qkvo" for p in changed), changed
 
 
 def test_config_errors_are_named():

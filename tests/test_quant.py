@@ -27,10 +27,9 @@ from stepvideo_jax.convert import dit as dit_convert
 from stepvideo_jax.convert import step_llm as llm_convert
 from stepvideo_jax.convert.errors import CheckpointError
 from stepvideo_jax.convert.safetensors_io import TensorSource
-from stepvideo_jax.models import layers, quant, stack
+from stepvideo_jax.models import layers, lora, quant, stack
 from stepvideo_jax.parallel.mesh import MeshConfig, make_mesh
 from stepvideo_jax.sampling import generation
-from stepvideo_jax.training import lora
 from tests.fixtures import fixture_dir, load_json, load_npz
 
 SCHEMES = ("int8", "fp8")

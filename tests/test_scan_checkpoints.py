@@ -19,8 +19,9 @@ from stepvideo_jax.checkpoints import load_dit
 from stepvideo_jax.convert import cli, orbax_io, registry
 from stepvideo_jax.convert.keymap import checkpoint_arrays
 from stepvideo_jax.convert.errors import CheckpointError
+from stepvideo_jax.models import lora
 from stepvideo_jax.models.dit import StepVideoDiT
-from stepvideo_jax.training import lora, train_state
+from stepvideo_jax.training import train_state
 from stepvideo_jax.training.checkpoint import Checkpointer, UnrolledCheckpointError
 from tests.fixtures import fixture_dir
 

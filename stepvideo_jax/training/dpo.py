@@ -9,7 +9,7 @@ checkpoints with exact resume, metrics, NaN stop) with a DPO `Objective`:
   default) and sharded by the same logical-axis rules as the policy; it is rebuilt from its source
   on resume, never checkpointed;
 - policy: full fine-tuning (float32 master weights, as `train`), or LoRA adapters on the attention
-  projections (`config.dpo.lora_rank > 0`, `training/lora.py`): only the adapters are optimised and
+  projections (`config.dpo.lora_rank > 0`, `models/lora.py`): only the adapters are optimised and
   checkpointed. With LoRA and the reference taken from the initial policy, the frozen base and the
   reference are the same arrays (one copy in memory).
 
@@ -24,17 +24,18 @@ Weight sources (`config.dpo.policy_from`, `config.dpo.reference_from`):
 from __future__ import annotations
 
 import functools
+import os
 import pathlib
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from stepvideo_jax import checkpoints
+from stepvideo_jax import checkpoints, paths
 from stepvideo_jax.data import preferences
+from stepvideo_jax.models import lora
 from stepvideo_jax.models.dit import DiTConfig, StepVideoDiT
 from stepvideo_jax.parallel.rules import state_shardings
-from stepvideo_jax.training import lora
 from stepvideo_jax.training.dpo_step import DPOSettings, make_dpo_step
 from stepvideo_jax.training.loop import Objective, TrainResult, dit_config, train
 
@@ -125,11 +126,26 @@ def dpo_objective(config) -> Objective:
 
     prepare = (lambda m: lora.apply_lora(m, rank=d.lora_rank, alpha=d.lora_alpha, targets=tuple(d.lora_targets),
                                          seed=config.seed + 1)) if use_lora else (lambda m: m)
+    records = {checkpoints.LORA_RECORD: lora_record(config)} if use_lora else {}
     return Objective(open_dataset=open_preferences, prepare=prepare,
                      trainable=lora.LoRAParam if use_lora else nnx.Param,
                      make_step=functools.partial(make_dpo_step, ref_graphdef=ref_graphdef, dpo=dpo_settings(config)),
                      aux=aux, init_params=init_params, latents_key="mean_w",
-                     forwards_per_sample=8.0)   # policy forward + backward of 2 videos, reference forward of 2
+                     forwards_per_sample=8.0,   # policy forward + backward of 2 videos, reference forward of 2
+                     records=records)
+
+
+def lora_record(config) -> dict:
+    """What `checkpoints.load_dit` needs to rebuild a LoRA run's DiT from its adapters: rank, alpha,
+    targets, the base's source (a local path made absolute, so the record reads from any directory;
+    "": the seed's init) and the seed."""
+    d = config.dpo
+    base = d.policy_from
+    if base:
+        src = checkpoints.dit_source(base)
+        base = os.fspath(paths.absolute(src.path)) + (checkpoints.EMA_SUFFIX if src.ema else "")
+    return {"rank": d.lora_rank, "alpha": d.lora_alpha, "targets": list(d.lora_targets), "base": base,
+            "seed": config.seed}
 
 
 def train_dpo(config, workdir=None, *, printer=print) -> TrainResult:

@@ -11,7 +11,7 @@ batched `[w; l]` (2b rows) through one policy forward (with gradients) and one r
 The reference is a separate, never-donated argument: `frozen = {"reference": State, "base":
 State | None}`. `reference` is a plain `StepVideoDiT` state (any dtype, bfloat16 by default in
 `training/dpo.py`), run by `ref_graphdef` and sharded by the same rules as the policy. `base` holds the
-frozen variables of an adapted policy (`training/lora.py`): the policy is
+frozen variables of an adapted policy (`models/lora.py`): the policy is
 `merge(graphdef, state.params, base)`; None for full fine-tuning. With LoRA started from the
 reference, `base` may be the very same arrays as `reference` (one copy in memory).
 

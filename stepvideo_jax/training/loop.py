@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -61,6 +61,8 @@ class Objective:
       run (None: `config.model.init_from` or the seed's init).
     - `latents_key`: the batch array whose (f, h, w) sizes the FLOP count.
     - `forwards_per_sample`: cost of one batch row in DiT forwards (3: forward + backward).
+    - `records`: JSON files written into the workdir beside `dit_config.json`, {name: object} (e.g.
+      `checkpoints.LORA_RECORD`, which `checkpoints.load_dit` needs to rebuild a LoRA run's DiT).
     """
 
     open_dataset: Optional[Callable] = None
@@ -71,6 +73,7 @@ class Objective:
     init_params: Optional[Callable] = None
     latents_key: str = "mean"
     forwards_per_sample: float = 3.0
+    records: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -204,6 +207,8 @@ def setup(config, workdir=None, *, printer: Optional[Callable[[str], Any]] = pri
     cfg = checkpoints.dit_config(init_from) if init_from else dit_config(config.model)
     if paths.writes_shared_files():
         paths.write_text(workdir / checkpoints.WORKDIR_DIT_CONFIG, json.dumps(dataclasses.asdict(cfg), indent=1))
+        for name, record in objective.records.items():
+            paths.write_text(workdir / name, json.dumps(record, indent=1))
     dtype = jnp.dtype(config.compute_dtype)
     settings = step_settings(config)
     schedule, optimizer = optimizer_of(config)
