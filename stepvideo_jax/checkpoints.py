@@ -53,9 +53,7 @@ LLM_TOKENIZER = "step_llm/step1_chat_tokenizer.model"
 CLIP_TOKENIZER = "hunyuan_clip/tokenizer"
 WORKDIR_DIT_CONFIG = "dit_config.json"   # written by `training.loop.train`
 WORKDIR_CHECKPOINTS = "checkpoints"
-# a LoRA run's record, written by `training.dpo`: {"rank", "alpha", "targets", "base": a DiT source ("": the
-# seed's init), "seed"}
-LORA_RECORD = "lora.json"
+LORA_RECORD = "lora.json"   # a LoRA run's record (`lora_record`), written by `training.dpo`
 EMA_SUFFIX = ":ema"
 
 # component -> files (relative to the checkpoint directory) that must all exist; alternatives as tuples
@@ -429,6 +427,16 @@ def _with_adapters(cfg: DiTConfig, record: Mapping, adapters: dict, *, dtype, pa
     nnx.update(model, state)
     merged = nnx.to_pure_dict(lora.merged_state(model))
     return _plain_dit(cfg, jax.tree.map(lambda a: jnp.asarray(a, param_dtype), merged), dtype, param_dtype)
+
+
+def lora_record(base: str, *, rank: int, alpha: float, targets, seed: int) -> dict:
+    """What `load_dit` needs to rebuild a LoRA run's DiT from its adapters: rank, alpha, targets, the
+    base's DiT source (a local path made absolute, so the record reads from any directory; "": the
+    seed's init, drawn with `seed`)."""
+    if base:
+        src = dit_source(base)
+        base = os.fspath(paths.absolute(src.path)) + (EMA_SUFFIX if src.ema else "")
+    return {"rank": rank, "alpha": alpha, "targets": list(targets), "base": base, "seed": seed}
 
 
 def _strip_value_level(tree, dtype):

@@ -48,6 +48,7 @@ def resolve(source, components: Sequence[str] = RELEASE_COMPONENTS, *, cache_dir
     unknown = sorted(set(components) - set(RELEASE_COMPONENTS))
     if unknown:
         raise ValueError(f"unknown release components {unknown}; choose from {list(RELEASE_COMPONENTS)}")
+    # only a repo id needs the hub client (it reads its HF_* environment when imported)
     import huggingface_hub
     from huggingface_hub import errors
 
@@ -76,7 +77,7 @@ def resolve(source, components: Sequence[str] = RELEASE_COMPONENTS, *, cache_dir
 
 
 def _cache_root() -> str:
-    from huggingface_hub import constants
+    from huggingface_hub import constants   # as above: the cache root is read from the environment
 
     return constants.HF_HUB_CACHE
 

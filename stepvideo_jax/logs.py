@@ -15,14 +15,15 @@ import os
 import sys
 from typing import Iterator
 
+from absl import flags
+from absl import logging as absl_logging
+
 _verbosity: int | None = None   # None: not a CLI run; -1: quiet; >= 0: --verbosity given
 
 
 def quiet_unless_asked() -> int:
     """Apply the CLI default (see the module docstring); returns the verbosity (-1: quiet)."""
     global _verbosity
-    from absl import flags
-    from absl import logging as absl_logging
 
     if flags.FLAGS["verbosity"].present:
         _verbosity = int(flags.FLAGS.verbosity)

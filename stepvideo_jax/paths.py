@@ -21,6 +21,7 @@ import tempfile
 import uuid
 from typing import Iterator
 
+import jax
 from etils import epath
 
 
@@ -45,8 +46,6 @@ def absolute(path) -> epath.Path:
 
 def writes_shared_files() -> bool:
     """True on the process that writes shared files (process 0; every process of a 1-host run)."""
-    import jax
-
     return jax.process_index() == 0
 
 

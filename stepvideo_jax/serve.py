@@ -35,6 +35,9 @@ from typing import Callable
 import jax
 import ml_collections
 import numpy as np
+from absl import app as absl_app
+from absl import flags
+from ml_collections import config_flags
 
 from stepvideo_jax import compile_cache, config_files, logs
 from stepvideo_jax.convert.errors import CheckpointError
@@ -292,10 +295,6 @@ def build_app(studio: Studio):
 
 
 def main(argv=None):
-    from absl import app as absl_app
-    from absl import flags
-    from ml_collections import config_flags
-
     config_flag = config_flags.DEFINE_config_file("config", str(generation.DEFAULT_CONFIG), "generation config file")
     flags.DEFINE_string("host", "127.0.0.1", "address to bind (127.0.0.1: this machine only)")
     flags.DEFINE_integer("port", 7860, "port to listen on")

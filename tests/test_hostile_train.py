@@ -20,12 +20,12 @@ import pytest
 from flax import nnx
 
 from stepvideo_jax import verify
+from stepvideo_jax.checkpoints import load_dit
+from stepvideo_jax.convert.errors import CheckpointError
 from stepvideo_jax.data import format as data_format
 from stepvideo_jax.data import precompute as pc
 from stepvideo_jax.data import preferences, synthetic
 from stepvideo_jax.models.dit import StepVideoDiT
-from stepvideo_jax.convert.errors import CheckpointError
-from stepvideo_jax.checkpoints import load_dit
 from stepvideo_jax.training.loop import dit_config, train
 from stepvideo_jax.training.metrics import read_jsonl
 from stepvideo_jax.training.startup import StartupError

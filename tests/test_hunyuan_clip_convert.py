@@ -10,8 +10,8 @@ import pytest
 from flax import nnx
 
 from stepvideo_jax.convert import hunyuan_clip as convert_clip
-from stepvideo_jax.convert.keymap import flat_shapes
 from stepvideo_jax.convert.errors import CheckpointError
+from stepvideo_jax.convert.keymap import flat_shapes
 from stepvideo_jax.convert.torch_pickle import TorchPickleFile
 from stepvideo_jax.text.wordpiece_tokenizer import WordPieceTokenizer
 from tests.fixtures import assert_close, fixture_dir, load_npz

@@ -117,6 +117,40 @@ def test_no_import_cycles():
     assert not cycles, f"modules that import each other: {cycles}"
 
 
+def _function_imports(tree: ast.AST):
+    """(import node, the `try` statements around it) for every import inside a function body."""
+    found = []
+
+    def visit(node, in_function, tries):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.Import, ast.ImportFrom)) and in_function:
+                found.append((child, tries))
+            inner = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+            visit(child, inner, tries + [child] if isinstance(child, ast.Try) else tries)
+
+    visit(tree, False, [])
+    return found
+
+
+def test_imports_inside_functions_say_why():
+    """Imports sit at the top of their module. One inside a function (an optional or heavy
+    dependency loaded only when needed) carries a comment saying why, on its line or on the line
+    above its run of imports, or sits in a `try` that catches ImportError."""
+    unexplained = []
+    for name, path in _modules(PROJECT_ROOT, "stepvideo_jax").items():
+        lines = path.read_text().splitlines()
+        for node, tries in _function_imports(ast.parse("\n".join(lines), str(path))):
+            if any(isinstance(h.type, ast.Name) and h.type.id in ("ImportError", "ModuleNotFoundError")
+                   for t in tries for h in t.handlers):
+                continue
+            first = node.lineno - 1
+            while first > 0 and lines[first - 1].strip().startswith(("import ", "from ")):
+                first -= 1
+            if not any("#" in lines[i] for i in range(max(first - 1, 0), node.end_lineno)):
+                unexplained.append(f"{path.relative_to(PROJECT_ROOT)}:{node.lineno}: {lines[node.lineno - 1].strip()}")
+    assert not unexplained, "imports inside functions without a comment saying why:\n" + "\n".join(unexplained)
+
+
 def test_launch_does_not_import_bench():
     bad = []
     for name, path in _modules(PROJECT_ROOT, "launch").items():

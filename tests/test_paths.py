@@ -20,8 +20,8 @@ from etils.epath import testing as epath_testing
 
 import stepvideo_jax
 from stepvideo_jax import checkpoints, hub, paths
-from stepvideo_jax.sampling import eval_set, generation
 from stepvideo_jax.convert import orbax_io
+from stepvideo_jax.sampling import eval_set, generation
 from stepvideo_jax.sampling import video_io
 from stepvideo_jax.training.checkpoint import Checkpointer
 from stepvideo_jax.training.metrics import MetricsWriter, read_jsonl

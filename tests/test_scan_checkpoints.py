@@ -17,8 +17,8 @@ import stepvideo_jax
 from stepvideo_jax import checkpoints
 from stepvideo_jax.checkpoints import load_dit
 from stepvideo_jax.convert import cli, orbax_io, registry
-from stepvideo_jax.convert.keymap import checkpoint_arrays
 from stepvideo_jax.convert.errors import CheckpointError
+from stepvideo_jax.convert.keymap import checkpoint_arrays
 from stepvideo_jax.models import lora
 from stepvideo_jax.models.dit import StepVideoDiT
 from stepvideo_jax.training import train_state

@@ -10,8 +10,8 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from stepvideo_jax.convert import step_llm as llm_convert
-from stepvideo_jax.convert.keymap import convert_tensors, flat_shapes
 from stepvideo_jax.convert.errors import CheckpointError
+from stepvideo_jax.convert.keymap import convert_tensors, flat_shapes
 from tests.fixtures import assert_close, fixture_dir, load_npz
 
 RELEASES = {"f32": "stepvideo-t2v", "bf16": "stepvideo-t2v-bf16"}

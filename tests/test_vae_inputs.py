@@ -118,8 +118,8 @@ def _bad_latents():
     z = cfg().z_channels
     return [
         ((6, z, 2, 3), r"latents must have rank 5"),
-        ((1, 6, z + 1, 3, z), rf"have {z + 1} channels on axis 2.*z_channels = {z}.*channel-last"),
-        ((1, 6, 2 * z + 1, 2, z + 1), rf"have {2 * z + 1} channels on axis 2.*z_channels = {z} in the layout b f c h w$"),
+        ((1, 6, z + 1, 3, z), rf"has {z + 1} channels on axis 2.*z_channels = {z}.*channel-last"),
+        ((1, 6, 2 * z + 1, 2, z + 1), rf"has {2 * z + 1} channels on axis 2.*z_channels = {z} in the layout b f c h w$"),
         ((1, 0, z, 2, 3), r"empty axis"),
     ]
 

@@ -10,7 +10,6 @@ q, k, v) and `attn2.wkv` (per head: k, v) split into separate q/k/v kernels.
 """
 from __future__ import annotations
 
-import json
 import logging
 import pathlib
 
@@ -19,8 +18,8 @@ import numpy as np
 from flax import nnx
 
 from stepvideo_jax.convert import release_paths
-from stepvideo_jax.convert.keymap import Rule, convert_model, expand, transpose
 from stepvideo_jax.convert.errors import CheckpointError
+from stepvideo_jax.convert.keymap import Rule, convert_model, expand, transpose
 from stepvideo_jax.convert.safetensors_io import TensorSource
 from stepvideo_jax.models.dit import DiTConfig, StepVideoDiT
 
@@ -58,15 +57,8 @@ def config_from_dict(raw: dict, *, label: str = "transformer/config.json") -> Di
 
 def read_config(component_dir, root=None) -> DiTConfig:
     """`config.json` of a release `transformer/` folder; `root`: see `release_paths`."""
-    path = pathlib.Path(component_dir) / "config.json"
-    release_paths.release_file(component_dir, "config.json", root)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: not found (expected the release's transformer/config.json)")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    return config_from_dict(raw, label=str(path))
+    raw = release_paths.read_json(component_dir, "config.json", root, expected="transformer/config.json")
+    return config_from_dict(raw, label=str(pathlib.Path(component_dir) / "config.json"))
 
 
 def tensor_source(component_dir, root=None) -> TensorSource:

@@ -42,8 +42,8 @@ from flax import nnx
 
 from stepvideo_jax import checkpoints, hub
 from stepvideo_jax.convert import dit as dit_convert
-from stepvideo_jax.convert.keymap import checkpoint_arrays, flat_shapes
 from stepvideo_jax.convert.errors import CheckpointError
+from stepvideo_jax.convert.keymap import checkpoint_arrays, flat_shapes
 from stepvideo_jax.dtypes import DTYPES
 from stepvideo_jax.models.dit import DiTConfig
 

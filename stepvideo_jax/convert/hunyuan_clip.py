@@ -9,7 +9,6 @@ everything that is not `bert.*` (and a pooler or `position_ids` buffer, if prese
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import pathlib
 import re
@@ -20,8 +19,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from stepvideo_jax.convert import release_paths
-from stepvideo_jax.convert.keymap import Rule, convert_model, expand, transpose
 from stepvideo_jax.convert.errors import CheckpointError
+from stepvideo_jax.convert.keymap import Rule, convert_model, expand, transpose
 from stepvideo_jax.convert.safetensors_io import TensorSource
 from stepvideo_jax.convert.torch_pickle import TorchPickleFile
 from stepvideo_jax.models.hunyuan_clip import HunyuanClip, HunyuanClipConfig
@@ -108,16 +107,8 @@ def config_from_dict(raw: Mapping[str, Any], *, label: str = "config") -> Hunyua
 def read_config(component_dir, root=None) -> HunyuanClipConfig:
     """The encoder config of a release `hunyuan_clip/` folder (`clip_text_encoder/config.json`);
     `root`: see `release_paths`."""
-    path = pathlib.Path(component_dir) / CONFIG_FILE
-    release_paths.release_file(component_dir, CONFIG_FILE, root)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: config not found (expected the release layout "
-                              f"hunyuan_clip/{CONFIG_FILE})")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    return config_from_dict(raw, label=str(path))
+    raw = release_paths.read_json(component_dir, CONFIG_FILE, root, expected=f"hunyuan_clip/{CONFIG_FILE}")
+    return config_from_dict(raw, label=str(pathlib.Path(component_dir) / CONFIG_FILE))
 
 
 def tensor_source(component_dir, root=None):

@@ -12,7 +12,9 @@ import dataclasses
 import re
 from typing import Callable, Iterable, Iterator, Mapping
 
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from stepvideo_jax.convert.errors import CheckpointError
 from stepvideo_jax.models import stack
@@ -105,8 +107,6 @@ def _preview(keys: list[str], n: int = 8) -> str:
 
 def flat_variables(abstract_state) -> dict[str, object]:
     """'/'-joined path -> variable (or array) of an (abstract) NNX state, in the state's layout."""
-    from flax import nnx
-
     flat = nnx.to_flat_state(abstract_state) if hasattr(nnx, "to_flat_state") else abstract_state.flat_state()
     return {"/".join(str(p) for p in path): v for path, v in flat}
 
@@ -164,9 +164,6 @@ def unflatten(flat: Mapping[str, np.ndarray]) -> dict:
 def fill_model(abstract_model, flat: Mapping[str, np.ndarray]):
     """Fill an abstract (`nnx.eval_shape`) model with arrays keyed by '/'-joined checkpoint paths
     (`flat_shapes`: one key per layer of a stacked variable)."""
-    import jax.numpy as jnp
-    from flax import nnx
-
     graphdef, state = nnx.split(abstract_model)
     flat = stacked_flat(state, flat)
     nnx.replace_by_pure_dict(state, unflatten({k: jnp.asarray(v) for k, v in flat.items()}))
@@ -176,8 +173,6 @@ def fill_model(abstract_model, flat: Mapping[str, np.ndarray]):
 def convert_model(abstract_model, source, rules: Iterable[Rule], *, dtype=None, ignore: Iterable[str] = (),
                   label: str = "checkpoint"):
     """In-memory conversion: strict `convert_tensors` into a concrete copy of `abstract_model`."""
-    from flax import nnx
-
     flat = dict(convert_tensors(source, rules, flat_shapes(nnx.state(abstract_model)), dtype=dtype,
                                 ignore=ignore, label=label))
     return fill_model(abstract_model, flat)

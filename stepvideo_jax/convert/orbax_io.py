@@ -44,11 +44,12 @@ from flax import nnx
 from orbax.checkpoint import type_handlers
 
 from stepvideo_jax import paths
-from stepvideo_jax.dtypes import DTYPES
 from stepvideo_jax.convert import config_records, release_paths
-from stepvideo_jax.convert.keymap import unflatten
-from stepvideo_jax.models import quant, stack
 from stepvideo_jax.convert.errors import CheckpointError
+from stepvideo_jax.convert.keymap import unflatten
+from stepvideo_jax.dtypes import DTYPES
+from stepvideo_jax.models import quant, stack
+from stepvideo_jax.parallel.rules import state_shardings
 
 FORMAT = "stepvideo-jax/orbax-groups"
 VERSION = 2
@@ -266,8 +267,6 @@ def restore(component_dir: str | pathlib.Path, abstract_model, *, shardings=None
     """
     graphdef, state = nnx.split(abstract_model)
     if shardings is None and mesh is not None:
-        from stepvideo_jax.parallel.rules import state_shardings
-
         shardings = state_shardings(state, mesh)
     variables = _flat_state(state)
     if shardings is None:

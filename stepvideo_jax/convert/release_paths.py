@@ -14,6 +14,7 @@ allowed root; otherwise a `CheckpointError` names the entry, before anything is 
 """
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import shutil
@@ -70,6 +71,20 @@ def release_file(folder: str | os.PathLike, name: str, root: str | os.PathLike |
     what = what or str(folder / str(name))
     check_name(name, what=what)
     return contained(folder / name, default_root(folder) if root is None else root, what=what)
+
+
+def read_json(folder: str | os.PathLike, name: str, root: str | os.PathLike | None = None, *,
+              expected: str) -> dict:
+    """The JSON file `name` of the component folder `folder` (checked by `release_file`), parsed; a
+    CheckpointError for a missing file (`expected`: where the release keeps it) or invalid JSON."""
+    path = pathlib.Path(folder) / name
+    release_file(folder, name, root)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: config not found (expected the release's {expected})")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
 
 
 def contained_files(src: str | os.PathLike, root: str | os.PathLike) -> list[tuple[pathlib.Path, pathlib.PurePath]]:

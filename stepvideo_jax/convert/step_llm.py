@@ -6,7 +6,6 @@ fused `feed_forward.w1` (rows: gate, then up) split into `gate` and `up`.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import pathlib
@@ -16,8 +15,8 @@ import numpy as np
 from flax import nnx
 
 from stepvideo_jax.convert import release_paths
-from stepvideo_jax.convert.keymap import Rule, convert_model, expand, identity, transpose
 from stepvideo_jax.convert.errors import CheckpointError
+from stepvideo_jax.convert.keymap import Rule, convert_model, expand, identity, transpose
 from stepvideo_jax.convert.safetensors_io import TensorSource
 from stepvideo_jax.models.step_llm import StepLLM, StepLLMConfig
 
@@ -64,15 +63,8 @@ def config_from_dict(raw: dict, *, label: str = "step_llm/config.json") -> StepL
 
 def read_config(component_dir, root=None) -> StepLLMConfig:
     """`config.json` of a release `step_llm/` folder; `root`: see `release_paths`."""
-    path = pathlib.Path(component_dir) / "config.json"
-    release_paths.release_file(component_dir, "config.json", root)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: not found (expected the release's step_llm/config.json)")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    return config_from_dict(raw, label=str(path))
+    raw = release_paths.read_json(component_dir, "config.json", root, expected="step_llm/config.json")
+    return config_from_dict(raw, label=str(pathlib.Path(component_dir) / "config.json"))
 
 
 def tensor_source(path: str | os.PathLike, root=None) -> TensorSource:

@@ -17,8 +17,8 @@ import numpy as np
 from flax import nnx
 
 from stepvideo_jax.convert import release_paths
-from stepvideo_jax.convert.keymap import Rule, convert_model
 from stepvideo_jax.convert.errors import CheckpointError
+from stepvideo_jax.convert.keymap import Rule, convert_model
 from stepvideo_jax.convert.safetensors_io import TensorSource
 from stepvideo_jax.models.vae import VAEConfig, VideoVAE
 

@@ -26,7 +26,7 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from stepvideo_jax import checkpoints, config_files, logs
+from stepvideo_jax import checkpoints, compile_cache, config_files, logs
 from stepvideo_jax.data import synthetic_motion as sm
 from stepvideo_jax.demo import architecture, evaluate, export, latents
 from stepvideo_jax.models.dit import StepVideoDiT
@@ -279,7 +279,6 @@ def main(argv=None):
 
     def _main(args):
         logs.quiet_unless_asked()
-        from stepvideo_jax import compile_cache
 
         compile_cache.setup(config_flag.value)
         summary = build(config_flag.value, flags.FLAGS.workdir, export_to=flags.FLAGS.export_to)

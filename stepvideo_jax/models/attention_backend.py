@@ -46,6 +46,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from stepvideo_jax.parallel.rules import logical_to_spec
+
 log = logging.getLogger(__name__)
 
 MASKS = ("none", "causal")            # the query/key structure; key padding and bias are separate
@@ -203,7 +205,6 @@ def mesh_mode(rules=None) -> str:
             if t != jax.sharding.AxisType.Manual and sizes[name] > 1}
     if not auto:
         return "manual" if any(n > 1 for n in sizes.values()) else "none"
-    from stepvideo_jax.parallel.rules import logical_to_spec
 
     kw = {} if rules is None else {"rules": rules}
     length = logical_to_spec((None, "length", None, None), mesh, **kw)[1]

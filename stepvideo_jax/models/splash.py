@@ -16,6 +16,8 @@ from jax.sharding import PartitionSpec as P
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
+from stepvideo_jax.parallel.rules import logical_to_spec
+
 
 def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
@@ -34,7 +36,6 @@ def splash_attention(q, k, v, *, key_mask=None, causal=False, scale, block: int 
 
 def _over_mesh(mesh, q, k, v, *, key_mask, causal, **kw):
     """`_splash_local` per device; a mesh axis that does not divide its dimension is not used."""
-    from stepvideo_jax.parallel.rules import logical_to_spec
 
     sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
 

@@ -24,6 +24,7 @@ from typing import Callable, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from stepvideo_jax.parallel.rules import constrain
@@ -150,8 +151,6 @@ def find_unrolled(tree, prefix: str = "") -> Optional[str]:
 def stack_unrolled(tree):
     """A nested dict with every unrolled layer list (`blocks/<i>/...`) stacked into the stacked
     layout (`blocks/...` with a leading layer axis); host arrays (old training checkpoints)."""
-    import numpy as np
-
     if not isinstance(tree, Mapping):
         return tree
     out = {}

@@ -119,16 +119,20 @@ def _valid_frames_text(cfg: VAEConfig, n: int) -> str:
             f"counts: {near}")
 
 
+def _check_layout(shape: tuple[int, ...], what: str, channels: int, expected: str) -> None:
+    """Rank 5 with `channels` on axis 2 (b f c h w); the error names a channel-last array."""
+    if len(shape) != 5:
+        raise ValueError(f"{what} must have rank 5 (b f c h w), got shape {tuple(shape)}")
+    if shape[2] != channels:
+        hint = " (it looks channel-last, b f h w c: transpose it to b f c h w)" if shape[-1] == channels else ""
+        raise ValueError(f"{what} shape {tuple(shape)} has {shape[2]} channels on axis 2; the VAE expects "
+                         f"{expected} in the layout b f c h w{hint}")
+
+
 def check_video(cfg: VAEConfig, shape: tuple[int, ...]) -> None:
     """Reject what the official code would crash on (or silently not round-trip), naming the fix."""
-    if len(shape) != 5:
-        raise ValueError(f"video must have rank 5 (b f c h w), got shape {tuple(shape)}")
+    _check_layout(shape, "video", cfg.in_channels, str(cfg.in_channels))
     b, f, c, h, w = shape
-    if c != cfg.in_channels:
-        hint = (" (it looks channel-last, b f h w c: transpose it to b f c h w)"
-                if shape[-1] == cfg.in_channels else "")
-        raise ValueError(f"video shape {tuple(shape)} has {c} channels on axis 2; the VAE expects "
-                         f"{cfg.in_channels} in the layout b f c h w{hint}")
     s = cfg.spatial_factor
     for name, n in (("height", h), ("width", w)):
         if n < s or n % s:
@@ -139,14 +143,8 @@ def check_video(cfg: VAEConfig, shape: tuple[int, ...]) -> None:
 
 
 def check_latents(cfg: VAEConfig, shape: tuple[int, ...]) -> None:
-    if len(shape) != 5:
-        raise ValueError(f"latents must have rank 5 (b f c h w), got shape {tuple(shape)}")
+    _check_layout(shape, "latents", cfg.z_channels, f"z_channels = {cfg.z_channels}")
     b, f, c, h, w = shape
-    if c != cfg.z_channels:
-        hint = (" (it looks channel-last, b f h w c: transpose it to b f c h w)"
-                if shape[-1] == cfg.z_channels else "")
-        raise ValueError(f"latents shape {tuple(shape)} have {c} channels on axis 2; the VAE expects "
-                         f"z_channels = {cfg.z_channels} in the layout b f c h w{hint}")
     if min(b, f, h, w) < 1:
         raise ValueError(f"latents shape {tuple(shape)} has an empty axis")
 

@@ -15,6 +15,7 @@ import os
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from stepvideo_jax.parallel.rules import LOGICAL_RULES, Rules, logical_to_spec
@@ -38,6 +39,7 @@ def tpu_devices(slice_name: str = "v5p-8", *, num_slices: int = 1) -> list:
     """Compile-only TPU devices of `slice_name` (one per chip; v4/v5p chips are megacore)."""
     if slice_name not in SLICES:
         raise ValueError(f"unknown TPU slice {slice_name!r}; choose one of {sorted(SLICES)}")
+    # compile-only TPU topologies: only an ahead-of-time compile (`launch/`, `bench/`) loads them
     from jax._src import cloud_tpu_init
     from jax.experimental import topologies
 
@@ -57,7 +59,6 @@ def mesh_over(devices: Sequence, axes: Mapping[str, int]) -> Mesh:
     if math.prod(axes.values()) != len(devices):
         raise ValueError(f"mesh axes {dict(axes)} multiply to {math.prod(axes.values())}, "
                          f"but the topology has {len(devices)} devices")
-    from jax.experimental import mesh_utils
 
     grid = mesh_utils.create_device_mesh(tuple(axes.values()), list(devices))
     return Mesh(grid, tuple(axes))

@@ -15,6 +15,7 @@ import math
 from typing import Any, Sequence
 
 import jax
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 Rules = tuple[tuple[str, Any], ...]
@@ -101,7 +102,6 @@ def constrain(x: jax.Array, axes: Sequence[str | None], rules: Rules = LOGICAL_R
 
 
 def _is_variable(x) -> bool:
-    from flax import nnx
 
     return isinstance(x, nnx.Variable)
 

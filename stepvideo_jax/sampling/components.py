@@ -18,8 +18,8 @@ from flax import nnx
 
 from stepvideo_jax.checkpoints import Loader, Models, check_fit
 from stepvideo_jax.convert.config_records import config_from_values
-from stepvideo_jax.models.dit import DiTConfig, StepVideoDiT
 from stepvideo_jax.models import quant
+from stepvideo_jax.models.dit import DiTConfig, StepVideoDiT
 from stepvideo_jax.models.hunyuan_clip import HunyuanClip, HunyuanClipConfig
 from stepvideo_jax.models.step_llm import StepLLM, StepLLMConfig
 from stepvideo_jax.models.vae import VAEConfig, VideoVAE

@@ -29,6 +29,7 @@ import pathlib
 import jax
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,6 @@ MAX_COVER_FACTOR = 8
 def load_image(path: str | os.PathLike) -> np.ndarray:
     """The image file as uint8 (H0, W0, 3), converted as the official `Image.open(p).convert('RGB')`;
     ValueError naming the file if it is missing or not an image Pillow can read."""
-    from PIL import Image, UnidentifiedImageError
 
     path = pathlib.Path(path)
     if not path.is_file():

@@ -18,6 +18,7 @@ import tempfile
 import uuid
 import warnings
 
+import imageio_ffmpeg
 import numpy as np
 
 from stepvideo_jax import paths
@@ -91,8 +92,6 @@ class Mp4Info:
 
 def ffmpeg_exe() -> str:
     """The ffmpeg binary of the imageio-ffmpeg wheel (or `IMAGEIO_FFMPEG_EXE`)."""
-    import imageio_ffmpeg
-
     return imageio_ffmpeg.get_ffmpeg_exe()
 
 
@@ -199,8 +198,6 @@ def write_mp4(path, frames: np.ndarray, *, fps: int = FPS, denoise: bool = True,
 
 def read_mp4(path) -> tuple[np.ndarray, float]:
     """Decode an mp4 -> (frames (f, h, w, 3) uint8, fps)."""
-    import imageio_ffmpeg
-
     with _ffmpeg_fork_allowed():
         reader = imageio_ffmpeg.read_frames(str(path))
         meta = next(reader)

@@ -42,7 +42,7 @@ class TokenBatch(NamedTuple):
 def import_tensorflow_text():
     """(tensorflow, tensorflow_text), with GPUs hidden from TensorFlow before it initialises them
     (and its native start-up lines dropped in a quiet CLI run, `logs.native_stderr_quiet`)."""
-    with logs.native_stderr_quiet():
+    with logs.native_stderr_quiet():   # heavy (seconds): imported when the first tokenizer is built
         import tensorflow as tf
 
         try:
@@ -50,7 +50,7 @@ def import_tensorflow_text():
         except RuntimeError:  # TensorFlow was initialised elsewhere first; its choice stands
             if tf.config.get_visible_devices("GPU"):
                 log.warning("TensorFlow was initialised with visible GPUs before the tokenizer hid them")
-        import tensorflow_text
+        import tensorflow_text  # after the GPUs are hidden
 
     return tf, tensorflow_text
 

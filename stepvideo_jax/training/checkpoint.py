@@ -18,12 +18,14 @@ its weights, which `checkpoints.load_dit` still reads, and start from them).
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Callable, Optional
 
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
 from stepvideo_jax import paths
 from stepvideo_jax.checkpoints import short_reason
@@ -84,8 +86,6 @@ class Checkpointer:
     def _saved_tree(self, step: int):
         """The nested-dict key structure of step `step`'s saved state (from Orbax's `_METADATA`
         file: a manager that has not saved in this process knows no item metadata), or None."""
-        import json
-
         path = self.directory / str(step) / "state" / "_METADATA"
         try:
             entries = json.loads(path.read_text())["tree_metadata"].values()
@@ -186,8 +186,6 @@ class Checkpointer:
                     target, n = self._corrupt_dir() / f"{s}.{n}", n + 1
                 (self.directory / str(s)).rename(target)
         if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
             multihost_utils.sync_global_devices("stepvideo_jax checkpoint set-aside")
         self.manager.reload()
 

@@ -24,14 +24,13 @@ Weight sources (`config.dpo.policy_from`, `config.dpo.reference_from`):
 from __future__ import annotations
 
 import functools
-import os
 import pathlib
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from stepvideo_jax import checkpoints, paths
+from stepvideo_jax import checkpoints
 from stepvideo_jax.data import preferences
 from stepvideo_jax.models import lora
 from stepvideo_jax.models.dit import DiTConfig, StepVideoDiT
@@ -126,7 +125,8 @@ def dpo_objective(config) -> Objective:
 
     prepare = (lambda m: lora.apply_lora(m, rank=d.lora_rank, alpha=d.lora_alpha, targets=tuple(d.lora_targets),
                                          seed=config.seed + 1)) if use_lora else (lambda m: m)
-    records = {checkpoints.LORA_RECORD: lora_record(config)} if use_lora else {}
+    records = {checkpoints.LORA_RECORD: checkpoints.lora_record(
+        d.policy_from, rank=d.lora_rank, alpha=d.lora_alpha, targets=d.lora_targets, seed=config.seed)} if use_lora else {}
     return Objective(open_dataset=open_preferences, prepare=prepare,
                      trainable=lora.LoRAParam if use_lora else nnx.Param,
                      make_step=functools.partial(make_dpo_step, ref_graphdef=ref_graphdef, dpo=dpo_settings(config)),
@@ -134,18 +134,6 @@ def dpo_objective(config) -> Objective:
                      forwards_per_sample=8.0,   # policy forward + backward of 2 videos, reference forward of 2
                      records=records)
 
-
-def lora_record(config) -> dict:
-    """What `checkpoints.load_dit` needs to rebuild a LoRA run's DiT from its adapters: rank, alpha,
-    targets, the base's source (a local path made absolute, so the record reads from any directory;
-    "": the seed's init) and the seed."""
-    d = config.dpo
-    base = d.policy_from
-    if base:
-        src = checkpoints.dit_source(base)
-        base = os.fspath(paths.absolute(src.path)) + (checkpoints.EMA_SUFFIX if src.ema else "")
-    return {"rank": d.lora_rank, "alpha": d.lora_alpha, "targets": list(d.lora_targets), "base": base,
-            "seed": config.seed}
 
 
 def train_dpo(config, workdir=None, *, printer=print) -> TrainResult:

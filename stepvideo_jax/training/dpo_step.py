@@ -32,11 +32,11 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from stepvideo_jax.parallel.rules import LOGICAL_RULES, STATE_RULES, constrain_state
+from stepvideo_jax.parallel.rules import LOGICAL_RULES, constrain_state
 from stepvideo_jax.training import flow_loss
 from stepvideo_jax.training.dpo_loss import BETA_SCHEDULES, dpo_loss, pair_inputs, velocity_error
-from stepvideo_jax.training.train_state import TrainState, ema_update
-from stepvideo_jax.training.train_step import COND_KEYS, StepSettings, image_inputs, remat_policy
+from stepvideo_jax.training.train_state import TrainState
+from stepvideo_jax.training.train_step import COND_KEYS, StepSettings, apply_gradients, image_inputs, remat_policy
 
 PAIR_KEYS = ("mean_w", "logvar_w", "mean_l", "logvar_l") + COND_KEYS
 
@@ -147,16 +147,8 @@ def make_dpo_step(graphdef, optimizer: optax.GradientTransformation, schedule: o
         compute = constrain_state(state.params, LOGICAL_RULES)   # gathered from the STATE_RULES layout
         loss, metrics, grads = dpo_loss_and_grads(graphdef, ref_graphdef, compute, frozen, batch, key,
                                                   settings, dpo)
-        grads = constrain_state(grads, STATE_RULES)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        ema = state.ema
-        if ema is not None:
-            ema = ema_update(ema, params, settings.ema_decay)
-        metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads),
-                   "learning_rate": jnp.asarray(schedule(state.step), jnp.float32),
-                   "finite": jnp.isfinite(loss)}
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema), metrics
+        state, step_metrics = apply_gradients(state, loss, grads, optimizer, schedule, settings)
+        return state, {**metrics, **step_metrics}
 
     return dpo_step
 

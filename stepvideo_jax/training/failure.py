@@ -20,8 +20,8 @@ import os
 import sys
 from typing import Any, Callable
 
-from stepvideo_jax.data.format import DatasetError
 from stepvideo_jax.convert.errors import CheckpointError
+from stepvideo_jax.data.format import DatasetError
 from stepvideo_jax.training.loop import NonFiniteLoss
 from stepvideo_jax.training.startup import StartupError
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import time
 from typing import Mapping, Optional
 
 from stepvideo_jax import paths
@@ -104,9 +106,7 @@ class _EventFile:
     with tensorflow's protos and record writer; the tensorboard package is not needed to write it."""
 
     def __init__(self, directory):
-        import socket
-        import time
-
+        # heavy, and only a run with metrics.tensorboard needs it
         import tensorflow as tf
         from tensorflow.core.framework import summary_pb2
         from tensorflow.core.util import event_pb2

@@ -132,6 +132,20 @@ def loss_and_grads(graphdef, params: nnx.State, batch: dict, key: jax.Array, set
     return loss_sum / n, jax.tree.map(lambda g: g / n, grad_sum)
 
 
+def apply_gradients(state: TrainState, loss: jax.Array, grads: nnx.State, optimizer: optax.GradientTransformation,
+                    schedule: optax.Schedule, settings: StepSettings) -> tuple[TrainState, dict]:
+    """The update every objective shares: the gradients back in the state's layout, one optimiser
+    step, the EMA. Returns (next state, {`loss`, `grad_norm` (before clipping), `learning_rate` (of
+    this update), `finite`})."""
+    grads = constrain_state(grads, STATE_RULES)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = None if state.ema is None else ema_update(state.ema, params, settings.ema_decay)
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+               "learning_rate": jnp.asarray(schedule(state.step), jnp.float32), "finite": jnp.isfinite(loss)}
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema), metrics
+
+
 def make_train_step(graphdef, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
                     settings: StepSettings):
     """`train_step(state, batch, negative) -> (state, metrics)`; pure, jit and donate at the edge.
@@ -146,16 +160,7 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, schedule:
         key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
         compute = constrain_state(state.params, LOGICAL_RULES)   # gathered from the STATE_RULES layout
         loss, grads = loss_and_grads(graphdef, compute, batch, key, settings, negative)
-        grads = constrain_state(grads, STATE_RULES)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        ema = state.ema
-        if ema is not None:
-            ema = ema_update(ema, params, settings.ema_decay)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
-                   "learning_rate": jnp.asarray(schedule(state.step), jnp.float32),
-                   "finite": jnp.isfinite(loss)}
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema), metrics
+        return apply_gradients(state, loss, grads, optimizer, schedule, settings)
 
     return train_step
 
