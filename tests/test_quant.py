@@ -276,3 +276,29 @@ def test_plans_hold_quantised_block_linears(scheme):
             assert scale_spec[-1] == kernel_spec[-1] and scale_spec[-2] is None, path
         top = [p for p in flat_state if p[0] not in stack.STACKED_MODULES and p[-1] == "kernel"]
         assert all(flat_state[p].get_value().dtype == jnp.bfloat16 for p in top)   # the DiT's embeddings etc.
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_demo_command_with_int8_weights_follows_its_prompt(tmp_path):
+    """README's main-job command with `--config.weights=int8`: the shipped demo checkpoint (float32)
+    quantised on load, DiT and Step-LLM block linears int8; the mp4 shows the prompt's colour and
+    motion (`eval/motion_checker.py`), and the run prints the scheme."""
+    import os
+    import subprocess
+    import sys
+
+    from stepvideo_jax.eval import motion_checker
+    from stepvideo_jax.sampling import video_io
+    from tests.fixtures import PROJECT_ROOT
+
+    out = tmp_path / "video.mp4"
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run([sys.executable, "-m", "stepvideo_jax.generate", "--config.prompt=a blue square moves up",
+                           "--config.weights=int8", f"--config.output={out}"], cwd=PROJECT_ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "block linears: int8" in proc.stdout
+    reading = motion_checker.read_video(video_io.read_mp4(out)[0])
+    assert (reading.colour, reading.motion) == ("blue", "up"), reading
