@@ -213,6 +213,20 @@ def test_int8_checkpoint_round_trip_on_1_and_8_devices(converted, component):
         assert kernel.sharding.spec[-1] == scale.sharding.spec[-1]
 
 
+def test_fp8_checkpoint_round_trip(converted, tmp_path):
+    """float8_e4m3fn kernels survive Orbax: `--quantize fp8` restores equal to fp8 quantise-on-load."""
+    fp8 = conversion.convert_release(release(), tmp_path / "fp8", components=["transformer"], dtype="bfloat16",
+                                     quantize="fp8")
+    stored = flat(checkpoints.load_converted(fp8, "transformer"))
+    on_load = flat(checkpoints.load_converted(converted["bf16"], "transformer", weights="fp8"))
+    assert stored.keys() == on_load.keys()
+    assert any(v.dtype == jnp.float8_e4m3fn for v in stored.values())
+    for k, want in on_load.items():
+        assert stored[k].dtype == want.dtype, k
+        np.testing.assert_array_equal(np.asarray(stored[k].astype(jnp.float32)), np.asarray(want.astype(jnp.float32)),
+                                      err_msg=k)
+
+
 def test_quantised_checkpoint_refuses_another_scheme(converted):
     with pytest.raises(ValueError, match="stores int8 weights; load it with weights=int8"):
         checkpoints.load_converted(converted["int8"], "transformer", weights="bf16")
