@@ -164,3 +164,33 @@ def test_stacked_params_carry_the_layer_axis():
         for path, v in nnx.to_flat_state(nnx.state(getattr(model, name))):
             axes = v.get_metadata()["axes"]
             assert axes[0] == "layers" and v[...].shape[0] == n and len(axes) == v[...].ndim, (path, axes)
+
+
+@pytest.mark.parametrize("family", ["dit", "step_llm"])
+def test_stacked_init_is_one_vmapped_block_init(family):
+    """`stack.build` traces one block's init whatever the depth (construction cost does not grow
+    with the layer count) and layer i is the block drawn from the i-th key split from the seed."""
+    from stepvideo_jax.models import dit as dit_module
+    from stepvideo_jax.models import step_llm as llm_module
+
+    model = dit() if family == "dit" else llm()
+    block_cls = (dit_module if family == "dit" else llm_module).Block
+    calls = []
+
+    def make(rngs):
+        calls.append(1)
+        return block_cls(model.cfg, dtype=jnp.float32, param_dtype=jnp.float32, rngs=rngs)
+
+    for n in (1, 3):
+        calls.clear()
+        nnx.eval_shape(lambda: stack.build(make, n, nnx.Rngs(0)))
+        assert len(calls) == 2, (n, len(calls))   # one abstract block for the graph, one vmapped init
+    n = 3
+    stacked = stack.build(make, n, nnx.Rngs(0))
+    keys = jax.random.split(nnx.Rngs(0).params(), n)
+    flat = dict(nnx.to_flat_state(nnx.state(stacked)))
+    for i in range(n):
+        for path, v in nnx.to_flat_state(nnx.state(make(nnx.Rngs(params=keys[i])))):
+            np.testing.assert_array_equal(np.asarray(flat[path][...][i]), np.asarray(v[...]), err_msg=str(path))
+    drawn = [np.asarray(v[...]) for _, v in flat.items() if np.asarray(v[...])[0].std() > 0]
+    assert drawn and all(not np.array_equal(a[0], a[1]) for a in drawn)   # every layer draws its own

@@ -212,7 +212,8 @@ class StepVideoDiT(nnx.Module):
         self.caption_linear_1 = Linear(cfg.caption_channels[0], d, axes=("caption", "embed"), **kw)
         self.caption_linear_2 = Linear(d, d, axes=("embed", "mlp"), **kw)
         self.clip_projection = Linear(cfg.caption_channels[1], d, axes=(None, "embed"), **kw)
-        self.blocks = stack.stack([Block(cfg, **kw) for _ in range(cfg.num_layers)])
+        self.blocks = stack.build(
+            lambda r: Block(cfg, dtype=dtype, param_dtype=param_dtype, rngs=r), cfg.num_layers, rngs)
         self.unroll_layers = False  # True: the pre-scan program (N block copies), for comparisons
         self.norm_out = LayerNorm(d, eps=cfg.norm_eps, affine=False)
         self.scale_shift_table = layers.param(

@@ -32,17 +32,35 @@ from stepvideo_jax.parallel.rules import constrain
 LAYER_AXIS = "layers"
 
 
-def stack(blocks: Sequence[nnx.Module]) -> nnx.Module:
-    """One module with the variables of `blocks` (same structure) stacked on a leading axis.
+def build(make_block: Callable[[nnx.Rngs], nnx.Module], num: int, rngs: nnx.Rngs) -> nnx.Module:
+    """`num` blocks `make_block(rngs)` as one stacked module, initialised by ONE vmapped init.
 
-    The blocks are initialised as separate modules first, so a stacked model draws the same random
-    weights as the unrolled one did from the same seed.
+    Why: building the blocks one by one and stacking them costs tracing time per block (under
+    `nnx.eval_shape` 48 full-size DiT blocks took 6.5 s of CPU against 0.07 s for 2), which every
+    AOT plan, bench and restore pays before it compiles anything. Here one block's init is traced
+    once and `jax.vmap`ped over `num` keys split from `rngs.params()`: each layer draws its own
+    weights (layer i from key i), and the cost does not grow with `num`.
     """
+    if num < 1:
+        raise ValueError(f"a stacked module needs at least one layer, got {num}")
+    keys = jax.random.split(rngs.params(), num)
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: make_block(nnx.Rngs(0))))
+    state = jax.vmap(lambda k: nnx.state(make_block(nnx.Rngs(params=k))))(keys)
+    return _with_layer_axis(nnx.merge(graphdef, state))
+
+
+def stack(blocks: Sequence[nnx.Module]) -> nnx.Module:
+    """One module with the variables of `blocks` (same structure, built separately) stacked on a
+    leading axis; for assembling existing blocks (models build theirs with `build`)."""
     if not blocks:
         raise ValueError("stack needs at least one block")
     graphdef = nnx.graphdef(blocks[0])
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(b) for b in blocks])
-    module = nnx.merge(graphdef, stacked)
+    return _with_layer_axis(nnx.merge(graphdef, stacked))
+
+
+def _with_layer_axis(module: nnx.Module) -> nnx.Module:
+    """Prefixes every variable's logical `axes` with `LAYER_AXIS` (the stacked leading axis)."""
     for _, node in nnx.iter_graph(module):
         if isinstance(node, nnx.Variable):
             axes = node.get_metadata().get("axes")

@@ -159,8 +159,8 @@ class StepLLM(nnx.Module):
         self.cfg, self.dtype = cfg, dtype
         self.embed = layers.param(rngs, lambda k, s, dt: jax.random.normal(k, s, jnp.float32).astype(dt),
                                   (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), param_dtype)
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.layers = stack.stack([Block(cfg, **kw) for _ in range(cfg.num_layers)])
+        self.layers = stack.build(
+            lambda r: Block(cfg, dtype=dtype, param_dtype=param_dtype, rngs=r), cfg.num_layers, rngs)
         self.unroll_layers = False  # True: the pre-scan program (N layer copies), for comparisons
 
     def __call__(self, input_ids, *, backend: Optional[str] = None, capture: bool = False):
