@@ -5,8 +5,9 @@
 For each depth, the scanned blocks (the default: one `lax.scan` over the stacked layers) and the
 unrolled program (`unroll_layers=True`: N copies of the block, the layout before the scan) are
 lowered and compiled from abstract inputs (nothing is allocated); printed: process CPU seconds of
-`lower + compile` (wall time on a shared host measures the neighbours), the ratio deepest /
-shallowest, and the compiled program's text size. The persistent compilation cache is off here
+building the abstract model (and training state) and of `lower + compile` (wall time on a shared
+host measures the neighbours), the ratio deepest / shallowest of `lower + compile`, and the
+compiled program's text size. The persistent compilation cache is off here
 (a cache hit would measure nothing).
 """
 from __future__ import annotations
@@ -80,16 +81,20 @@ def main(argv=None):
     rows = {}
     print(f"CPU compile (lower + compile), width {args.heads} x {hd}, {jax.devices()[0].platform}, "
           f"train remat {args.remat!r}")
-    print(f"{'program':<8} {'layout':<9} {'layers':>6} {'cpu s':>8} {'wall s':>8} {'HLO chars':>10}")
+    print(f"{'program':<8} {'layout':<9} {'layers':>6} {'init cpu s':>10} {'cpu s':>8} {'wall s':>8} "
+          f"{'HLO chars':>10}")
     for program in ("forward", "train"):
         for layout in ("scanned", "unrolled"):
             for n in args.layers:
                 cfg = dataclasses.replace(base, num_layers=n)
+                init = time.process_time()
                 fn, fargs = (forward_program(cfg, layout == "unrolled") if program == "forward"
                              else train_program(cfg, layout == "unrolled", args.remat))
+                init = time.process_time() - init
                 cpu, wall, size = measure(fn, fargs)
                 rows[program, layout, n] = cpu
-                print(f"{program:<8} {layout:<9} {n:>6} {cpu:>8.2f} {wall:>8.2f} {size:>10}", flush=True)
+                print(f"{program:<8} {layout:<9} {n:>6} {init:>10.2f} {cpu:>8.2f} {wall:>8.2f} {size:>10}",
+                      flush=True)
     lo, hi = min(args.layers), max(args.layers)
     for program in ("forward", "train"):
         for layout in ("scanned", "unrolled"):

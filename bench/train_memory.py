@@ -55,6 +55,9 @@ def load_config(spec: str):
 
 
 def compile_step(config, name: str, slice_name: str, layers: int) -> dict[str, int]:
+    """Per-chip memory of the compiled step, plus "phases": its process CPU seconds per phase
+    (devices: the slice's topology; init: abstract model and training state, shardings; lower; compile)."""
+    phases = aot.CpuPhases()
     cfg = dataclasses.replace(dit_config(config.model), num_layers=layers)
     settings = step_settings(config)
     devices = aot.tpu_devices(slice_name)
@@ -62,6 +65,7 @@ def compile_step(config, name: str, slice_name: str, layers: int) -> dict[str, i
     if sizes["fsdp"] == -1:
         sizes["fsdp"] = len(devices) // (sizes["data"] * sizes["sequence"] * sizes["tensor"])
     mesh = aot.mesh_over(devices, sizes)
+    phases.mark("devices")
     backend = settings.attention_backend
     if backend in ("ulysses", "ring", "ulysses_ring"):
         backend = SequenceParallel(backend, local_backend="splash")
@@ -92,9 +96,14 @@ def compile_step(config, name: str, slice_name: str, layers: int) -> dict[str, i
     jitted = jax.jit(step, in_shardings=(state_sh, jax.tree.map(lambda a: a.sharding, batch),
                                          jax.tree.map(lambda a: a.sharding, negative)),
                      out_shardings=(state_sh, None), donate_argnums=0)
+    phases.mark("init")
     with jax.set_mesh(mesh):
-        compiled = jitted.lower(state_args, batch, negative).compile()
+        lowered = jitted.lower(state_args, batch, negative)
+    phases.mark("lower")
+    compiled = lowered.compile()
+    phases.mark("compile")
     mem = aot.memory(compiled)
+    mem["phases"] = phases
     mem["mesh"] = ",".join(f"{k}={v}" for k, v in sizes.items() if v > 1)
     mem["chips"] = len(devices)
     return mem
@@ -114,6 +123,8 @@ def main(argv=None) -> int:
         real = dit_config(config.model).num_layers
         t0 = time.perf_counter()
         mems = [compile_step(config, name, slice_name, n) for n in depths]
+        for n, m in zip(depths, mems):
+            print(f"{name}:{slice_name} {n} layers: {m['phases'].format()}", flush=True)
         if len(mems) == 2:
             (n1, m1), (n2, m2) = zip(depths, mems)
             at = lambda k: m1[k] + (m2[k] - m1[k]) * (real - n1) / (n2 - n1)
@@ -129,6 +140,7 @@ def main(argv=None) -> int:
         print(f"| {name} | {slice_name} ({mems[0]['chips']}) | {mems[0]['mesh']} | {config.data.global_batch} | "
               f"{layers} | {mem['argument_size_in_bytes'] / GIB:.2f} GiB | {mem['temp_size_in_bytes'] / GIB:.2f} GiB | "
               f"{mem['peak'] / GIB:.2f} GiB | {fits} | {how}, {time.perf_counter() - t0:.0f} s |", flush=True)
+    print(f"process total {time.process_time():.1f} CPU s")
     return 0
 
 

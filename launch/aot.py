@@ -29,8 +29,11 @@ from stepvideo_jax.parallel.sequence_parallel import parse_backend  # noqa: E402
 
 
 def compile_forward(cfg: DiTConfig, mesh, *, batch, frames, height, width, text_len, clip_len, dtype,
-                    backend, weights: str = "bf16"):
-    """`weights`: the block linears' scheme (`models.quant.SCHEMES`)."""
+                    backend, weights: str = "bf16", phases=None):
+    """The compiled forward. `weights`: the block linears' scheme (`models.quant.SCHEMES`);
+    `phases` (an `aot.CpuPhases`) gets "init" (abstract model and inputs), "lower" and "compile"
+    charged."""
+    phases = phases or aot.CpuPhases()
     model = quant.quantize(nnx.eval_shape(lambda: StepVideoDiT(cfg, dtype=dtype, param_dtype=dtype,
                                                                rngs=nnx.Rngs(0))), weights)
     graphdef, state = nnx.split(model)
@@ -45,9 +48,10 @@ def compile_forward(cfg: DiTConfig, mesh, *, batch, frames, height, width, text_
     def forward(state, x, t, y, y_mask, clip):
         return nnx.merge(graphdef, state)(x, t, y, y_mask, clip, backend=backend)
 
-    return aot.compile_aot(forward, (state, *args),
-                           in_shardings=(state_shardings(state, mesh), *(a.sharding for a in args)),
-                           out_shardings=args[0].sharding, mesh=mesh)
+    in_shardings = (state_shardings(state, mesh), *(a.sharding for a in args))
+    phases.mark("init")
+    return aot.compile_aot(forward, (state, *args), in_shardings=in_shardings,
+                           out_shardings=args[0].sharding, mesh=mesh, phases=phases)
 
 
 def main(argv=None):
@@ -74,11 +78,12 @@ def main(argv=None):
     print(f"{a.slice} ({mesh.devices.size} x {mesh.devices.flat[0].device_kind}), mesh {dict(mesh.shape)}; "
           f"DiT {cfg.num_layers} layers, {a.dtype}, weights {a.weights}, backend {a.backend}; batch {a.batch}, latents "
           f"{a.frames}x{a.height}x{a.width}, text {a.clip_len} + {a.text_len}", flush=True)
-    t0 = time.perf_counter()
+    t0, phases = time.perf_counter(), aot.CpuPhases()
     compiled = compile_forward(cfg, mesh, batch=a.batch, frames=a.frames, height=a.height, width=a.width,
                                text_len=a.text_len, clip_len=a.clip_len, dtype=DTYPES[a.dtype],
-                               backend=parse_backend(a.backend), weights=a.weights)
+                               backend=parse_backend(a.backend), weights=a.weights, phases=phases)
     print(f"forward: {aot.format_memory(aot.memory(compiled))}  (compiled in {time.perf_counter() - t0:.1f}s)")
+    print(f"phases: {phases.format()}; process total {time.process_time():.1f} CPU s")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -85,14 +86,37 @@ def abstract(shape: Sequence[int], dtype, mesh: Mesh, axes: Sequence[str | None]
     return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=NamedSharding(mesh, spec))
 
 
+class CpuPhases:
+    """Process CPU seconds (every thread: XLA compiles on several) per named phase, e.g. model init,
+    trace + lower, XLA compile. Wall time on a shared host measures the neighbours; this does not."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._last = time.process_time()
+
+    def mark(self, name: str) -> None:
+        """Charges the CPU time since the previous mark (or creation) to `name`."""
+        now = time.process_time()
+        self.seconds[name] = self.seconds.get(name, 0.0) + now - self._last
+        self._last = now
+
+    def format(self) -> str:
+        return ", ".join(f"{k} {v:.1f}" for k, v in self.seconds.items()) + " (process CPU s)"
+
+
 def compile_aot(fn: Callable, args: Sequence[Any], *, in_shardings, out_shardings=None,
-                mesh: Mesh, static_argnums: Sequence[int] = ()):
-    """`jit(fn).lower(*args).compile()` for the mesh's devices; `args` are abstract (ShapeDtypeStruct)."""
+                mesh: Mesh, static_argnums: Sequence[int] = (), phases: CpuPhases | None = None):
+    """`jit(fn).lower(*args).compile()` for the mesh's devices; `args` are abstract (ShapeDtypeStruct).
+    `phases` gets the CPU time of "lower" (trace + lowering) and "compile" (XLA) charged."""
+    phases = phases or CpuPhases()
     jitted = jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings,
                      static_argnums=tuple(static_argnums))
     with jax.set_mesh(mesh):
         lowered = jitted.lower(*args)
-    return lowered.compile()
+    phases.mark("lower")
+    compiled = lowered.compile()
+    phases.mark("compile")
+    return compiled
 
 
 MEMORY_FIELDS = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
