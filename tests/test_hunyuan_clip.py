@@ -21,12 +21,10 @@ def _forward(model, input_ids, attention_mask):
 
     @jax.jit
     def run(state, ids, mask):
-        m = nnx.merge(graphdef, state)
-        out = m(ids, mask, capture=True)
-        return out, nnx.pop(m, nnx.Intermediate)
+        return nnx.capture(nnx.merge(graphdef, state), nnx.Intermediate)(ids, mask, capture=True)
 
     out, inter = run(state, input_ids, attention_mask)
-    return out, {k: v.get_value() for k, v in inter.items()}
+    return out, nnx.to_pure_dict(inter)
 
 
 @pytest.fixture(scope="module")

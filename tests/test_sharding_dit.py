@@ -91,7 +91,7 @@ def compare(reference, sharded, label):
     for name, a, b in zip(("d_x", "d_y", "d_clip"), gi_s, gi_r):
         errs[name] = rel_err(a, b)
     flat_r, flat_s = nnx.to_flat_state(gp_r), dict(nnx.to_flat_state(gp_s))
-    param_errs = {path: rel_err(flat_s[path].value, v.value) for path, v in flat_r}
+    param_errs = {path: rel_err(flat_s[path][...], v[...]) for path, v in flat_r}
     worst = max(param_errs, key=param_errs.get)
     errs["d_params(max)"] = param_errs[worst]
     print(f"\n{label}: " + ", ".join(f"{k} {v:.2e}" for k, v in errs.items()) + f" (worst {worst})")

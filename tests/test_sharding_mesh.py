@@ -55,16 +55,16 @@ def test_mesh_axes_and_devices():
 
 def test_shard_model_follows_rules():
     layer = Linear(16, 32, axes=("embed", "mlp"), rngs=nnx.Rngs(0))
-    before = np.asarray(layer.kernel.value)
+    before = np.asarray(layer.kernel[...])
     mesh = make_mesh(MeshConfig.from_string("fsdp=4,tensor=2"))
     shard_model(layer, mesh)
-    assert layer.kernel.value.sharding.spec == P("fsdp", "tensor")
-    assert layer.kernel.value.addressable_shards[0].data.shape == (4, 16)
-    assert layer.bias.value.sharding.spec == P("tensor")
-    np.testing.assert_array_equal(np.asarray(layer.kernel.value), before)
+    assert layer.kernel[...].sharding.spec == P("fsdp", "tensor")
+    assert layer.kernel[...].addressable_shards[0].data.shape == (4, 16)
+    assert layer.bias[...].sharding.spec == P("tensor")
+    np.testing.assert_array_equal(np.asarray(layer.kernel[...]), before)
     with jax.set_mesh(mesh):
         y = jax.jit(lambda m, x: m(x))(layer, jnp.ones((8, 16)))
-    np.testing.assert_allclose(y, jnp.ones((8, 16)) @ before + np.asarray(layer.bias.value), rtol=1e-5,
+    np.testing.assert_allclose(y, jnp.ones((8, 16)) @ before + np.asarray(layer.bias[...]), rtol=1e-5,
                                atol=1e-5)
 
 

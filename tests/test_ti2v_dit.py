@@ -75,7 +75,7 @@ def case_run(request):
 
 def test_config_detected_from_release_keys():
     assert fixture_model().cfg.ti2v
-    kernel = fixture_model().patch_embed.kernel.value
+    kernel = fixture_model().patch_embed.kernel[...]
     assert kernel.shape[0] == CONFIG["patch_embed_in_channels"] * fixture_model().cfg.patch_size ** 2
     t2v = dit_convert.config_from_dict(dict(CONFIG["constructor_args"], use_additional_conditions=False))
     assert not t2v.ti2v
@@ -127,9 +127,9 @@ def test_intermediates(case_run):
 def test_adaln_one_motion_score_per_row():
     rows = case_arrays("adaln_rows")
     model = fixture_model()
-    mod, emb = model.embed_timestep(jnp.asarray(rows["timestep"]), jnp.asarray(rows["motion_score"]),
-                                    capture=True)
-    inter = nnx.to_pure_dict(nnx.pop(model, nnx.Intermediate))
+    (mod, emb), inter = nnx.capture(model.embed_timestep, nnx.Intermediate)(
+        jnp.asarray(rows["timestep"]), jnp.asarray(rows["motion_score"]), capture=True)
+    inter = nnx.to_pure_dict(inter)
     for key in ("timestep_proj", "timestep_emb", "motion_score_proj", "motion_score_emb",
                 "embedded_timestep", "adaln_modulation"):
         assert_close(_get(inter, key), rows[key], atol=ATOL, rtol=RTOL, name=f"adaln_rows.{key}")
@@ -153,10 +153,10 @@ def test_motion_score_changes_the_output_and_the_final_layer():
 def test_release_transformer_loads_strictly():
     model = dit_convert.load(fixture_dir("ti2v") / "stepvideo-ti2v" / "transformer")
     assert model.cfg.ti2v
-    n = sum(int(np.prod(v.value.shape)) for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    n = sum(int(np.prod(v[...].shape)) for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
     raw = load_json("ti2v", "stepvideo-ti2v/transformer/config.json")
     assert model.cfg.in_channels == raw["in_channels"]
-    assert model.patch_embed.kernel.value.shape[0] == 2 * raw["in_channels"] * raw.get("patch_size", 1) ** 2
+    assert model.patch_embed.kernel[...].shape[0] == 2 * raw["in_channels"] * raw.get("patch_size", 1) ** 2
     assert n == sum(int(np.prod(s)) for s in _release_shapes().values())
 
 
@@ -210,7 +210,7 @@ def test_sharded_equals_one_device():
     ref, _ = run(fixture_model(), case, capture=False)
     mesh = make_mesh(MeshConfig.from_string("fsdp=2,sequence=2,tensor=2"))
     model = shard_model(nnx.clone(fixture_model()), mesh)
-    assert len(model.motion_linear_2.kernel.value.addressable_shards) == mesh.size
+    assert len(model.motion_linear_2.kernel[...].addressable_shards) == mesh.size
     with jax.set_mesh(mesh):
         out, _ = run(model, case, capture=False, backend="ring")
     err = float(np.max(np.abs(out - ref)) / np.max(np.abs(ref)))

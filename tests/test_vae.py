@@ -47,12 +47,10 @@ def captured(part: str, x):
 
     @jax.jit
     def run(s, x):
-        m = nnx.merge(graphdef, s)
-        out = getattr(m, part)(x, capture=True)
-        return out, nnx.pop(m, nnx.Intermediate)
+        return nnx.capture(getattr(nnx.merge(graphdef, s), part), nnx.Intermediate)(x, capture=True)
 
     out, inter = run(state, x)
-    return {k[len("tap_"):]: np.asarray(v[0]) for k, v in nnx.to_pure_dict(inter)[part].items()}
+    return {k[len("tap_"):]: np.asarray(v[0]) for k, v in nnx.to_pure_dict(inter).items()}
 
 
 def test_config_read_from_shapes_matches_fixture():

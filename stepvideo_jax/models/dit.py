@@ -176,7 +176,7 @@ class Block(nnx.Module):
     def __call__(self, x, modulation, tokens, key_mask, positions, *, backend=None, capture=False):
         """x (b, s, d); modulation (b, 6, d); tokens (b, l, d); key_mask (b, l) valid keys
         a prefix of each row (as `embed_text` builds it); positions (s, 3)."""
-        m = (self.scale_shift_table.value[None].astype(self.dtype) + modulation)[:, :, None, :]
+        m = (self.scale_shift_table[...][None].astype(self.dtype) + modulation)[:, :, None, :]
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (m[:, i] for i in range(6))
         h = self.norm1(x) * (1 + scale_msa) + shift_msa
         a = self.attn1(h, positions, backend=backend, capture=capture)
@@ -279,8 +279,8 @@ class StepVideoDiT(nnx.Module):
         return x.transpose(0, 1, 6, 2, 4, 3, 5).reshape(b, f, c, h, w)
 
     def final_layer(self, x, emb):
-        shift = self.scale_shift_table.value[0].astype(self.dtype)[None, None] + emb[:, None]
-        scale = self.scale_shift_table.value[1].astype(self.dtype)[None, None] + emb[:, None]
+        shift = self.scale_shift_table[...][0].astype(self.dtype)[None, None] + emb[:, None]
+        scale = self.scale_shift_table[...][1].astype(self.dtype)[None, None] + emb[:, None]
         return self.proj_out(self.norm_out(x) * (1 + scale) + shift)
 
     def embed_video(self, x, condition=None):

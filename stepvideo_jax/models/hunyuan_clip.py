@@ -71,9 +71,9 @@ class Embeddings(nnx.Module):
 
     def __call__(self, input_ids: jax.Array, token_type_ids: jax.Array) -> jax.Array:
         s = input_ids.shape[1]
-        x = jnp.take(self.word_embeddings.value, input_ids, axis=0).astype(self.dtype)
-        x = x + jnp.take(self.token_type_embeddings.value, token_type_ids, axis=0).astype(self.dtype)
-        x = x + self.position_embeddings.value[:s].astype(self.dtype)[None]
+        x = jnp.take(self.word_embeddings[...], input_ids, axis=0).astype(self.dtype)
+        x = x + jnp.take(self.token_type_embeddings[...], token_type_ids, axis=0).astype(self.dtype)
+        x = x + self.position_embeddings[...][:s].astype(self.dtype)[None]
         return self.layer_norm(x)
 
 

@@ -59,12 +59,12 @@ class Linear(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.astype(self.dtype)
         if self.kernel_scale is None:
-            y = jnp.dot(x, self.kernel.value.astype(self.dtype))
+            y = jnp.dot(x, self.kernel[...].astype(self.dtype))
         else:
             w = qwix.QArray(self.kernel[...], self.kernel_scale[...].astype(self.dtype))
             y = qwix.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
         if self.bias is not None:
-            y = y + self.bias.value.astype(self.dtype)
+            y = y + self.bias[...].astype(self.dtype)
         return y
 
 
@@ -100,8 +100,8 @@ class LayerNorm(nnx.Module):
         self.bias = param(None, zeros, (dim,), ("norm",), param_dtype) if affine else None
 
     def __call__(self, x):
-        return layer_norm(x, None if self.weight is None else self.weight.value,
-                          None if self.bias is None else self.bias.value, eps=self.eps)
+        return layer_norm(x, None if self.weight is None else self.weight[...],
+                          None if self.bias is None else self.bias[...], eps=self.eps)
 
 
 class RMSNorm(nnx.Module):
@@ -112,4 +112,4 @@ class RMSNorm(nnx.Module):
         self.weight = param(None, ones, (dim,), ("norm",), param_dtype)
 
     def __call__(self, x):
-        return rms_norm(x, self.weight.value, eps=self.eps)
+        return rms_norm(x, self.weight[...], eps=self.eps)

@@ -47,7 +47,7 @@ class LoRALinear(nnx.Module):
         low = jnp.dot(jnp.dot(x, self.lora_a[...].astype(self.dtype)), self.lora_b[...].astype(self.dtype))
         y = y + jnp.asarray(self.scale, self.dtype) * low
         if self.bias is not None:
-            y = y + self.bias.value.astype(self.dtype)
+            y = y + self.bias[...].astype(self.dtype)
         return y
 
 

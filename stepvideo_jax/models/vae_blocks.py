@@ -67,7 +67,7 @@ class GroupNorm(nnx.Module):
         self.bias = param(None, zeros, (channels,), CHANNELS, param_dtype)
 
     def __call__(self, x: jax.Array, *, silu: bool = False) -> jax.Array:
-        y = group_norm(x, self.weight.value, self.bias.value, groups=self.groups, eps=self.eps)
+        y = group_norm(x, self.weight[...], self.bias[...], groups=self.groups, eps=self.eps)
         return jax.nn.silu(y) if silu else y
 
 
@@ -85,7 +85,7 @@ class CausalConv3d(nnx.Module):
 
     def __call__(self, x: jax.Array, history: Optional[CausalHistory] = None) -> jax.Array:
         """x (b t h w cin) -> (b t' h' w' cout); `history` streams the time context (stride 1 only)."""
-        kt, kh, kw = self.kernel.value.shape[:3]
+        kt, kh, kw = self.kernel[...].shape[:3]
         x = x.astype(self.dtype)
         if kt > 1:
             if history is None:
@@ -95,10 +95,10 @@ class CausalConv3d(nnx.Module):
             else:
                 x = history.prepend(x, kt - 1)
         y = jax.lax.conv_general_dilated(
-            x, self.kernel.value.astype(self.dtype), window_strides=self.stride,
+            x, self.kernel[...].astype(self.dtype), window_strides=self.stride,
             padding=((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2)),
             dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
-        return y + self.bias.value.astype(self.dtype)
+        return y + self.bias[...].astype(self.dtype)
 
 
 class Conv2d(nnx.Module):
@@ -115,10 +115,10 @@ class Conv2d(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         b, t, h, w, c = x.shape
         y = jax.lax.conv_general_dilated(
-            x.astype(self.dtype).reshape(b * t, h, w, c), self.kernel.value.astype(self.dtype),
+            x.astype(self.dtype).reshape(b * t, h, w, c), self.kernel[...].astype(self.dtype),
             window_strides=(self.stride, self.stride), padding=self.padding,
             dimension_numbers=("NHWC", "HWIO", "NHWC"))
-        y = y + self.bias.value.astype(self.dtype)
+        y = y + self.bias[...].astype(self.dtype)
         return y.reshape((b, t) + y.shape[1:])
 
 
