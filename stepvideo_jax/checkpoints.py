@@ -178,17 +178,17 @@ def load_component(root, component: str, *, dtype=jnp.float32, param_dtype=None,
     `dtype`, in `mesh`'s rule shardings when given: restored from Orbax (converted), or converted
     from the release's tensors, in host memory (no mesh) or one tensor at a time straight into the
     shardings (`convert.release_restore`). `weights`: the block linears' scheme (`models.quant`;
-    None: a converted checkpoint's stored scheme, float for a release), quantised on load."""
+    None: a converted checkpoint's stored scheme, float for a release), quantised on load one
+    tensor at a time (a release always goes through `convert.release_restore` then)."""
     root = pathlib.Path(root)
     param_dtype = dtype if param_dtype is None else param_dtype
     if is_converted(root):
         return load_converted(root, component, dtype=dtype, param_dtype=param_dtype, mesh=mesh, weights=weights)
     weights = component_weights(component, "bf16" if weights is None else weights)
-    if mesh is not None:
-        model = load_release_component(root / component, component, param_dtype=param_dtype, dtype=dtype, mesh=mesh)
-    else:
-        model = converter(component).load(root / component, dtype=dtype, param_dtype=param_dtype)
-    return quant.quantize(model, weights)
+    if mesh is not None or weights != "bf16":
+        return load_release_component(root / component, component, param_dtype=param_dtype, dtype=dtype, mesh=mesh,
+                                      weights=weights)
+    return converter(component).load(root / component, dtype=dtype, param_dtype=param_dtype)
 
 
 def text_encoder(root, *, llm_dtype=jnp.bfloat16, clip_dtype=jnp.float32, mesh=None,

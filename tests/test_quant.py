@@ -184,7 +184,8 @@ def flat(model):
 def test_int8_checkpoint_round_trip_on_1_and_8_devices(converted, component):
     """`convert --quantize int8` writes int8 kernels + float32 scales (manifest records the scheme);
     restored on one device and into an 8-device mesh (kernels and scales sharded by the rules) it
-    equals quantise-on-load of the bf16 checkpoint and the in-memory quantisation of the float model."""
+    equals quantise-on-load of the bf16 checkpoint, quantise-on-load of the release directory
+    straight into the mesh, and the in-memory quantisation of the float model."""
     manifest = orbax_io.read_manifest(converted["int8"] / component)
     assert orbax_io.stored_scheme(manifest) == "int8" and manifest["dtype"] == "bfloat16"
     stored = {k: s for g in manifest["groups"] for k, s in g["params"].items()}
@@ -196,15 +197,18 @@ def test_int8_checkpoint_round_trip_on_1_and_8_devices(converted, component):
     eight = flat(checkpoints.load_converted(converted["int8"], component, mesh=mesh))
     on_load = flat(checkpoints.load_converted(converted["bf16"], component, weights="int8", mesh=mesh))
     in_memory = flat(quant.quantize(checkpoints.load_converted(converted["bf16"], component), "int8"))
-    assert one.keys() == eight.keys() == on_load.keys() == in_memory.keys()
+    release_direct = flat(checkpoints.load_component(release(), component, dtype=jnp.bfloat16, mesh=mesh,
+                                                     weights="int8"))
+    assert one.keys() == eight.keys() == on_load.keys() == in_memory.keys() == release_direct.keys()
     int8_keys = [k for k, v in one.items() if v.dtype == jnp.int8]
     assert {quant.scale_path(k) for k in int8_keys} == {conversion.stack_path(k) for k in scales}
     sharded_scales = 0
     for k, want in one.items():
-        for other in (eight, on_load, in_memory):
+        for other in (eight, on_load, in_memory, release_direct):
             assert other[k].dtype == want.dtype, k
             np.testing.assert_array_equal(np.asarray(other[k]), np.asarray(want), err_msg=k)
         assert on_load[k].sharding.is_equivalent_to(eight[k].sharding, want.ndim), k
+        assert release_direct[k].sharding.is_equivalent_to(eight[k].sharding, want.ndim), k
         sharded_scales += k.endswith(quant.SCALE_NAME) and not eight[k].sharding.is_fully_replicated
     if component == "transformer":
         assert sharded_scales > 0, "the rules shard the scales like the kernels' output axis"

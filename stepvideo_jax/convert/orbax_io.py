@@ -31,7 +31,6 @@ stored in chunks of at most `chunk_bytes` so a device's shard reads only the chu
 """
 from __future__ import annotations
 
-import functools
 import json
 import math
 import pathlib
@@ -294,7 +293,7 @@ def restore(component_dir: str | pathlib.Path, abstract_model, *, shardings=None
         for key in [k for k in targets if k.endswith("/" + quant.SCALE_NAME)]:
             kernel = key[: -len(quant.SCALE_NAME)] + "kernel"
             q, s = targets[kernel], targets.pop(key)
-            requant[kernel] = (key, _quantizer(want, q.sharding, s.sharding))
+            requant[kernel] = (key, quant.sharded_quantizer(want, q.sharding, s.sharding))
             targets[kernel] = jax.ShapeDtypeStruct(q.shape, float_dtype, sharding=q.sharding)
     for key, arr in restore_arrays(component_dir, targets):
         if key in requant:
@@ -304,10 +303,3 @@ def restore(component_dir: str | pathlib.Path, abstract_model, *, shardings=None
         assembler.put(key, arr)
     nnx.replace_by_pure_dict(state, unflatten(assembler.arrays))
     return nnx.merge(graphdef, state)
-
-
-@functools.lru_cache(maxsize=None)
-def _quantizer(scheme: str, kernel_sharding, scale_sharding):
-    """Jitted `quant.quantize_kernel` with the outputs in the kernel's and the scale's shardings."""
-    return jax.jit(functools.partial(quant.quantize_kernel, scheme=scheme),
-                   out_shardings=(kernel_sharding, scale_sharding))

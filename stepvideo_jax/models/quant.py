@@ -25,6 +25,7 @@ quantise-on-load of a float checkpoint (tensor by tensor, in the target sharding
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Literal, Optional
 
 import jax
@@ -72,6 +73,14 @@ def quantize_kernel(kernel: jax.Array, scheme: str) -> tuple[jax.Array, jax.Arra
     qa = qwix.quantize(jnp.asarray(kernel, jnp.float32), qtype(scheme),
                        channelwise_axes=[a for a in range(ndim) if a != ndim - 2], scale_dtype=SCALE_DTYPE)
     return qa.qvalue, qa.scale
+
+
+@functools.lru_cache(maxsize=None)
+def sharded_quantizer(scheme: str, kernel_sharding, scale_sharding):
+    """Jitted `quantize_kernel` with its outputs in the kernel's and the scale's target shardings:
+    quantise-on-load of one tensor where it lies (`convert.orbax_io.restore`,
+    `convert.release_restore`)."""
+    return jax.jit(functools.partial(quantize_kernel, scheme=scheme), out_shardings=(kernel_sharding, scale_sharding))
 
 
 def scale_axes(kernel_axes):
