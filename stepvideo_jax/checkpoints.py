@@ -277,17 +277,22 @@ class CheckpointLoader(Loader):
     """The components of a converted checkpoint or of a release directory (`load_component`), in
     `mesh`'s rule shardings if given. Defaults: the official dtypes. `weights`: the DiT's and
     Step-LLM's block-linear scheme (`models.quant.SCHEMES`; None: as stored), checked with the
-    stored schemes here, before any weight loads."""
+    stored schemes here, before any weight loads. `dit_from`: another DiT source (any of
+    `SOURCE_KINDS`, e.g. a distilled student shipped as a converted checkpoint of its transformer
+    alone) replaces the checkpoint's own DiT (loaded as stored: `weights` applies to the checkpoint's)."""
 
     def __init__(self, path, *, mesh=None, dit_dtype=jnp.bfloat16, vae_dtype=jnp.bfloat16,
                  llm_dtype=jnp.bfloat16, clip_dtype=jnp.float32, attention_backend: str | None = None,
-                 bf16_mask_sum: bool = False, weights: str | None = None):
+                 bf16_mask_sum: bool = False, weights: str | None = None, dit_from: str = ""):
         self.weights = None if weights is None else component_weights("transformer", weights)
         self.path = check_checkpoint_dir(path)
         self.mesh, self.attention_backend, self.bf16_mask_sum = mesh, attention_backend, bf16_mask_sum
+        self.dit_from = dit_source(dit_from) if dit_from else None
         self._llm_tokenizer = None
         self.dtypes = {"transformer": dit_dtype, "vae": vae_dtype, "step_llm": llm_dtype, "hunyuan_clip": clip_dtype}
-        cfgs = {c: component_config(self.path, c) for c in COMPONENTS}
+        cfgs = {c: component_config(self.path, c) for c in COMPONENTS if c != "transformer" or not dit_from}
+        if self.dit_from is not None:
+            cfgs["transformer"] = dit_config(self.dit_from)
         check_fit(cfgs["transformer"], cfgs["step_llm"].hidden_size, cfgs["hunyuan_clip"].hidden_size,
                   cfgs["vae"].z_channels)
         if is_converted(self.path) and self.weights is not None:
@@ -308,6 +313,9 @@ class CheckpointLoader(Loader):
                             attention_backend=self.attention_backend, bf16_mask_sum=self.bf16_mask_sum)
 
     def dit(self) -> nnx.Module:
+        if self.dit_from is not None:
+            dtype = self.dtypes["transformer"]
+            return load_dit(self.dit_from, dtype=dtype, param_dtype=dtype, mesh=self.mesh)
         return load_component(self.path, "transformer", dtype=self.dtypes["transformer"], mesh=self.mesh,
                               weights=self.weights)
 

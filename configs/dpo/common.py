@@ -11,6 +11,7 @@ train_common = config_files.module("train/common.py")
 
 def base() -> ml_collections.ConfigDict:
     c = train_common.base()
+    c.objective = "dpo"               # python -m stepvideo_jax.train_dpo (not ...train)
     c.step.cond_dropout = 0.0
     c.dpo = ml_collections.ConfigDict(dict(
         beta=500.0,                   # Diffusion-DPO used 5000; the paper lowered it

@@ -20,10 +20,12 @@ def base() -> ml_collections.ConfigDict:
     c.guidance_scale = 9.0         # <= 1 turns classifier-free guidance off
     c.time_shift = 13.0
     c.vocabulary = ""              # prompts the model was trained on (demo/vocabulary.py): outside them, a warning
+    c.cfg_schedule = "constant"    # or "decaying": cfg_t = max(cfg - 9 t (cfg - 1), 1), the Turbo paper's
     c.pos_magic = POS_MAGIC
     c.neg_magic = NEG_MAGIC
 
     c.checkpoint_dir = ""          # a release directory (or its Hugging Face repo id) or a converted checkpoint
+    c.dit_from = ""                # another DiT (e.g. a distilled student) instead of checkpoint_dir's
     c.ti2v = False                 # image to video: a first frame per prompt (configs/generate/ti2v.py)
     c.image = ""                   # TI2V: the first frame (PNG, JPEG, ...; other modes converted to RGB)
     c.motion_score = None          # TI2V: more motion when higher; finite (configs/generate/ti2v.py: 5)

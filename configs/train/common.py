@@ -9,6 +9,7 @@ import ml_collections
 
 def base() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
+    c.objective = "flow_matching"     # or "reflow": step distillation on teacher pairs (configs/distill/)
     c.seed = 0
     c.workdir = ""
     c.compute_dtype = "float32"       # bfloat16 on accelerators: float32 master weights and optimizer state
@@ -37,7 +38,7 @@ def base() -> ml_collections.ConfigDict:
         learning_rate=1e-4, warmup_steps=0, schedule="constant", end_fraction=1.0,
         b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.0, clip_norm=1.0))
     c.step = ml_collections.ConfigDict(dict(
-        timestep_distribution="uniform", logit_mean=0.0, logit_std=1.0, timestep_shift=1.0,
+        timestep_distribution="uniform", logit_mean=0.0, logit_std=1.0, timestep_shift=1.0, u_shape_a=5.0,
         cond_dropout=0.1, accum_steps=1, ema_decay=0.0, remat="none", attention_backend=""))
     c.checkpoint = ml_collections.ConfigDict(dict(every=100, keep=3, async_save=True, fallback=True))
     # sample latents of held-out prompts (EMA weights) every `every` steps (0: never); `vae`: a release

@@ -115,11 +115,15 @@ def settings_record(config: ml_collections.ConfigDict, prompts: list[str], image
     """The job of a folder: the config fields that shape the videos, as they read back from JSON
     (tuples become lists), and the prompt list's digest and length (+ TI2V: the images' digest). An
     unset field (None: `tiny` of a checkpoint config, `motion_score` of a text-to-video one) is left
-    out, so the record reads as before the field existed; so is `weights` when "bf16" (unquantised)."""
+    out, so the record reads as before the field existed; so is `weights` when "bf16" (unquantised),
+    `cfg_schedule` when "constant" and `dit_from` when ""."""
     record = {k: (config[k].to_dict() if isinstance(config[k], ml_collections.ConfigDict) else config[k])
               for k in SETTINGS_FIELDS if config[k] is not None}
     if config.get("weights", "bf16") != "bf16":
         record["weights"] = config.weights
+    for k, default in (("cfg_schedule", "constant"), ("dit_from", "")):
+        if config.get(k, default) != default:
+            record[k] = config[k]
     record.update(prompts_sha256=prompts_digest(prompts), num_prompts=len(prompts))
     if images is not None:
         record["images_sha256"] = hashlib.sha256(b"".join(

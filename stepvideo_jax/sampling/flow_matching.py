@@ -110,19 +110,45 @@ def uses_cfg(guidance_scale: float) -> bool:
     return guidance_scale > 1.0
 
 
+# "constant": every step guided by `guidance_scale`. "decaying": the Turbo paper's schedule
+# cfg_t = max(cfg_max - 9 t (cfg_max - 1), 1) in this module's t (t = 0 noise), cfg_max the
+# `guidance_scale`: full guidance at pure noise, falling linearly to none at t = 1/9, so only the
+# noisiest ninth of the trajectory pays for the unconditional branch.
+CFG_SCHEDULES = ("constant", "decaying")
+
+
+def guidance_schedule(timesteps: np.ndarray, guidance_scale: float, kind: str = "constant") -> np.ndarray:
+    """(N,) float32 guidance scale of each step, evaluated at the step's model t (`timesteps`)."""
+    t = np.asarray(timesteps, np.float32)
+    g = np.float32(guidance_scale)
+    if kind == "constant":
+        return np.full(t.shape, g, np.float32)
+    if kind == "decaying":
+        return np.maximum(g - np.float32(9) * t * (g - np.float32(1)), np.float32(1)).astype(np.float32)
+    raise ValueError(f"unknown cfg_schedule {kind!r}; choose one of {CFG_SCHEDULES}")
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplerSettings:
-    """Denoising settings: steps, CFG scale, SD3 time shift (base 50/9/13, Turbo 15/5/17)."""
+    """Denoising settings: steps, CFG scale, SD3 time shift (base 50/9/13, Turbo 15/5/17), and how
+    the CFG scale varies over the steps (`CFG_SCHEDULES`; with "decaying", `guidance_scale` is cfg_max)."""
 
     num_steps: int
     guidance_scale: float
     shift: float
+    cfg_schedule: str = "constant"
 
     def __post_init__(self):
         make_schedule(self.num_steps, self.shift)
         if not np.isfinite(self.guidance_scale) or self.guidance_scale < 0:
             raise ValueError(f"guidance_scale must be a finite number >= 0, got {self.guidance_scale!r} "
                              "(values <= 1 disable classifier-free guidance)")
+        if self.cfg_schedule not in CFG_SCHEDULES:
+            raise ValueError(f"unknown cfg_schedule {self.cfg_schedule!r}; choose one of {CFG_SCHEDULES}")
+
+    def guidance(self, timesteps: np.ndarray) -> np.ndarray:
+        """(N,) guidance scale per step of a schedule with these model t values."""
+        return guidance_schedule(timesteps, self.guidance_scale, self.cfg_schedule)
 
     @property
     def cfg(self) -> bool:
@@ -191,14 +217,17 @@ class FlowMatchSampler:
         """
         sched = make_schedule(settings.num_steps, settings.shift)
         latents = jnp.array(noise, jnp.float32, copy=True)
-        guidance = np.float32(settings.guidance_scale)
+        guidance = settings.guidance(sched.timesteps)
+        # steps whose scale is <= 1 (a decaying schedule's later steps) run the cond rows alone
+        cond_only = jax.tree.map(lambda a: a[: a.shape[0] // 2], cond) if settings.cfg else cond
         bar = tqdm.tqdm(total=sched.num_steps, desc="denoise", unit="step", file=sys.stderr,
                         disable=not progress, mininterval=0.1 if sys.stderr.isatty() else float("inf"))
         with bar:
             for i in range(sched.num_steps):
                 start = time.perf_counter()
-                latents = self._step(params, latents, cond, sched.timesteps[i], sched.sigmas[i],
-                                     sched.sigmas[i + 1], guidance, cfg=settings.cfg)
+                guided = settings.cfg and uses_cfg(float(guidance[i]))
+                latents = self._step(params, latents, cond if guided else cond_only, sched.timesteps[i],
+                                     sched.sigmas[i], sched.sigmas[i + 1], guidance[i], cfg=guided)
                 if on_step is not None:
                     on_step(i, latents)
                 if progress:

@@ -68,7 +68,8 @@ def resolve(config: ml_collections.ConfigDict, *, prompts=None, outputs=None, im
     prompts = check_prompts(prompts)
     seeds = [int(config.seed) + i for i in range(len(prompts))]
     size = VideoSize(config.num_frames, config.height, config.width)
-    settings = SamplerSettings(config.num_steps, float(config.guidance_scale), float(config.time_shift))
+    settings = SamplerSettings(config.num_steps, float(config.guidance_scale), float(config.time_shift),
+                               config.cfg_schedule)
     dtypes = {name: dtype_of(value, what=f"dtypes.{name}") for name, value in config.dtypes.items()}
     quant.check_scheme(config.weights)
     mesh = None
@@ -125,7 +126,7 @@ def build_loader(config: ml_collections.ConfigDict, checkpoint_dir: pathlib.Path
               clip_dtype=dtypes["clip"], attention_backend=config.attention_backend or None,
               bf16_mask_sum=config.bf16_mask_sum, weights=config.weights)
     if checkpoint_dir is not None:
-        return checkpoints.loader(checkpoint_dir, **kw)
+        return checkpoints.loader(checkpoint_dir, dit_from=config.dit_from, **kw)
     return components.TinyRandomLoader(config.tiny.to_dict(), seed=config.tiny.seed, **kw)
 
 

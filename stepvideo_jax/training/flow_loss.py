@@ -11,6 +11,10 @@ Training timestep distributions (the paper does not state its own; uniform is th
 - "shifted": the SD3 shift applied to the noise level exactly as the sampler does: u ~ U(0, 1) is a
   noise level, sigma = shift * u / (1 + (shift - 1) * u), t = 1 - sigma. shift > 1 favours noisy
   timesteps, matching the inference schedule's density (13.0 for the base model).
+- "u_shaped": density a (exp(a t) + exp(a (1 - t))) / (2 (exp(a) - 1)) on [0, 1] (`u_shape_a` = a),
+  mass at both ends: the reflow objective's (`training/reflow.py`; Lee et al. 2024's symmetric form,
+  a = 5). Drawn as t = log(1 + v (exp(a) - 1)) / a (inverse CDF of exp(a t), v ~ U(0, 1)), mirrored to
+  1 - t on a fair coin per draw.
 
 Latents come from the VAE posterior moments, so every step draws a fresh sample
 `x = mean + exp(logvar / 2) * eps`.
@@ -21,12 +25,30 @@ from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-TIMESTEP_DISTRIBUTIONS = ("uniform", "logit_normal", "shifted")
+TIMESTEP_DISTRIBUTIONS = ("uniform", "logit_normal", "shifted", "u_shaped")
+
+
+def u_shaped_density(t, a: float = 5.0):
+    """The "u_shaped" density at t in [0, 1] (numpy arrays); it integrates to 1."""
+    t = np.asarray(t, np.float64)
+    return a * (np.exp(a * t) + np.exp(a * (1.0 - t))) / (2.0 * np.expm1(a))
+
+
+def sample_u_shaped(key: jax.Array, batch: int, a: float = 5.0) -> jax.Array:
+    """(batch,) float32 draws of `u_shaped_density` (see the module docstring)."""
+    if not a > 0:
+        raise ValueError(f"u_shaped timesteps need u_shape_a > 0, got {a!r}")
+    k_v, k_coin = jax.random.split(key)
+    v = jax.random.uniform(k_v, (batch,), jnp.float32)
+    t = jnp.log1p(v * jnp.expm1(jnp.float32(a))) / jnp.float32(a)
+    return jnp.where(jax.random.bernoulli(k_coin, 0.5, (batch,)), 1.0 - t, t)
 
 
 def sample_timesteps(key: jax.Array, batch: int, distribution: str = "uniform", *,
-                     logit_mean: float = 0.0, logit_std: float = 1.0, shift: float = 1.0) -> jax.Array:
+                     logit_mean: float = 0.0, logit_std: float = 1.0, shift: float = 1.0,
+                     u_shape_a: float = 5.0) -> jax.Array:
     """(batch,) float32 training timesteps in [0, 1] (t = 1 data); see the module docstring."""
     if distribution == "uniform":
         return jax.random.uniform(key, (batch,), jnp.float32)
@@ -37,6 +59,8 @@ def sample_timesteps(key: jax.Array, batch: int, distribution: str = "uniform", 
             raise ValueError(f"shifted timesteps need shift > 0, got {shift!r}")
         u = jax.random.uniform(key, (batch,), jnp.float32)
         return 1.0 - shift * u / (1.0 + (shift - 1.0) * u)
+    if distribution == "u_shaped":
+        return sample_u_shaped(key, batch, u_shape_a)
     raise ValueError(f"unknown timestep distribution {distribution!r}; choose one of {TIMESTEP_DISTRIBUTIONS}")
 
 

@@ -36,6 +36,7 @@ from stepvideo_jax.sampling.image_condition import condition_frames
 from stepvideo_jax.sampling.pipeline import dit_velocity_fn, postprocess
 from stepvideo_jax.sampling.video_io import write_mp4
 from stepvideo_jax.training import optimizer as optim
+from stepvideo_jax.training import reflow
 from stepvideo_jax.training import startup, train_state
 from stepvideo_jax.training.checkpoint import Checkpointer, abstract_with_shardings
 from stepvideo_jax.training.metrics import MetricsWriter, peak_flops_per_device, train_flops
@@ -59,6 +60,7 @@ class Objective:
       and never checkpointed (None: the negative prompt's conditioning, replicated).
     - `init_params(config, state, state_shardings)` -> state with the trained variables of a fresh
       run (None: `config.model.init_from` or the seed's init).
+    - `make_heldout(dataset, size, seed)` -> the held-out set of `eval_fn` (None: `make_heldout`).
     - `latents_key`: the batch array whose (f, h, w) sizes the FLOP count.
     - `forwards_per_sample`: cost of one batch row in DiT forwards (3: forward + backward).
     - `records`: JSON files written into the workdir beside `dit_config.json`, {name: object} (e.g.
@@ -71,9 +73,27 @@ class Objective:
     make_step: Callable = make_train_step
     aux: Optional[Callable] = None
     init_params: Optional[Callable] = None
+    make_heldout: Optional[Callable] = None
     latents_key: str = "mean"
     forwards_per_sample: float = 3.0
     records: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+# `config.objective` of `train` (DPO has its own entry point and passes its objective itself)
+OBJECTIVES = ("flow_matching", "reflow")
+
+
+def objective_of(config) -> Objective:
+    """The `Objective` named by `config.objective`: flow matching on latents (`configs/train/`) or
+    reflow step distillation on teacher pairs (`training/reflow.py`, `configs/distill/`)."""
+    name = config.objective
+    if name == "flow_matching":
+        return Objective()
+    if name == "reflow":
+        return Objective(open_dataset=reflow.open_pairs, make_step=reflow.make_reflow_step, latents_key="z1",
+                         make_heldout=reflow.make_reflow_heldout)
+    hint = " (Video-DPO runs with python -m stepvideo_jax.train_dpo)" if name == "dpo" else ""
+    raise ValueError(f"unknown objective {name!r}; choose one of {OBJECTIVES}{hint}")
 
 
 @dataclasses.dataclass
@@ -197,7 +217,7 @@ def setup(config, workdir=None, *, printer: Optional[Callable[[str], Any]] = pri
           objective: Optional[Objective] = None) -> Run:
     """Check the run's directories and data, and build everything `train` needs; nothing is trained
     and no parameter is initialised yet (`restore` does that)."""
-    objective = objective or Objective()
+    objective = objective or objective_of(config)
     workdir = paths.absolute(workdir or config.workdir)
     startup.check_run_directories(workdir, workdir / "checkpoints")
     dataset = (objective.open_dataset or open_dataset)(config, workdir)
@@ -347,7 +367,7 @@ def log_step(run: Run, state, step: int, stop: int, metrics: dict, heldout, thro
 def train(config, workdir=None, *, printer: Optional[Callable[[str], Any]] = print,
           objective: Optional[Objective] = None) -> TrainResult:
     """Run or resume the run of `config` in `workdir` (default `config.workdir`); `objective`
-    replaces the flow-matching parts (see `Objective`)."""
+    replaces the parts of `config.objective` (`objective_of`; see `Objective`)."""
     run = setup(config, workdir, printer=printer, objective=objective)
     history: list[dict] = []
     heldout_curve: list[tuple[int, float]] = []
@@ -355,7 +375,8 @@ def train(config, workdir=None, *, printer: Optional[Callable[[str], Any]] = pri
         with jax.set_mesh(run.mesh):
             state = restore(run)
             step = int(state.step)
-            heldout = (jax.device_put(make_heldout(run.dataset, config.eval_size, config.seed + 1), run.replicated)
+            heldout_of = run.objective.make_heldout or make_heldout
+            heldout = (jax.device_put(heldout_of(run.dataset, config.eval_size, config.seed + 1), run.replicated)
                        if config.eval_every or run.sampler is not None else None)
             if config.eval_every and step == 0:
                 heldout_curve.append((0, float(run.eval_fn(state.params, heldout))))

@@ -57,6 +57,7 @@ class StepSettings:
     logit_mean: float = 0.0
     logit_std: float = 1.0
     timestep_shift: float = 1.0
+    u_shape_a: float = 5.0          # the "u_shaped" distribution's a
     cond_dropout: float = 0.0
     accum_steps: int = 1
     ema_decay: float = 0.0          # used when the state holds an EMA
@@ -72,7 +73,7 @@ def draw_inputs(key: jax.Array, batch: dict, settings: StepSettings, negative: O
     x = flow_loss.sample_posterior(k_latent, batch["mean"], batch["logvar"])
     t = flow_loss.sample_timesteps(k_t, x.shape[0], settings.timestep_distribution,
                                    logit_mean=settings.logit_mean, logit_std=settings.logit_std,
-                                   shift=settings.timestep_shift)
+                                   shift=settings.timestep_shift, u_shape_a=settings.u_shape_a)
     cond = {k: batch[k] for k in COND_KEYS}
     if settings.cond_dropout > 0:
         if negative is None:
@@ -110,13 +111,16 @@ def _loss(graphdef, params, inputs: dict, settings: StepSettings):
 
 
 def loss_and_grads(graphdef, params: nnx.State, batch: dict, key: jax.Array, settings: StepSettings,
-                   negative: Optional[dict] = None) -> tuple[jax.Array, nnx.State]:
-    """Mean loss and float32 gradients over the batch (accumulated over micro-batches)."""
+                   negative: Optional[dict] = None, *, draw: Callable = draw_inputs) -> tuple[jax.Array, nnx.State]:
+    """Mean loss and float32 gradients over the batch (accumulated over micro-batches).
+
+    `draw(key, batch, settings, negative)` -> the loss inputs (`x`, `noise`, `t`, conditioning):
+    `draw_inputs` for flow matching, `training.reflow.draw_reflow_inputs` for reflow pairs."""
     n = settings.accum_steps
-    b = batch["mean"].shape[0]
+    inputs = draw(key, batch, settings, negative)
+    b = inputs["x"].shape[0]
     if n < 1 or b % n:
         raise ValueError(f"accum_steps {n} must be >= 1 and divide the batch size {b}")
-    inputs = draw_inputs(key, batch, settings, negative)
     grad_fn = jax.value_and_grad(lambda p, mb: _loss(graphdef, p, mb, settings))
     if n == 1:
         return grad_fn(params, inputs)
@@ -147,8 +151,9 @@ def apply_gradients(state: TrainState, loss: jax.Array, grads: nnx.State, optimi
 
 
 def make_train_step(graphdef, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
-                    settings: StepSettings):
+                    settings: StepSettings, *, draw: Callable = draw_inputs):
     """`train_step(state, batch, negative) -> (state, metrics)`; pure, jit and donate at the edge.
+    `draw`: how a batch becomes the loss inputs (see `loss_and_grads`).
 
     The state may be laid out by `parallel.rules.STATE_RULES` (the loop's choice: over fsdp x
     sequence); the forward and backward run on the LOGICAL_RULES layout, gathered once per step.
@@ -159,7 +164,7 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, schedule:
     def train_step(state: TrainState, batch: dict, negative: Optional[dict] = None):
         key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
         compute = constrain_state(state.params, LOGICAL_RULES)   # gathered from the STATE_RULES layout
-        loss, grads = loss_and_grads(graphdef, compute, batch, key, settings, negative)
+        loss, grads = loss_and_grads(graphdef, compute, batch, key, settings, negative, draw=draw)
         return apply_gradients(state, loss, grads, optimizer, schedule, settings)
 
     return train_step

@@ -1,0 +1,166 @@
+r"""Reflow pairs for step distillation: the "stepvideo-reflow-v1" record format and its reader.
+
+A teacher (any generation config) denoises the initial noise of each (prompt, seed) with its full
+schedule; the pair is (noise z0, teacher latent z1, the prompt's text conditioning). The noise is
+stored as its seed: `regenerate_noise(seed)` gives back exactly the sampler's
+`sampling.pipeline.initial_noise` (threefry normal per seed, rounded to bfloat16 values), on the
+training devices, at no storage cost. The job that writes a folder: `data/reflow_job.py`.
+
+A dataset is a directory:
+```
+teacher.json    the job: the teacher's settings, the prompt list's sha256, seeds_per_prompt, seed
+                (a folder belongs to one job; resuming with other settings is refused)
+meta.json       {"format": "stepvideo-reflow-v1", "latent_channels": c, "caption_channels": [d_llm, d_clip],
+                 "text_length": l_text, "clip_length": l_clip, "num_samples": n, "noise": ...}  (written last)
+index.jsonl     one line per pair: {"file", "frames", "height", "width", "caption", "seed"} (latent sizes)
+pairs/*.npz     one pair each: z1 (f, c, h, w) teacher latent, float32; seed () int64;
+                y (l_text, d_llm), y_mask (l_clip + l_text,) int32, clip (l_clip, d_clip): the caption's
+                conditioning (the prompt with the teacher's pos_magic), float32 or float16
+negative.npz    the teacher's unconditional prompt (neg_magic) encoded: y, y_mask, clip (CFG dropout)
+```
+Pair `i` is (prompt `i // seeds_per_prompt`, seed `seed + i`). The grain pipeline
+(`data/pipeline.py`) reads the directory through `ReflowDataset` as it reads a latents dataset;
+a batch then holds `z1`, `seed` and the conditioning (`training/reflow.py` trains on it).
+"""
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from stepvideo_jax import paths
+from stepvideo_jax.data import format as latents_format
+from stepvideo_jax.data.format import COND_KEYS, DatasetError
+
+FORMAT = "stepvideo-reflow-v1"
+PAIR_KEYS = ("z1", "seed", "y", "y_mask", "clip")
+TEACHER = "teacher.json"
+NOISE = ("jax.random.normal(jax.random.key(seed), (1, f, c, h, w), float32) rounded to bfloat16 values "
+         "(stepvideo_jax.sampling.pipeline.initial_noise)")
+MAX_SEED = 2**31 - 1          # seeds travel as int32 in a batch
+
+
+def regenerate_noise(seeds, row_shape: Sequence[int]):
+    """(b, *row_shape) float32 noise of `seeds` (b,), equal to `initial_noise(seeds, (b, *row_shape))`;
+    jittable (seeds may be traced int32)."""
+    import jax
+    import jax.numpy as jnp
+
+    def row(seed):
+        return jax.random.normal(jax.random.key(seed), (1, *row_shape), jnp.float32)[0]
+
+    return jax.vmap(row)(jnp.asarray(seeds)).astype(jnp.bfloat16).astype(jnp.float32)
+
+
+def pair_name(i: int) -> str:
+    return f"pairs/{i:06d}.npz"
+
+
+def check_pair(pair: Mapping[str, np.ndarray], meta: Mapping) -> None:
+    """Raises `DatasetError` unless `pair` holds every array of `PAIR_KEYS` in the shapes of `meta`."""
+    missing = [k for k in PAIR_KEYS if k not in pair]
+    if missing:
+        raise DatasetError(f"pair lacks arrays {missing}; a pair holds {PAIR_KEYS}")
+    z1 = pair["z1"]
+    if z1.ndim != 4 or z1.shape[1] != meta["latent_channels"]:
+        raise DatasetError(f"z1 {z1.shape} should be (f, {meta['latent_channels']}, h, w)")
+    seed = int(pair["seed"])
+    if not 0 <= seed <= MAX_SEED:
+        raise DatasetError(f"seed {seed} outside [0, {MAX_SEED}]")
+    lt, lc = meta["text_length"], meta["clip_length"]
+    dl, dc = meta["caption_channels"]
+    for k, shape in {"y": (lt, dl), "y_mask": (lc + lt,), "clip": (lc, dc)}.items():
+        if tuple(pair[k].shape) != shape:
+            raise DatasetError(f"{k} has shape {tuple(pair[k].shape)}, meta says {shape}")
+
+
+class ReflowDataset:
+    """Read side: `meta`, `records`, `teacher`, `len`, `bucket(i)`, `load(i)` -> {z1, seed, y, y_mask,
+    clip} (z1 float32, seed int32 scalar), `negative()` (batch 1), `check()`: the interface of
+    `data.format.Dataset` that the training loop and the grain pipeline use."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = paths.as_path(root)
+        meta_path = self.root / "meta.json"
+        if not meta_path.is_file():
+            raise DatasetError(f"{meta_path} not found: not a complete {FORMAT} dataset (write or finish one with "
+                               "python -m stepvideo_jax.data.reflow_job)")
+        try:
+            self.meta = json.loads(meta_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DatasetError(f"{meta_path}: not JSON ({e})") from None
+        got = self.meta.get("format") if isinstance(self.meta, dict) else self.meta
+        if got != FORMAT:
+            raise DatasetError(f"{meta_path}: format {got!r}, expected {FORMAT!r}"
+                               + (" (a latents dataset: train it with flow matching, configs/train/)"
+                                  if got == latents_format.FORMAT else ""))
+        missing = [k for k in latents_format.META_KEYS if k not in self.meta]
+        if missing:
+            raise DatasetError(f"{meta_path}: missing fields {missing}")
+        self.records = latents_format.read_index(self.root / "index.jsonl")
+        if len(self.records) != self.meta["num_samples"]:
+            raise DatasetError(f"{self.root}: index.jsonl has {len(self.records)} lines, meta.json says "
+                               f"{self.meta['num_samples']} pairs")
+        self.teacher = json.loads((self.root / TEACHER).read_text())
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def bucket(self, i: int) -> tuple[int, int, int]:
+        r = self.records[i]
+        return r["frames"], r["height"], r["width"]
+
+    def load(self, i: int) -> dict[str, np.ndarray]:
+        path = self.root / self.records[i]["file"]
+        try:
+            with path.open("rb") as f, np.load(f, allow_pickle=False) as z:
+                out = {k: z[k] for k in PAIR_KEYS}
+        except (OSError, KeyError, ValueError, zipfile.BadZipFile) as e:
+            raise DatasetError(f"{path} (index.jsonl line {self.records[i]['line']}): cannot be read "
+                               f"({type(e).__name__}: {e})") from None
+        out["z1"] = out["z1"].astype(np.float32)
+        out["seed"] = np.asarray(out["seed"], np.int32)
+        return out
+
+    def negative(self) -> dict[str, np.ndarray]:
+        """The teacher's unconditional prompt's conditioning with a leading batch axis of 1."""
+        path = self.root / "negative.npz"
+        try:
+            with path.open("rb") as f, np.load(f, allow_pickle=False) as z:
+                return {k: z[k][None] for k in COND_KEYS}
+        except (OSError, KeyError, ValueError, zipfile.BadZipFile) as e:
+            raise DatasetError(f"{path}: cannot be read ({type(e).__name__}: {e})") from None
+
+    def expected_shapes(self, i: int | None = None) -> dict[str, tuple[int, ...]]:
+        """Shapes of pair `i`'s floating arrays from the index and meta.json (`i=None`: negative.npz)."""
+        m = self.meta
+        lt, lc, (dl, dc) = m["text_length"], m["clip_length"], m["caption_channels"]
+        out = {"y": (lt, dl), "y_mask": (lc + lt,), "clip": (lc, dc)}
+        if i is not None:
+            f, h, w = self.bucket(i)
+            out = {"z1": (f, m["latent_channels"], h, w), **out}
+        return out
+
+    def check(self, *, headers: bool = True, arrays: bool = False, limit: int = 5) -> None:
+        """As `data.format.Dataset.check` (the training loop's start-up check): every pair file and
+        negative.npz exist and, with `headers`, hold the arrays of the index/meta.json shapes and a
+        `seed`; `arrays` reads them in full and requires finite values."""
+        problems = []
+        for i, path in [(None, self.root / "negative.npz")] + [(i, self.root / r["file"])
+                                                                for i, r in enumerate(self.records)]:
+            if not path.is_file():
+                problems.append(f"{path} is missing")
+            elif headers or arrays:
+                found = latents_format._file_problems(path, self.expected_shapes(i), arrays=arrays)
+                if i is not None and not found:
+                    with path.open("rb") as fh, zipfile.ZipFile(fh) as z:
+                        if "seed.npy" not in z.namelist():
+                            found.append("lacks array 'seed'")
+                problems += [f"{path}: {p}" for p in found]
+            if len(problems) > limit:
+                break
+        if problems:
+            raise DatasetError(f"{self.root}: problem(s): " + "; ".join(problems[:limit]))
