@@ -364,7 +364,7 @@ def test_shipped_demo_turbo_meets_the_target_and_generates():
     """The recorded evaluation of `configs/generate/demo_turbo.py` meets the issue's bar (4-step
     student within 5 points of the 20-step teacher; 15 points above the few-step teacher at the
     step count where it falls behind), and the config generates videos whose motion the checker reads."""
-    from stepvideo_jax import generate
+    from stepvideo_jax.sampling import generation
     from stepvideo_jax.data import synthetic_motion as sm
     from stepvideo_jax.eval import motion_checker
 
@@ -384,11 +384,30 @@ def test_shipped_demo_turbo_meets_the_target_and_generates():
     else:
         pytest.fail("the few-step teacher is within 5 points of 20 steps at 4 and 2 steps")
     scenes = sm.HELD_OUT[:2]
-    job = generate.resolve(config, prompts=[s.caption() for s in scenes])
-    pipe = generate.build_pipeline(config, job)
+    job = generation.resolve(config, prompts=[s.caption() for s in scenes])
+    pipe = generation.build_pipeline(config, job)
     assert not np.allclose(np.asarray(jax.tree.leaves(pipe.dit_state)[0]),
                            np.asarray(jax.tree.leaves(nnx.state(checkpoints.load_converted(DEMO, "transformer")))[0]))
     gen = pipe(job.prompts, size=job.size, settings=job.settings, seeds=[1000, 1001], pos_magic="", neg_magic="",
                crop=False)
     for frames, scene in zip(gen.frames, scenes):
         assert motion_checker.read_video(frames).motion == scene.motion
+
+
+@pytest.mark.parametrize("arg,chips", [("v5p-128", 64), ("v5p-256", 128)])
+def test_full_size_distill_configs(arg, chips):
+    """The pod recipe: reflow objective, U-shaped t (a = 5), the flow-matching pod layout (one pair
+    per fsdp group of 4 sequence shards, remat full, bf16 compute)."""
+    from stepvideo_jax.training.loop import dit_config, optimizer_of, step_settings
+
+    c = load_config(f"configs/distill/pod.py:{arg}")
+    assert objective_of(c).latents_key == "z1"
+    assert dit_config(c.model) == DiTConfig.full()
+    s = step_settings(c)
+    assert (s.timestep_distribution, s.u_shape_a, s.remat, c.compute_dtype) == ("u_shaped", 5.0, "full", "bfloat16")
+    mesh = dict(c.mesh)
+    fsdp = chips // (mesh["data"] * mesh["sequence"] * mesh["tensor"])
+    assert c.data.global_batch % (mesh["data"] * fsdp) == 0 and c.data.global_batch // fsdp == 1
+    optimizer_of(c)
+    with pytest.raises(ValueError, match="v5p-128"):
+        load_config("configs/distill/pod.py:v4-8")

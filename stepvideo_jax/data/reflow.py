@@ -29,6 +29,8 @@ import os
 import zipfile
 from typing import Mapping, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from stepvideo_jax import paths
@@ -46,8 +48,6 @@ MAX_SEED = 2**31 - 1          # seeds travel as int32 in a batch
 def regenerate_noise(seeds, row_shape: Sequence[int]):
     """(b, *row_shape) float32 noise of `seeds` (b,), equal to `initial_noise(seeds, (b, *row_shape))`;
     jittable (seeds may be traced int32)."""
-    import jax
-    import jax.numpy as jnp
 
     def row(seed):
         return jax.random.normal(jax.random.key(seed), (1, *row_shape), jnp.float32)[0]

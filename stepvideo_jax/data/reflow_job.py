@@ -26,9 +26,22 @@ import sys
 import time
 from typing import Mapping, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
+from flax import nnx
+from ml_collections import config_flags
 
+from stepvideo_jax import checkpoints, compile_cache, config_files, hub, logs, paths
 from stepvideo_jax.data.format import COND_KEYS, DatasetError
+from stepvideo_jax.dtypes import dtype_of
+from stepvideo_jax.models import quant
+from stepvideo_jax.parallel.mesh import MeshConfig, initialize_distributed, make_mesh
+from stepvideo_jax.sampling import generation
+from stepvideo_jax.sampling.flow_matching import FlowMatchSampler, SamplerSettings
+from stepvideo_jax.sampling.pipeline import (VideoSize, caption_prompts, check_prompts, dit_velocity_fn,
+                                             initial_noise)
 from stepvideo_jax.data.reflow import FORMAT, MAX_SEED, NOISE, PAIR_KEYS, TEACHER, ReflowDataset, check_pair, pair_name
 
 # generation config fields that shape the teacher's latents (teacher.json)
@@ -38,8 +51,6 @@ STORAGE_DTYPES = {"float32": np.float32, "float16": np.float16}   # of the store
 
 
 def _writes() -> bool:
-    from stepvideo_jax import paths
-
     return paths.writes_shared_files()
 
 
@@ -139,14 +150,6 @@ def finish(out, prompts: Sequence[str], *, seeds_per_prompt: int, seed: int) -> 
 
 def check_job(config, prompts: Sequence[str], *, seeds_per_prompt: int, seed: int, batch_size: int, dtype: str):
     """Everything checkable before a model loads; returns (prompts, size, sampler settings, dtypes, mesh config)."""
-    import jax
-
-    from stepvideo_jax.dtypes import dtype_of
-    from stepvideo_jax.models import quant
-    from stepvideo_jax.parallel.mesh import MeshConfig
-    from stepvideo_jax.sampling.flow_matching import SamplerSettings
-    from stepvideo_jax.sampling.pipeline import VideoSize, check_prompts
-
     prompts = check_prompts(list(prompts))
     if seeds_per_prompt < 1 or batch_size < 1:
         raise ValueError(f"seeds_per_prompt ({seeds_per_prompt}) and batch_size ({batch_size}) must be >= 1")
@@ -175,16 +178,6 @@ def run_job(config, prompts: Sequence[str], out, *, seeds_per_prompt: int = 1, s
             dtype: str = "float32", printer=print) -> ReflowDataset:
     """Write (or finish) the reflow pairs of `prompts` x `seeds_per_prompt` with the teacher of the
     generation `config` into `out` (see the module docstring); returns the dataset."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from stepvideo_jax import checkpoints, hub
-    from stepvideo_jax.parallel.mesh import make_mesh
-    from stepvideo_jax.sampling import generation
-    from stepvideo_jax.sampling.flow_matching import FlowMatchSampler
-    from stepvideo_jax.sampling.pipeline import caption_prompts, dit_velocity_fn, initial_noise
-
     prompts, size, settings, dtypes, mesh_cfg = check_job(config, prompts, seeds_per_prompt=seeds_per_prompt,
                                                           seed=seed, batch_size=batch_size, dtype=dtype)
     n = len(prompts) * seeds_per_prompt
@@ -241,12 +234,6 @@ def run_job(config, prompts: Sequence[str], out, *, seeds_per_prompt: int = 1, s
 
 
 def main(argv=None):
-    from absl import app, flags
-    from ml_collections import config_flags
-
-    from stepvideo_jax import compile_cache, config_files, logs
-    from stepvideo_jax.parallel.mesh import initialize_distributed
-
     config_flag = config_flags.DEFINE_config_file("config", str(config_files.path("generate/demo.py")),
                                                   "the teacher's generation config (configs/generate/*.py)")
     flags.DEFINE_string("prompts_file", None, "prompts, one per line")

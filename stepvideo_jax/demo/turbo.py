@@ -29,12 +29,15 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
 from flax import nnx
 
-from stepvideo_jax import checkpoints
+from stepvideo_jax import checkpoints, logs
 from stepvideo_jax.data import reflow as reflow_data
 from stepvideo_jax.data import synthetic_motion as sm
 from stepvideo_jax.demo import evaluate
+from stepvideo_jax.demo.build import DEFAULT_EXPORT
+from stepvideo_jax.demo.export import write_checkpoint
 from stepvideo_jax.eval import motion_checker
 from stepvideo_jax.sampling import components
 from stepvideo_jax.sampling.flow_matching import SamplerSettings
@@ -163,8 +166,6 @@ def table(teacher_dir, student, *, seeds: Sequence[int], pairs=None, loss_pairs:
 def export_student(source, out, *, dtype: str = "bfloat16") -> pathlib.Path:
     """The student DiT of `source` (a training workdir, ...) as a converted checkpoint of its
     transformer alone (`configs/generate/demo_turbo.py` loads it with `dit_from`)."""
-    from stepvideo_jax.demo.export import write_checkpoint
-
     dit = checkpoints.load_dit(source, dtype=jnp.float32, param_dtype=jnp.float32)
     return write_checkpoint(pathlib.Path(out).absolute(), {"transformer": dit}, dtype=dtype,
                             source="stepvideo_jax.demo.turbo")
@@ -183,11 +184,6 @@ def parse_rows(text: str):
 
 
 def main(argv=None):
-    from absl import app, flags
-
-    from stepvideo_jax import logs
-    from stepvideo_jax.demo.build import DEFAULT_EXPORT
-
     flags.DEFINE_string("teacher", str(DEFAULT_EXPORT), "the teacher's converted checkpoint (all four components)")
     flags.DEFINE_string("student", None, "the student DiT: a training workdir, converted checkpoint, ...")
     flags.DEFINE_string("pairs", None, "reflow pairs for the reflow loss (optional)")
