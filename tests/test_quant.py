@@ -320,3 +320,33 @@ def test_demo_command_with_int8_weights_follows_its_prompt(tmp_path):
     assert "block linears: int8" in proc.stdout
     reading = motion_checker.read_video(video_io.read_mp4(out)[0])
     assert (reading.colour, reading.motion) == ("blue", "up"), reading
+
+
+def test_eval_folder_records_a_quantising_scheme_only():
+    """generate_eval's settings record (what a folder is resumed against) names `weights` when it
+    quantises, and reads as before the field existed for bf16, so old folders stay resumable."""
+    from stepvideo_jax.sampling import eval_set
+    from tests.fixtures import load_config
+
+    config = load_config("configs/generate/tiny.py")
+    assert "weights" not in eval_set.settings_record(config, ["a"])
+    config.weights = "int8"
+    assert eval_set.settings_record(config, ["a"])["weights"] == "int8"
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"class": "WeightQuant", "values": {"scheme": "int4"}}, "WeightQuant.scheme: value 'int4'"),
+    ({"class": "os:system", "values": {"scheme": "int8"}}, "is not a registered model config"),
+    ({"class": "DiTConfig", "values": {}}, "this component needs a WeightQuant"),
+])
+def test_manifest_quantization_record_is_checked(converted, tmp_path, record, message):
+    import json
+    import shutil
+
+    folder = tmp_path / "transformer"
+    shutil.copytree(converted["int8"] / "transformer", folder)
+    manifest = json.loads((folder / orbax_io.MANIFEST).read_text())
+    manifest["quantization"] = record
+    (folder / orbax_io.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=f"manifest.json: quantization: .*{message}"):
+        orbax_io.read_manifest(folder)

@@ -173,7 +173,10 @@ def read_manifest(component_dir: str | pathlib.Path) -> dict:
     if manifest.get("dtype") not in MANIFEST_DTYPES:
         raise CheckpointError(f"{path}: dtype {manifest.get('dtype')!r:.40}; expected one of {list(MANIFEST_DTYPES)}")
     if "quantization" in manifest:
-        config_records.config_from_record(manifest["quantization"], expect=quant.WeightQuant)
+        try:
+            config_records.config_from_record(manifest["quantization"], expect=quant.WeightQuant)
+        except CheckpointError as e:
+            raise CheckpointError(f"{path}: quantization: {e}") from None
     return manifest
 
 
