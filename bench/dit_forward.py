@@ -23,6 +23,7 @@ from flax import nnx
 
 from bench.dit_flops import fmt_flops
 from stepvideo_jax import dtypes
+from stepvideo_jax.models import quant
 from stepvideo_jax.models.attention import BACKENDS
 from stepvideo_jax.models.dit import DiTConfig, StepVideoDiT
 from stepvideo_jax.models.flops import forward_flops, video_tokens
@@ -30,9 +31,10 @@ from stepvideo_jax.models.flops import forward_flops, video_tokens
 DTYPES = {**dtypes.DTYPES, "float16": jnp.float16}
 
 
-def build_state(cfg: DiTConfig, dtype):
-    """(graphdef, params on the default device) without a host copy."""
-    make = lambda: StepVideoDiT(cfg, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0))
+def build_state(cfg: DiTConfig, dtype, weights: str = "bf16"):
+    """(graphdef, params on the default device) without a host copy; `weights`: the block linears'
+    scheme (`models/quant.py`), quantised on the device."""
+    make = lambda: quant.quantize(StepVideoDiT(cfg, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0)), weights)
     graphdef, _ = nnx.split(nnx.eval_shape(make))
     return graphdef, jax.jit(lambda: nnx.state(make()))()
 
@@ -61,18 +63,20 @@ def main(argv=None):
     p.add_argument("--backend", default=None, choices=BACKENDS)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--weights", default="bf16", choices=list(quant.SCHEMES),
+                   help="the block linears: as --dtype, or int8 / fp8 weight-only (docs/quantization.md)")
     a = p.parse_args(argv)
 
     cfg = dataclasses.replace(full, num_layers=a.layers, num_heads=a.heads)
     dtype = DTYPES[a.dtype]
     s = video_tokens(cfg, a.frames, a.height, a.width)
-    print(f"device {jax.devices()[0].device_kind} ({jax.default_backend()}), {a.dtype}, backend "
+    print(f"device {jax.devices()[0].device_kind} ({jax.default_backend()}), {a.dtype}, weights {a.weights}, backend "
           f"{a.backend or 'default'}; {cfg.num_layers} layers, {cfg.num_heads} heads x {cfg.head_dim}; "
           f"batch {a.batch}, latents {a.frames}x{a.height}x{a.width} = {s} tokens, "
           f"text {a.clip_len} + {a.text_len}", flush=True)
 
     t0 = time.perf_counter()
-    graphdef, state = build_state(cfg, dtype)
+    graphdef, state = build_state(cfg, dtype, a.weights)
     args = inputs(cfg, batch=a.batch, frames=a.frames, height=a.height, width=a.width,
                   text_len=a.text_len, clip_len=a.clip_len, dtype=dtype)
     jax.block_until_ready((state, args))
