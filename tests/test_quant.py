@@ -14,6 +14,8 @@ the shipped fixtures (CPU, jax 0.10.2; docs/quantization.md): DiT int8 rho 0.70 
 0.81-0.89 %, rms 0.69-0.70 %; fp8 rho 2.61 %, max 2.4-2.7 %, rms 2.4-2.6 %; Step-LLM int8 rho 0.69 %,
 max 1.2-1.3 %, rms 1.3 %; fp8 rho 2.60 %, max 4.5-4.8 %, rms 4.6-4.7 %. The factor 4 is empirical
 (errors of 1.0-1.9 rho measured: a tiny model's few layers barely amplify them), with at least 2x margin.
+The DiT is also checked as deployed, bf16 parameters and compute with quantised block linears,
+against the bf16 bound of `tests/test_dit_bf16.py` plus 4 rho.
 """
 import jax
 import jax.numpy as jnp
@@ -145,6 +147,31 @@ def test_quantised_dit_against_the_float32_fixture(scheme):
                   case["encoder_attention_mask"], case["encoder_hidden_states_2"])
         max_rel, rms_rel = rel_errors(out, case["output"])
         assert 0 < max_rel <= FACTOR * r and 0 < rms_rel <= FACTOR * r, (name, scheme, max_rel, rms_rel, r)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_quantised_dit_in_bf16_against_the_float32_fixture(scheme):
+    """The deployed configuration: bf16 parameters and compute with quantised block linears
+    (dequantised to bf16). Bound: the bf16 model's documented bound (`tests/test_dit_bf16.py`,
+    timestep taken exactly) plus the weight rounding's 4 rho (measured: docs/quantization.md)."""
+    import dataclasses
+
+    from tests.test_dit_bf16 import MAX_REL, RMS_REL
+
+    r = rho(dit_model(), scheme)
+    cfg = dataclasses.replace(dit_convert.config_from_dict(load_json("dit")["constructor_args"]),
+                              timestep_in_compute_dtype=False)
+    model = dit_convert.convert(cfg, TensorSource.single(fixture_dir("dit") / "weights.safetensors"),
+                                dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, label="dit (bf16)")
+    graphdef, state = nnx.split(quant.quantize(model, scheme))
+    fwd = jax.jit(lambda s, *a: nnx.merge(graphdef, s)(*a))
+    for name in load_json("dit")["cases"]:
+        case = load_npz("dit", f"{name}.npz")
+        out = fwd(state, case["hidden_states"], case["timestep"], case["encoder_hidden_states"],
+                  case["encoder_attention_mask"], case["encoder_hidden_states_2"])
+        assert out.dtype == jnp.bfloat16
+        max_rel, rms_rel = rel_errors(np.asarray(out, np.float32), case["output"])
+        assert max_rel <= MAX_REL + FACTOR * r and rms_rel <= RMS_REL + FACTOR * r, (name, max_rel, rms_rel, r)
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
