@@ -207,6 +207,7 @@ def flat(model):
 
 
 @pytest.mark.sharding
+@pytest.mark.slow
 @pytest.mark.parametrize("component", checkpoints.QUANTISABLE)
 def test_int8_checkpoint_round_trip_on_1_and_8_devices(converted, component):
     """`convert --quantize int8` writes int8 kernels + float32 scales (manifest records the scheme);
