@@ -44,6 +44,7 @@ from stepvideo_jax.convert.registry import (COMPONENTS, CONVERTED_MARKER, QUANTI
                                             component_weights, config_from_record, converter)
 from stepvideo_jax.dtypes import dtype_of
 from stepvideo_jax.models import lora, quant, stack
+from stepvideo_jax.models import offload as offload_mod
 from stepvideo_jax.models.dit import DiTConfig, StepVideoDiT
 from stepvideo_jax.text.conditioning import TextConditioner
 from stepvideo_jax.text.sentencepiece_tokenizer import StepLLMTokenizer
@@ -148,14 +149,17 @@ def component_config(root, component: str):
 
 
 def load_converted(root: str | os.PathLike, component: str, *, dtype=None, param_dtype=None, mesh=None,
-                   shardings=None, weights: str | None = None, **build_kwargs) -> nnx.Module:
+                   shardings=None, weights: str | None = None, offload: bool = False,
+                   **build_kwargs) -> nnx.Module:
     """The model of `<root>/<component>` (a converter output) restored into its shardings.
 
     Parameters take `param_dtype` (default: the stored dtype), computation `dtype` (default:
     `param_dtype`); `mesh` / `shardings` as in `orbax_io.restore`; `build_kwargs` go to the
     component's `build` (e.g. `attention_backend`). `weights`: the block linears' scheme
     (`models.quant`; default: the stored one); a float checkpoint is quantised on load, a
-    quantised one restores only with its own scheme.
+    quantised one restores only with its own scheme. `offload`: the stacked layers restore into host
+    memory (`models.offload`; the DiT and the Step-LLM only); quantised on load, they are quantised
+    on the device and then moved (for one small chip, convert with `--quantize` first).
     """
     if weights is not None:
         quant.check_scheme(weights)
@@ -169,22 +173,38 @@ def load_converted(root: str | os.PathLike, component: str, *, dtype=None, param
     model = abstract_model(converter(component), config_from_record(manifest["config"], component), param_dtype,
                            dtype, **build_kwargs)
     quant.quantize(model, weights)
-    return orbax_io.restore(folder, model, shardings=shardings, mesh=mesh)
+    if offload and weights != stored:   # quantised on load where the float layers lie (the device), then moved
+        return offload_mod.offload(orbax_io.restore(folder, model, shardings=shardings, mesh=mesh))
+    if offload:
+        shardings = offload_mod.placement(model, mesh)
+    model = orbax_io.restore(folder, model, shardings=shardings, mesh=mesh)
+    return offload_mod.mark(model) if offload else model
 
 
 def load_component(root, component: str, *, dtype=jnp.float32, param_dtype=None, mesh=None,
-                   weights: str | None = None) -> nnx.Module:
+                   weights: str | None = None, offload: bool = False) -> nnx.Module:
     """`<root>/<component>` with parameters in `param_dtype` (default `dtype`) and computation in
     `dtype`, in `mesh`'s rule shardings when given: restored from Orbax (converted), or converted
     from the release's tensors, in host memory (no mesh) or one tensor at a time straight into the
     shardings (`convert.release_restore`). `weights`: the block linears' scheme (`models.quant`;
     None: a converted checkpoint's stored scheme, float for a release), quantised on load one
-    tensor at a time (a release always goes through `convert.release_restore` then)."""
+    tensor at a time (a release always goes through `convert.release_restore` then).
+    `offload`: the stacked layers in host memory (`models.offload`; DiT and Step-LLM), restored
+    there directly (quantised on load: quantised on the device one tensor at a time, then moved)."""
     root = pathlib.Path(root)
     param_dtype = dtype if param_dtype is None else param_dtype
     if is_converted(root):
-        return load_converted(root, component, dtype=dtype, param_dtype=param_dtype, mesh=mesh, weights=weights)
+        return load_converted(root, component, dtype=dtype, param_dtype=param_dtype, mesh=mesh, weights=weights,
+                              offload=offload)
     weights = component_weights(component, "bf16" if weights is None else weights)
+    if offload and weights == "bf16":
+        abstract = abstract_model(converter(component), converter(component).read_config(root / component),
+                                  param_dtype, dtype)
+        return offload_mod.mark(load_release_component(root / component, component, param_dtype=param_dtype,
+                                                       dtype=dtype, shardings=offload_mod.placement(abstract, mesh)))
+    if offload:
+        return offload_mod.offload(load_release_component(root / component, component, param_dtype=param_dtype,
+                                                          dtype=dtype, mesh=mesh, weights=weights))
     if mesh is not None or weights != "bf16":
         return load_release_component(root / component, component, param_dtype=param_dtype, dtype=dtype, mesh=mesh,
                                       weights=weights)
@@ -193,13 +213,13 @@ def load_component(root, component: str, *, dtype=jnp.float32, param_dtype=None,
 
 def text_encoder(root, *, llm_dtype=jnp.bfloat16, clip_dtype=jnp.float32, mesh=None,
                  llm_tokenizer: Optional[StepLLMTokenizer] = None, weights: str | None = None,
-                 **kwargs) -> TextConditioner:
+                 offload: bool = False, **kwargs) -> TextConditioner:
     """Step-LLM + Hunyuan-CLIP of a release or converted checkpoint with the tokenizer files found
     there (dtypes default to the official deployment's; `weights`: the Step-LLM's scheme, see
     `load_component`); `kwargs` go to `TextConditioner`."""
     root = pathlib.Path(root)
     return TextConditioner(
-        step_llm=load_component(root, "step_llm", dtype=llm_dtype, mesh=mesh, weights=weights),
+        step_llm=load_component(root, "step_llm", dtype=llm_dtype, mesh=mesh, weights=weights, offload=offload),
         llm_tokenizer=llm_tokenizer or StepLLMTokenizer(root / LLM_TOKENIZER),
         clip=load_component(root, "hunyuan_clip", dtype=clip_dtype, mesh=mesh),
         clip_tokenizer=WordPieceTokenizer.from_dir(root / CLIP_TOKENIZER), **kwargs)
@@ -279,12 +299,18 @@ class CheckpointLoader(Loader):
     Step-LLM's block-linear scheme (`models.quant.SCHEMES`; None: as stored), checked with the
     stored schemes here, before any weight loads. `dit_from`: another DiT source (any of
     `SOURCE_KINDS`, e.g. a distilled student shipped as a converted checkpoint of its transformer
-    alone) replaces the checkpoint's own DiT (loaded as stored: `weights` applies to the checkpoint's)."""
+    alone) replaces the checkpoint's own DiT (loaded as stored: `weights` applies to the checkpoint's).
+    `offload`: "blocks" puts the DiT's and Step-LLM's stacked layers in host memory
+    (`models.offload`), checked against the mesh here."""
 
     def __init__(self, path, *, mesh=None, dit_dtype=jnp.bfloat16, vae_dtype=jnp.bfloat16,
                  llm_dtype=jnp.bfloat16, clip_dtype=jnp.float32, attention_backend: str | None = None,
-                 bf16_mask_sum: bool = False, weights: str | None = None, dit_from: str = ""):
+                 bf16_mask_sum: bool = False, weights: str | None = None, dit_from: str = "",
+                 offload: str = "none"):
         self.weights = None if weights is None else component_weights("transformer", weights)
+        self.offload = offload_mod.check_offload(offload)
+        if self.offload:
+            offload_mod.check_mesh(mesh)
         self.path = check_checkpoint_dir(path)
         self.mesh, self.attention_backend, self.bf16_mask_sum = mesh, attention_backend, bf16_mask_sum
         self.dit_from = dit_source(dit_from) if dit_from else None
@@ -310,14 +336,15 @@ class CheckpointLoader(Loader):
     def text_encoder(self) -> TextConditioner:
         return text_encoder(self.path, llm_dtype=self.dtypes["step_llm"], clip_dtype=self.dtypes["hunyuan_clip"],
                             mesh=self.mesh, llm_tokenizer=self.llm_tokenizer(), weights=self.weights,
-                            attention_backend=self.attention_backend, bf16_mask_sum=self.bf16_mask_sum)
+                            offload=self.offload, attention_backend=self.attention_backend, bf16_mask_sum=self.bf16_mask_sum)
 
     def dit(self) -> nnx.Module:
         if self.dit_from is not None:
             dtype = self.dtypes["transformer"]
-            return load_dit(self.dit_from, dtype=dtype, param_dtype=dtype, mesh=self.mesh)
+            dit = load_dit(self.dit_from, dtype=dtype, param_dtype=dtype, mesh=self.mesh)
+            return offload_mod.offload(dit) if self.offload else dit
         return load_component(self.path, "transformer", dtype=self.dtypes["transformer"], mesh=self.mesh,
-                              weights=self.weights)
+                              weights=self.weights, offload=self.offload)
 
     def vae(self) -> nnx.Module:
         return load_component(self.path, "vae", dtype=self.dtypes["vae"], mesh=self.mesh)

@@ -33,6 +33,8 @@ def base() -> ml_collections.ConfigDict:
     c.dtypes = ml_collections.ConfigDict(dict(dit="bfloat16", vae="bfloat16", step_llm="bfloat16",
                                               clip="float32"))   # the official deployment's
     c.weights = "bf16"             # DiT + Step-LLM block linears: bf16 | int8 | fp8 (docs/quantization.md)
+    c.offload = "none"             # "blocks": DiT + Step-LLM layers in host memory, one layer ahead (docs/offload.md)
+    c.cfg_sequential = False       # CFG cond and uncond rows one after the other (half the activations)
     c.mesh = ""                    # "": one device; else e.g. "fsdp=-1", "sequence=2,tensor=4"
     c.attention_backend = ""       # "": the platform default (see models/attention.py)
     c.bf16_mask_sum = False        # reproduce the official bf16 text-mask rounding

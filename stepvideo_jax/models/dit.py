@@ -215,6 +215,7 @@ class StepVideoDiT(nnx.Module):
         self.blocks = stack.build(
             lambda r: Block(cfg, dtype=dtype, param_dtype=param_dtype, rngs=r), cfg.num_layers, rngs)
         self.unroll_layers = False  # True: the pre-scan program (N block copies), for comparisons
+        self.offload_layers = False  # True: `blocks` lives in host memory (models/offload.py)
         self.norm_out = LayerNorm(d, eps=cfg.norm_eps, affine=False)
         self.scale_shift_table = layers.param(
             rngs, lambda k, s, dt: jax.random.normal(k, s, dt) / math.sqrt(d), (2, d), (None, "embed"),
@@ -323,7 +324,7 @@ class StepVideoDiT(nnx.Module):
             self.blocks, lambda block, h: block(h, modulation, tokens, key_mask, positions, backend=backend,
                                                 capture=capture),
             hidden, carry_axes=ACT, remat_policy=remat_policy, remat=remat_policy is not None, capture=capture,
-            unroll=self.unroll_layers)
+            unroll=self.unroll_layers, offload=self.offload_layers)
         out = self.final_layer(hidden, emb)
         _sow(self, capture, proj_out_out=out)
         return self.unpatchify(out, f, h, w)

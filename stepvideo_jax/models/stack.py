@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from stepvideo_jax.parallel.rules import constrain
+from stepvideo_jax.parallel.rules import constrain, logical_to_spec
 
 LAYER_AXIS = "layers"
 
@@ -81,7 +81,7 @@ def layer(module: nnx.Module, i: int) -> nnx.Module:
 
 
 def scan(module: nnx.Module, fn: Callable, carry, *, carry_axes: Optional[Sequence] = None, remat_policy=None,
-         remat: bool = False, capture: bool = False, unroll: int | bool = 1):
+         remat: bool = False, capture: bool = False, unroll: int | bool = 1, offload: bool = False):
     """`carry = fn(block_i, carry)` for i = 0..N-1 over the stacked `module`, as one `lax.scan`.
 
     `carry_axes`: the carry's logical axes, constrained at the top of every iteration. Without it
@@ -90,6 +90,9 @@ def scan(module: nnx.Module, fn: Callable, carry, *, carry_axes: Optional[Sequen
 
     `remat` (or a non-None `remat_policy`, a `jax.checkpoint_policies` entry) rematerialises the
     body. `unroll=True` unrolls the loop into N copies (the pre-scan program, for comparisons).
+
+    `offload`: the stacked variables live in host memory (`pinned_host`, `models/offload.py`); each
+    layer's are copied to the device one iteration ahead (see `_scan_offloaded`).
     """
     graphdef, state = nnx.split(module)
 
@@ -103,7 +106,10 @@ def scan(module: nnx.Module, fn: Callable, carry, *, carry_axes: Optional[Sequen
 
     if remat or remat_policy is not None:
         body = jax.checkpoint(body, policy=remat_policy, prevent_cse=False)
-    carry, inter = jax.lax.scan(body, carry, state, unroll=unroll)
+    if offload:
+        carry, inter = _scan_offloaded(body, carry, state, unroll)
+    else:
+        carry, inter = jax.lax.scan(body, carry, state, unroll=unroll)
     if capture:
         for path, var in nnx.to_flat_state(inter):
             owner = module
@@ -112,6 +118,56 @@ def scan(module: nnx.Module, fn: Callable, carry, *, carry_axes: Optional[Sequen
             for value in var.get_value():
                 owner.sow(nnx.Intermediate, path[-1], value)
     return carry
+
+
+def fetch_layer(state, i):
+    """Layer `i` of a stacked state, copied to device memory (a no-op for variables already there)
+    and constrained, under a mesh, to its rule sharding (the stacked variable's `axes` without the
+    layer axis), so the partitioner keeps the layout the device-resident scan has."""
+    mesh = jax.sharding.get_abstract_mesh()
+
+    def one(v):
+        if not isinstance(v, nnx.Variable):
+            return v
+        x = jax.device_put(jax.lax.dynamic_index_in_dim(v.get_value(), i, 0, keepdims=False),
+                           jax.memory.Space.Device)
+        axes = v.get_metadata().get("axes")
+        if axes is not None and not mesh.empty:
+            x = jax.lax.with_sharding_constraint(x, logical_to_spec(tuple(axes)[1:], mesh, shape=x.shape))
+        return v.replace(x)
+
+    return jax.tree.map(one, state, is_leaf=lambda v: isinstance(v, nnx.Variable))
+
+
+def _scan_offloaded(body, carry, state, unroll):
+    """`lax.scan(body, carry, state)` over a host-resident stacked `state`, prefetching.
+
+    The loop carries the device copy of the current layer's variables; iteration i starts the
+    host-to-device copy of layer i + 1 (layer N - 1 again in the last iteration: one extra layer
+    per call) and runs `body` on layer i, so the copy overlaps the layer's compute.
+
+    The loop is unrolled by 2 (unless `unroll` asks for more): a while loop's carried buffer is
+    reused in place, so in a one-layer body the copy into it must wait until the layer has read
+    it, and XLA serialises them. With two layers per iteration the first copy lands in a second
+    buffer while layer i computes and the second refills the carried buffer while layer i + 1
+    computes: a double buffer, two layers' variables on the device at most (TPU HLO in
+    docs/offload.md: `dynamic-slice-start` / `dynamic-slice-done` around each layer's matmuls).
+    """
+    n = jax.tree.leaves(state)[0].shape[0]
+
+    def fetch(i):
+        return fetch_layer(state, i)
+
+    def prefetching(c_layer, i):
+        c, layer_state = c_layer
+        following = fetch(jnp.minimum(i + 1, n - 1))
+        c, inter = body(c, layer_state)
+        return (c, following), inter
+
+    if unroll is not True:
+        unroll = max(int(unroll), 2)
+    (carry, _), inter = jax.lax.scan(prefetching, (carry, fetch(0)), jnp.arange(n), unroll=unroll)
+    return carry, inter
 
 
 def is_stacked(axes: Optional[Sequence]) -> bool:
@@ -189,9 +245,11 @@ def _layer_writer(sharding):
 
 
 def _layer_sharding(sharding):
-    """The sharding of one layer of a stacked array sharded by `sharding` (the layer axis dropped)."""
+    """The sharding of one layer of a stacked array sharded by `sharding` (the layer axis dropped;
+    same memory kind: an offloaded layer is read straight into host memory)."""
     if isinstance(sharding, jax.sharding.NamedSharding):
-        return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*sharding.spec[1:]))
+        return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*sharding.spec[1:]),
+                                          memory_kind=sharding.memory_kind)
     return sharding
 
 

@@ -162,6 +162,7 @@ class StepLLM(nnx.Module):
         self.layers = stack.build(
             lambda r: Block(cfg, dtype=dtype, param_dtype=param_dtype, rngs=r), cfg.num_layers, rngs)
         self.unroll_layers = False  # True: the pre-scan program (N layer copies), for comparisons
+        self.offload_layers = False  # True: `layers` lives in host memory (models/offload.py)
 
     def __call__(self, input_ids, *, backend: Optional[str] = None, capture: bool = False):
         """`capture` sows `embeddings` and the layers' internals and outputs (`layers/out`), each with
@@ -172,7 +173,8 @@ class StepLLM(nnx.Module):
         x = constrain(jnp.take(self.embed[...], input_ids, axis=0).astype(self.dtype), ACT)
         _sow(self, capture, embeddings=x)
         return stack.scan(self.layers, lambda block, h: block(h, backend=backend, capture=capture), x,
-                          carry_axes=ACT, capture=capture, unroll=self.unroll_layers)
+                          carry_axes=ACT, capture=capture, unroll=self.unroll_layers,
+                          offload=self.offload_layers)
 
 
 def _sow(module: nnx.Module, capture: bool, **arrays):

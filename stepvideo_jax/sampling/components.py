@@ -18,6 +18,7 @@ from flax import nnx
 
 from stepvideo_jax.checkpoints import Loader, Models, check_fit
 from stepvideo_jax.convert.config_records import config_from_values
+from stepvideo_jax.models import offload as offload_mod
 from stepvideo_jax.models import quant
 from stepvideo_jax.models.dit import DiTConfig, StepVideoDiT
 from stepvideo_jax.models.hunyuan_clip import HunyuanClip, HunyuanClipConfig
@@ -58,14 +59,18 @@ class TinyRandomLoader(Loader):
     config fields), with the released tokenizers and their vocabulary sizes. The DiT's caption and
     latent channels follow from the other three unless `dims` sets them. Each component draws from
     its own key (`seed` folded with its index), so it is the same whichever is built first. With
-    `mesh` the parameters are placed by the logical-axis rules."""
+    `mesh` the parameters are placed by the logical-axis rules; `offload="blocks"` then moves the
+    DiT's and Step-LLM's stacked layers to host memory (`models.offload`)."""
 
     KEYS = {"step_llm": 0, "clip": 1, "dit": 2, "vae": 3}
 
     def __init__(self, dims: Mapping, *, seed: int = 0, mesh=None, dit_dtype=jnp.float32, vae_dtype=jnp.float32,
                  llm_dtype=jnp.float32, clip_dtype=jnp.float32, attention_backend: str | None = None,
-                 bf16_mask_sum: bool = False, weights: str | None = None):
+                 bf16_mask_sum: bool = False, weights: str | None = None, offload: str = "none"):
         self.seed, self.mesh = seed, mesh
+        self.offload = offload_mod.check_offload(offload)
+        if self.offload:
+            offload_mod.check_mesh(mesh)
         self.weights = "bf16" if weights is None else weights
         quant.check_scheme(self.weights)
         self.dit_dtype, self.vae_dtype, self.llm_dtype, self.clip_dtype = dit_dtype, vae_dtype, llm_dtype, clip_dtype
@@ -89,7 +94,7 @@ class TinyRandomLoader(Loader):
     def text_encoder(self):
         place = _placer(self.mesh)
         llm = quant.quantize(StepLLM(self.llm_cfg, **self._kw("step_llm", self.llm_dtype)), self.weights)
-        return TextConditioner(step_llm=place(llm),
+        return TextConditioner(step_llm=self._offload(place(llm)),
                                llm_tokenizer=self._llm_tokenizer,
                                clip=place(HunyuanClip(self.clip_cfg, attention_backend=self.attention_backend,
                                                       **self._kw("clip", self.clip_dtype))),
@@ -101,7 +106,10 @@ class TinyRandomLoader(Loader):
 
     def dit(self) -> nnx.Module:
         dit = StepVideoDiT(self.dit_cfg, **self._kw("dit", self.dit_dtype))
-        return _placer(self.mesh)(quant.quantize(dit, self.weights))
+        return self._offload(_placer(self.mesh)(quant.quantize(dit, self.weights)))
+
+    def _offload(self, model: nnx.Module) -> nnx.Module:
+        return offload_mod.offload(model) if self.offload else model
 
     def vae(self) -> nnx.Module:
         return _placer(self.mesh)(VideoVAE(self.vae_cfg, attention_backend=self.attention_backend,

@@ -170,18 +170,30 @@ def check_cond_rows(cond, latent_rows: int, *, cfg: bool) -> None:
 
 
 def denoise_step(velocity_fn: VelocityFn, params, latents, cond, t, sigma, sigma_next, guidance,
-                 *, cfg: bool, model_dtype) -> jax.Array:
+                 *, cfg: bool, model_dtype, cfg_sequential: bool = False) -> jax.Array:
     """One sampler step: velocity at t (CFG batch [cond, uncond] when `cfg`), guidance, Euler.
 
     latents (b, f, c, h, w) float32; cond leaves have 2b rows with `cfg`, else b (ValueError
     otherwise); t, sigma, sigma_next, guidance are scalars. Returns float32 latents.
+
+    `cfg_sequential` (with `cfg`): the cond rows, then the uncond rows, each a batch of b through
+    the model, as the two iterations of one `lax.map` (one compiled model, run twice), instead of
+    one batch of 2b: the activation temporaries are those of b rows, half the batched step's, for
+    two passes over the weights. The same arithmetic on fewer rows: equal to float32 rounding, not
+    bitwise (XLA's CPU matmuls round 1 row and 2 rows differently; `tests/test_offload.py`).
     """
     check_cond_rows(cond, latents.shape[0], cfg=cfg)
     x = latents.astype(model_dtype)
-    if cfg:
-        x = jnp.concatenate([x, x], axis=0)
-    t_b = jnp.full((x.shape[0],), t, jnp.float32).astype(model_dtype)
-    pred = velocity_fn(params, x, t_b, cond)
+    if cfg and cfg_sequential:
+        t_b = jnp.full((x.shape[0],), t, jnp.float32).astype(model_dtype)
+        halves = jax.tree.map(lambda a: a.reshape(2, a.shape[0] // 2, *a.shape[1:]), cond)
+        pred = jax.lax.map(lambda c: velocity_fn(params, x, t_b, c), halves)
+        pred = pred.reshape(2 * pred.shape[1], *pred.shape[2:])
+    else:
+        if cfg:
+            x = jnp.concatenate([x, x], axis=0)
+        t_b = jnp.full((x.shape[0],), t, jnp.float32).astype(model_dtype)
+        pred = velocity_fn(params, x, t_b, cond)
     if cfg:
         pred = classifier_free_guidance(pred, guidance)
     return euler_step(latents, pred, sigma, sigma_next)
@@ -192,17 +204,19 @@ class FlowMatchSampler:
 
     The step is traced once per (latent shape, cond shapes, cfg on/off, dtype); t, sigmas and the
     guidance scale are runtime values, so new prompts, seeds, step counts, shifts or scales of the
-    same shape never recompile. Build one sampler per pipeline and reuse it.
+    same shape never recompile. Build one sampler per pipeline and reuse it. `cfg_sequential`: see
+    `denoise_step`.
     """
 
-    def __init__(self, velocity_fn: VelocityFn, *, model_dtype=jnp.float32):
+    def __init__(self, velocity_fn: VelocityFn, *, model_dtype=jnp.float32, cfg_sequential: bool = False):
         self.velocity_fn = velocity_fn
         self.model_dtype = jnp.dtype(model_dtype)
+        self.cfg_sequential = bool(cfg_sequential)
         self._step = jax.jit(self._step_impl, static_argnames=("cfg",), donate_argnums=(1,))
 
     def _step_impl(self, params, latents, cond, t, sigma, sigma_next, guidance, *, cfg):
         return denoise_step(self.velocity_fn, params, latents, cond, t, sigma, sigma_next, guidance,
-                            cfg=cfg, model_dtype=self.model_dtype)
+                            cfg=cfg, model_dtype=self.model_dtype, cfg_sequential=self.cfg_sequential)
 
     def sample(self, params, noise: jax.Array, cond, settings: SamplerSettings, *,
                progress: bool = False,

@@ -25,7 +25,7 @@ from etils import epath
 
 from stepvideo_jax import checkpoints, config_files, hub, logs, paths
 from stepvideo_jax.dtypes import dtype_of
-from stepvideo_jax.models import quant
+from stepvideo_jax.models import offload, quant
 from stepvideo_jax.parallel.mesh import MeshConfig, make_mesh
 from stepvideo_jax.sampling import components, image_condition, video_io
 from stepvideo_jax.sampling.flow_matching import SamplerSettings
@@ -52,6 +52,8 @@ class Job:
     images: list[np.ndarray] | None = None   # TI2V: one uint8 (H0, W0, 3) first frame per prompt
     motion_score: float | None = None        # TI2V
     weights: str = "bf16"                    # block-linear scheme (models/quant.py)
+    offload: str = "none"                    # "blocks": DiT/Step-LLM layers in host memory (models/offload.py)
+    cfg_sequential: bool = False             # CFG rows one after the other (flow_matching.denoise_step)
 
 
 def resolve(config: ml_collections.ConfigDict, *, prompts=None, outputs=None, images=None) -> Job:
@@ -77,6 +79,8 @@ def resolve(config: ml_collections.ConfigDict, *, prompts=None, outputs=None, im
         mesh = MeshConfig.from_string(config.mesh)
         mesh.resolve(jax.device_count())
         mesh = make_mesh(mesh)
+    if offload.check_offload(config.offload):
+        offload.check_mesh(mesh)
     checkpoint_dir = None
     if config.checkpoint_dir:
         checkpoint_dir = checkpoints.check_checkpoint_dir(hub.resolve(config.checkpoint_dir))
@@ -97,7 +101,8 @@ def resolve(config: ml_collections.ConfigDict, *, prompts=None, outputs=None, im
         loaded, motion_score = resolve_images(config, images, len(prompts), size)
     return Job(prompts=prompts, seeds=seeds, size=size, settings=settings, outputs=outputs,
                checkpoint_dir=checkpoint_dir, dtypes=dtypes, models=build_loader(config, checkpoint_dir, dtypes, mesh),
-               images=loaded, motion_score=motion_score, weights=config.weights)
+               images=loaded, motion_score=motion_score, weights=config.weights,
+               offload=config.offload, cfg_sequential=config.cfg_sequential)
 
 
 def resolve_images(config: ml_collections.ConfigDict, images, n: int, size: VideoSize):
@@ -124,7 +129,7 @@ def build_loader(config: ml_collections.ConfigDict, checkpoint_dir: pathlib.Path
     their configs are read and checked now, each model is built when asked for."""
     kw = dict(mesh=mesh, dit_dtype=dtypes["dit"], vae_dtype=dtypes["vae"], llm_dtype=dtypes["step_llm"],
               clip_dtype=dtypes["clip"], attention_backend=config.attention_backend or None,
-              bf16_mask_sum=config.bf16_mask_sum, weights=config.weights)
+              bf16_mask_sum=config.bf16_mask_sum, weights=config.weights, offload=config.offload)
     if checkpoint_dir is not None:
         return checkpoints.loader(checkpoint_dir, dit_from=config.dit_from, **kw)
     return components.TinyRandomLoader(config.tiny.to_dict(), seed=config.tiny.seed, **kw)
@@ -143,7 +148,8 @@ def build_pipeline(config: ml_collections.ConfigDict, job: Job, *, text_encoder:
     return TextToVideo(encode_text=loader.text_encoder() if text_encoder else None, dit=dit,
                        decode=components.vae_decoder(vae), dtype=job.dtypes["dit"],
                        attention_backend=config.attention_backend or None, mesh=loader.mesh,
-                       encode_image=components.vae_image_encoder(vae) if ti2v else None)
+                       encode_image=components.vae_image_encoder(vae) if ti2v else None,
+                       cfg_sequential=job.cfg_sequential)
 
 
 def report_long_prompts(config: ml_collections.ConfigDict, loader: checkpoints.Loader, prompts: list[str],
@@ -246,7 +252,8 @@ def describe(config: ml_collections.ConfigDict, job: Job, *, full: bool = False)
         *([f"  first frame: {config.image or 'one image per prompt'}, motion score {job.motion_score:g}"]
           if job.images is not None else []),
         f"  sampler: {s.num_steps} steps, guidance {s.guidance_scale:g}, time shift {s.shift:g}",
-        f"  dtypes: {dtypes}; block linears: {job.weights}; mesh: {config.mesh or 'one device'}",
+        f"  dtypes: {dtypes}; block linears: {job.weights}, offload {job.offload}"
+        f"{', CFG rows sequential' if job.cfg_sequential else ''}; mesh: {config.mesh or 'one device'}",
     ])
 
 

@@ -256,12 +256,14 @@ class TextToVideo:
     `encode` or `encode_prompts` run while the text encoders were loaded): then no text encoder
     needs to be held while denoising. `dtype` is the DiT compute dtype the latents and t are cast
     to. With `mesh` (the models' parameters already placed on it) every phase runs under that mesh,
-    so the models' logical-axis activation constraints apply.
+    so the models' logical-axis activation constraints apply. `cfg_sequential`: the CFG rows one
+    after the other within a step (`flow_matching.denoise_step`).
     """
 
     def __init__(self, *, encode_text: TextEncoder | None, dit: nnx.Module, decode: VideoDecoder,
                  dtype=jnp.float32, attention_backend: str | None = None,
-                 mesh: jax.sharding.Mesh | None = None, encode_image: ImageEncoder | None = None):
+                 mesh: jax.sharding.Mesh | None = None, encode_image: ImageEncoder | None = None,
+                 cfg_sequential: bool = False):
         self.mesh = mesh
         self.dit_graphdef, self.dit_state = nnx.split(dit)
         self.latent_channels = dit.cfg.in_channels
@@ -272,7 +274,7 @@ class TextToVideo:
         self.encode_text = encode_text
         self.decode = decode
         self.sampler = FlowMatchSampler(dit_velocity_fn(self.dit_graphdef, backend=attention_backend),
-                                        model_dtype=dtype)
+                                        model_dtype=dtype, cfg_sequential=cfg_sequential)
 
     def conditioning(self, prompts: Sequence[str], *, pos_magic: str, neg_magic: str, cfg: bool):
         return self._text_encoder()(caption_prompts(prompts, pos_magic=pos_magic, neg_magic=neg_magic, cfg=cfg))
