@@ -45,8 +45,8 @@ from stepvideo_jax.sampling.pipeline import (VideoSize, caption_prompts, check_p
 from stepvideo_jax.data.reflow import FORMAT, MAX_SEED, NOISE, PAIR_KEYS, TEACHER, ReflowDataset, check_pair, pair_name
 
 # generation config fields that shape the teacher's latents (teacher.json)
-TEACHER_FIELDS = ("checkpoint_dir", "dit_from", "num_frames", "height", "width", "num_steps", "guidance_scale", "time_shift",
-                  "cfg_schedule", "pos_magic", "neg_magic", "dtypes", "weights", "bf16_mask_sum", "tiny")
+TEACHER_FIELDS = ("checkpoint_dir", "dit_from", "num_frames", "height", "width", "num_steps", "guidance_scale",
+                  "time_shift", "cfg_schedule", "pos_magic", "neg_magic", "dtypes", "weights", "bf16_mask_sum", "tiny")
 STORAGE_DTYPES = {"float32": np.float32, "float16": np.float16}   # of the stored text conditioning
 
 

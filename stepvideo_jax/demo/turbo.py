@@ -7,10 +7,10 @@ trajectory straightness.
 Every row of the table generates the held-out scenes (`synthetic_motion.HELD_OUT`) x EN/ZH captions
 x `--seeds` with one DiT (the teacher: the shipped demo; the student: any DiT source of
 `checkpoints.load_dit`) and one sampler setting, and scores each video with the held-out checker
-(`eval/motion_checker.py`): colour and motion right, and motion right. Per row and seed: both
-accuracies (48 videos per seed, one video = 2.1 points), and the PSNR of its videos against the
-first row's (the teacher's 20 steps) of the same prompts and seeds: agreement with the teacher,
-which the checker's coarse reading (colour and direction of one blob) does not see. Besides:
+(`eval/motion_checker.py`): colour and motion right, motion right, and colour, shape and motion
+right. Per row and seed: the three accuracies (48 videos per seed, one video = 2.1 points), and the
+PSNR of its videos against the first row's (the teacher's 20 steps) of the same prompts and seeds:
+agreement with the teacher, which the checker's coarse reading does not see. Besides:
 - reflow loss: `train_step.heldout_loss` on the first `--loss_pairs` pairs of `--pairs` with
   fixed t ~ U(0, 1) (the training loop's held-out set, `training.reflow.make_reflow_heldout`);
 - straightness: along a sample (the guided velocities an Euler sampler follows), the mean cosine
@@ -74,16 +74,16 @@ def psnr(videos: Sequence[np.ndarray], reference: Sequence[np.ndarray]) -> float
 
 def score_row(pipe: TextToVideo, settings: SamplerSettings, seeds: Sequence[int], *, batch: int = 48,
               reference: dict | None = None) -> tuple[dict, dict]:
-    """Per seed: {"seed", "accuracy" (colour and motion), "motion_accuracy"} over the held-out scenes
-    x EN/ZH, and with `reference` (seed -> the videos of another row, e.g. the teacher's 20 steps)
-    "psnr_to_reference" (agreement with it). Returns (the row, seed -> its videos)."""
+    """Per seed: {"seed", "accuracy" (colour and motion), "motion_accuracy", "accuracy_with_shape"
+    (colour, shape and motion)} over the held-out scenes x EN/ZH, and with `reference` (seed -> the
+    videos of another row, e.g. the teacher's 20 steps) "psnr_to_reference" (agreement with it). Returns (the row, seed -> its videos)."""
     out, videos = [], {}
     for seed in seeds:
         result = evaluate.evaluate(pipe, sm.HELD_OUT, size=DEMO_SIZE, settings=settings, seeds=(seed,), batch=batch)
         motion = [r["motion"] == sm.parse_caption(r["caption"]).motion for r in result["results"]]
         videos[seed] = result["videos"]
         out.append({"seed": seed, "accuracy": result["accuracy"], "motion_accuracy": float(np.mean(motion)),
-                    "videos": len(result["results"])})
+                    "accuracy_with_shape": result["accuracy_with_shape"], "videos": len(result["results"])})
         if reference is not None:
             out[-1]["psnr_to_reference"] = psnr(result["videos"], reference[seed])
     row = {"per_seed": out, **{k: float(np.mean([r[k] for r in out])) for k in out[0] if k not in ("seed", "videos")}}
@@ -158,6 +158,7 @@ def table(teacher_dir, student, *, seeds: Sequence[int], pairs=None, loss_pairs:
         out["rows"].append(row)
         printer(f"{name} {steps} steps CFG {cfg} ({schedule}) shift {shift}: colour+motion "
                 f"{100 * row['accuracy']:.1f} %, motion {100 * row['motion_accuracy']:.1f} % "
+                f"with shape {100 * row['accuracy_with_shape']:.1f} % "
                 f"PSNR to row 1 {row.get('psnr_to_reference', float('inf')):.2f} dB "
                 f"(per seed {[round(100 * r['accuracy'], 1) for r in row['per_seed']]}) in {row['seconds']:.0f} s")
     return out
