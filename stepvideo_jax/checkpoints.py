@@ -270,6 +270,7 @@ class Loader(abc.ABC):
     """
 
     mesh = None
+    dit_cfg: DiTConfig   # the DiT's config, read when the loader is made (no weights)
 
     @abc.abstractmethod
     def text_encoder(self):
@@ -319,6 +320,7 @@ class CheckpointLoader(Loader):
         cfgs = {c: component_config(self.path, c) for c in COMPONENTS if c != "transformer" or not dit_from}
         if self.dit_from is not None:
             cfgs["transformer"] = dit_config(self.dit_from)
+        self.dit_cfg = cfgs["transformer"]
         check_fit(cfgs["transformer"], cfgs["step_llm"].hidden_size, cfgs["hunyuan_clip"].hidden_size,
                   cfgs["vae"].z_channels)
         if is_converted(self.path) and self.weights is not None:

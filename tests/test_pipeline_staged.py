@@ -155,7 +155,7 @@ def test_eval_encodes_every_prompt_before_denoising_and_resumes(tmp_path, monkey
 
     class Recording(checkpoints.Loader):
         def __init__(self, inner):
-            self.inner, self.mesh = inner, inner.mesh
+            self.inner, self.mesh, self.dit_cfg = inner, inner.mesh, inner.dit_cfg
 
         def text_encoder(self):
             events.append("load text")

@@ -119,3 +119,38 @@ def test_ti2v_eval_resumes_with_manifest(tmp_path):
     Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(items.images[0])   # another image: another job
     with pytest.raises(ValueError, match="images_sha256"):
         eval_set.plan_eval(config, items, out)
+
+
+def _no_weights(monkeypatch):
+    """Any weight load fails the test: the checks below must fire on the configs alone."""
+    from stepvideo_jax import checkpoints
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("weights were loaded before the task mismatch was named")
+    monkeypatch.setattr(checkpoints, "load_component", refuse)
+    monkeypatch.setattr(checkpoints, "load_converted", refuse)
+
+
+def test_t2v_checkpoint_with_ti2v_config_is_named_before_loading(tmp_path, monkeypatch):
+    """The T2V release (fixture `release_layout`) under the TI2V config: one ValueError naming the
+    mismatch and the way out, from `resolve`, before any weight loads."""
+    _no_weights(monkeypatch)
+    t2v = fixture_dir("release_layout") / "stepvideo-t2v"
+    with pytest.raises(ValueError, match=r"is text to video, but this config is image to video.*Step-Video-TI2V "
+                                         r"checkpoint.*without --config.image"):
+        generation.resolve(_config(tmp_path, checkpoint_dir=str(t2v)))
+
+
+def test_ti2v_checkpoint_with_t2v_config_is_named_before_loading(tmp_path, monkeypatch):
+    """The TI2V release (fixture `ti2v`) under a text-to-video config (no ti2v, no image): the
+    reverse mismatch, named the same way; also through `dit_from` (a DiT from elsewhere)."""
+    _no_weights(monkeypatch)
+    release = ti2v_release(tmp_path)
+    with pytest.raises(ValueError, match=r"is Step-Video-TI2V \(image to video\), but this config is text to "
+                                         r"video.*configs/generate/ti2v.py.*--config.image"):
+        generation.resolve(_config(tmp_path / "a", checkpoint_dir=str(release), ti2v=False, image=""))
+    t2v = fixture_dir("release_layout") / "stepvideo-t2v"
+    with pytest.raises(ValueError, match=rf"DiT of {release}.*is Step-Video-TI2V"):
+        generation.resolve(_config(tmp_path / "b", checkpoint_dir=str(t2v), dit_from=str(release),
+                                   ti2v=False, image=""))
+

@@ -99,10 +99,27 @@ def resolve(config: ml_collections.ConfigDict, *, prompts=None, outputs=None, im
     loaded, motion_score = None, None
     if config.ti2v or config.image or images is not None:
         loaded, motion_score = resolve_images(config, images, len(prompts), size)
+    models = build_loader(config, checkpoint_dir, dtypes, mesh)
+    check_task(models.dit_cfg.ti2v, image_config=loaded is not None,
+               where=config.dit_from or config.checkpoint_dir or "the tiny random models")
     return Job(prompts=prompts, seeds=seeds, size=size, settings=settings, outputs=outputs,
-               checkpoint_dir=checkpoint_dir, dtypes=dtypes, models=build_loader(config, checkpoint_dir, dtypes, mesh),
+               checkpoint_dir=checkpoint_dir, dtypes=dtypes, models=models,
                images=loaded, motion_score=motion_score, weights=config.weights,
                offload=config.offload, cfg_sequential=config.cfg_sequential)
+
+
+def check_task(ti2v_dit: bool, *, image_config: bool, where: str) -> None:
+    """The DiT's task (its config, read without weights) must be the config's: a ValueError naming
+    the mismatch and the way out otherwise."""
+    if ti2v_dit and not image_config:
+        raise ValueError(f"the DiT of {where} is Step-Video-TI2V (image to video), but this config is text to "
+                         "video (no ti2v, no image): use configs/generate/ti2v.py "
+                         "with --config.image=FIRST_FRAME, or a text-to-video "
+                         "checkpoint")
+    if image_config and not ti2v_dit:
+        raise ValueError(f"the DiT of {where} is text to video, but this config is image to video (ti2v or an "
+                         "image given): use a Step-Video-TI2V checkpoint (stepfun-ai/stepvideo-ti2v), "
+                         "or a text-to-video config without --config.image")
 
 
 def resolve_images(config: ml_collections.ConfigDict, images, n: int, size: VideoSize):
@@ -141,10 +158,7 @@ def build_pipeline(config: ml_collections.ConfigDict, job: Job, *, text_encoder:
     loader = job.models
     dit, vae = loader.dit(), loader.vae()
     ti2v = bool(dit.cfg.ti2v)
-    if ti2v != (job.images is not None):
-        raise ValueError("the checkpoint's DiT is Step-Video-TI2V (image to video): use configs/generate/ti2v.py "
-                         "with --config.image" if ti2v else "the checkpoint's DiT is text-to-video, but this config "
-                         "gives a first-frame image: use a Step-Video-TI2V checkpoint or a text-to-video config")
+    check_task(ti2v, image_config=job.images is not None, where=str(job.checkpoint_dir or "the tiny random models"))
     return TextToVideo(encode_text=loader.text_encoder() if text_encoder else None, dit=dit,
                        decode=components.vae_decoder(vae), dtype=job.dtypes["dit"],
                        attention_backend=config.attention_backend or None, mesh=loader.mesh,
