@@ -154,3 +154,17 @@ def test_ti2v_checkpoint_with_t2v_config_is_named_before_loading(tmp_path, monke
         generation.resolve(_config(tmp_path / "b", checkpoint_dir=str(t2v), dit_from=str(release),
                                    ti2v=False, image=""))
 
+
+
+@pytest.mark.filterwarnings("ignore:os.fork\\(\\) was called:RuntimeWarning")
+def test_cli_names_the_mismatch_without_a_traceback(tmp_path):
+    """The command line: the shipped T2V demo with the TI2V switch, an image and a motion score
+    (`--config.motion_score` overrides on any config) exits with the one-line mismatch error."""
+    from tests.test_generate_cli import _cli
+
+    Image.fromarray(np.full((8, 8, 3), 90, np.uint8)).save(tmp_path / "first.png")
+    proc = _cli("stepvideo_jax.generate", "--config.ti2v=True", f"--config.image={tmp_path / 'first.png'}",
+                "--config.motion_score=5", f"--config.output={tmp_path / 'out.mp4'}", timeout=300)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "is text to video, but this config is image to video" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -28,7 +28,7 @@ def base() -> ml_collections.ConfigDict:
     c.dit_from = ""                # another DiT (e.g. a distilled student) instead of checkpoint_dir's
     c.ti2v = False                 # image to video: a first frame per prompt (configs/generate/ti2v.py)
     c.image = ""                   # TI2V: the first frame (PNG, JPEG, ...; other modes converted to RGB)
-    c.motion_score = None          # TI2V: more motion when higher; finite (configs/generate/ti2v.py: 5)
+    c.motion_score = ml_collections.config_dict.placeholder(float)   # TI2V: finite, more motion when higher (ti2v.py: 5)
     c.tiny = None                  # instead of checkpoint_dir: tiny random models (configs/generate/tiny.py)
     c.dtypes = ml_collections.ConfigDict(dict(dit="bfloat16", vae="bfloat16", step_llm="bfloat16",
                                               clip="float32"))   # the official deployment's

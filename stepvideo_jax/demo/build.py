@@ -3,7 +3,9 @@ r"""Train the demo model end to end on CPU: `python -m stepvideo_jax.demo.build`
     python -m stepvideo_jax.demo.build --config configs/demo/train.py --workdir /tmp/stepvideo_demo \
         [--export_to stepvideo_jax/assets/demo]
 
-Stages (see `configs/demo/train.py`): VAE -> latents -> DiT -> export -> evaluation. A stage whose
+Stages (see `configs/demo/train.py`): VAE -> latents -> DiT -> export -> evaluation. A config with a
+`ti2v` field (`configs/demo/ti2v.py`) runs `build_ti2v` instead: the shipped demo DiT fine-tuned
+with the first-frame condition. A stage whose
 output exists in the workdir is skipped, so a rerun resumes after the last finished stage (the DiT
 stage also resumes from its own checkpoints). Prints the time of every stage; writes
 `<workdir>/demo/` (the four components, bf16, converted-checkpoint format), `<workdir>/curves.json`
@@ -23,6 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import app, flags
+from PIL import Image
 from flax import nnx
 from ml_collections import config_flags
 
@@ -270,6 +273,151 @@ def build(config, workdir, *, export_to: str = "", printer=print) -> dict:
     return {"workdir": str(workdir), **summary}
 
 
+# ---------------------------------------------------------------------------------------------
+# the TI2V demo: the shipped T2V demo DiT fine-tuned with the first-frame condition
+
+
+def ti2v_from_t2v(dit: StepVideoDiT, *, seed: int = 0) -> StepVideoDiT:
+    """A TI2V DiT (`DiTConfig.ti2v`) that computes exactly what the T2V `dit` computes: every shared
+    parameter copied; the patch embedding's rows for the condition channels (the second half of
+    the 2c input features, ordered (c, p, q)) zero, so the condition is ignored at first; the
+    motion-score MLP's output layer zero, so the score adds nothing at first (its first layer keeps
+    its random init, else no gradient would ever reach it). Float32."""
+    if dit.cfg.ti2v:
+        raise ValueError("ti2v_from_t2v takes a text-to-video DiT; this one is already TI2V")
+    model = StepVideoDiT(dataclasses.replace(dit.cfg, ti2v=True), rngs=nnx.Rngs(seed))
+    src = dict(nnx.to_flat_state(nnx.state(dit, nnx.Param)))
+    dst = nnx.state(model, nnx.Param)
+    flat = []
+    for path, var in nnx.to_flat_state(dst):
+        value = jnp.asarray(var[...], jnp.float32)
+        if path[:2] == ("patch_embed", "kernel"):
+            t2v = jnp.asarray(src[path][...], jnp.float32)
+            value = jnp.concatenate([t2v, jnp.zeros_like(t2v)], axis=0)
+        elif path[0] == "motion_linear_2":
+            value = jnp.zeros_like(value)
+        elif path in src:
+            value = jnp.asarray(src[path][...], jnp.float32)
+        flat.append((path, var.replace(value)))
+    nnx.update(model, nnx.from_flat_state(flat))
+    return model
+
+
+FIRST_FRAME = "first_frame.png"   # written beside the TI2V demo's DiT: an image to try it with
+
+
+def default_first_frame(config) -> np.ndarray:
+    """Frame 0 (uint8 h w 3) of a render of the scene of `config.ti2v.image_caption` with
+    `config.ti2v.image_seed` (a held-out scene): the build writes it beside the TI2V DiT."""
+    v, t = config.video, config.ti2v
+    return first_frames([sm.parse_caption(t.image_caption)], [t.image_seed], frames=v.frames, height=v.height,
+                        width=v.width)[0]
+
+
+def first_frames(scenes, seeds, *, frames: int, height: int, width: int) -> list[np.ndarray]:
+    """The held-out TI2V inputs: frame 0 (uint8 h w 3) of a render of each scene with its seed."""
+    return [sm.render(s, frames=frames, height=height, width=width, seed=seed)[0] for s, seed in zip(scenes, seeds)]
+
+
+def evaluate_ti2v(config, checkpoint_dir, *, dit=None, printer=print) -> dict:
+    """Checker accuracy of the TI2V demo DiT (`dit`, default `<checkpoint_dir>/transformer`) and of
+    a randomly initialised TI2V DiT, with the T2V demo's VAE and text encoders
+    (`config.ti2v.base`), on the held-out scenes: every (scene, language, seed) gets frame 0 of a
+    render of that scene drawn with that seed as its first-frame image, and the caption."""
+    e, t, v = config.eval, config.ti2v, config.video
+    models = demo_models(t.base)
+    dit = dit if dit is not None else checkpoints.load_component(checkpoint_dir, "transformer", dtype=jnp.float32)
+    size, settings = sampling_settings(config)
+    random_dit = StepVideoDiT(dit.cfg, rngs=nnx.Rngs(e.random_dit_seed))
+    out = {"chance": evaluate.motion_checker.CHANCE, "chance_with_shape": evaluate.motion_checker.CHANCE_ALL,
+           "seeds": list(e.seeds), "languages": list(e.languages), "motion_score": float(t.motion_score)}
+    for name, model in (("demo_ti2v", dit), ("random_dit", random_dit)):
+        pipe = TextToVideo(encode_text=models.text, dit=model, decode=components.vae_decoder(models.vae, stream_frames=32),
+                           encode_image=components.vae_image_encoder(models.vae))
+        result = evaluate.evaluate(pipe, sm.HELD_OUT, size=size, settings=settings, seeds=tuple(e.seeds),
+                                   languages=tuple(e.languages), batch=e.batch, motion_score=float(t.motion_score),
+                                   first_frame=lambda scene, seed: first_frames([scene], [seed], frames=v.frames,
+                                                                               height=v.height, width=v.width)[0])
+        result.pop("videos")
+        result["by_seed"] = {str(s): evaluate.summarise([r for r in result["results"] if r["seed"] == s])
+                             for s in e.seeds}
+        out[f"{name}/held_out"] = result
+        per_seed = ", ".join(f"{s}: {r['accuracy']:.3f}/{r['accuracy_with_shape']:.3f}"
+                             for s, r in result["by_seed"].items())
+        printer(f"{name} on held-out scenes: colour+motion {result['accuracy']:.3f}, with shape "
+                f"{result['accuracy_with_shape']:.3f} ({len(result['results'])} videos; by seed {per_seed})")
+    return out
+
+
+def build_ti2v(config, workdir, *, export_to: str = "", printer=print) -> dict:
+    """The TI2V demo (`configs/demo/ti2v.py`): latents of the training scenes with the base demo's
+    VAE and text encoders -> `ti2v_from_t2v(base DiT)` -> flow matching with the first-frame
+    condition (`config.dit_train`, `step.motion_score`) -> `<workdir>/demo_ti2v/transformer` (bf16)
+    -> held-out evaluation. Stages resume like `build`'s."""
+    workdir = pathlib.Path(workdir or config.workdir).absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
+    times_path = workdir / "stage_seconds.json"
+    times = json.loads(times_path.read_text()) if times_path.exists() else {}
+    curves_path = workdir / "curves.json"
+    curves = json.loads(curves_path.read_text()) if curves_path.exists() else {}
+
+    def record(name, timer):
+        times[name] = timer.seconds
+        times_path.write_text(json.dumps(times, indent=1))
+
+    base = demo_models(config.ti2v.base)
+    latents_dir = workdir / "latents"
+    if not (latents_dir / "meta.json").exists():
+        shutil.rmtree(latents_dir, ignore_errors=True)
+        with _stage("latents", printer) as timer:
+            write_training_latents(config, latents_dir, base.vae,
+                                   checkpoints.load_component(config.ti2v.base, "step_llm"),
+                                   checkpoints.load_component(config.ti2v.base, "hunyuan_clip"))
+        record("latents", timer)
+
+    init_dir = workdir / "ti2v_init"
+    if not checkpoints.is_converted(init_dir):
+        export.write_checkpoint(init_dir, {"transformer": ti2v_from_t2v(base.dit, seed=config.seed)}, dtype="float32")
+    dit_config = dit_train_config(config, workdir)
+    with dit_config.unlocked():
+        dit_config.model.init_from = str(init_dir)
+        dit_config.step.motion_score = float(config.ti2v.motion_score)
+    if "dit" not in curves:
+        with _stage("dit", printer) as timer:
+            result = loop.train(dit_config, printer=printer)
+        curves["dit"] = result.history
+        curves["dit_heldout"] = result.heldout
+        curves_path.write_text(json.dumps(curves))
+        record("dit", timer)
+    dit = checkpoints.load_dit(dit_config.workdir)
+
+    demo_dir = workdir / "demo_ti2v"
+    with _stage("export", printer) as timer:
+        export.write_checkpoint(demo_dir, {"transformer": dit}, dtype="bfloat16")
+        Image.fromarray(default_first_frame(config)).save(demo_dir / FIRST_FRAME)
+        shutil.copyfile(curves_path, demo_dir / "curves.json")
+    record("export", timer)
+
+    with _stage("evaluate", printer) as timer:
+        evaluation = evaluate_ti2v(config, demo_dir, printer=printer)
+    record("evaluate", timer)
+    summary = {"accuracy": {k: v["accuracy"] for k, v in evaluation.items() if isinstance(v, dict)},
+               "accuracy_with_shape": {k: v["accuracy_with_shape"] for k, v in evaluation.items()
+                                       if isinstance(v, dict)},
+               "by_seed": {k: {s: [r["accuracy"], r["accuracy_with_shape"]] for s, r in v["by_seed"].items()}
+                           for k, v in evaluation.items() if isinstance(v, dict)},
+               "chance": evaluation["chance"], "motion_score": evaluation["motion_score"], "stage_seconds": times}
+    (demo_dir / "evaluation.json").write_text(json.dumps(evaluation, indent=1, ensure_ascii=False))
+    (demo_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    if export_to:
+        export_to = pathlib.Path(export_to)
+        shutil.rmtree(export_to, ignore_errors=True)
+        shutil.copytree(demo_dir, export_to)
+        printer(f"copied {demo_dir} to {export_to}")
+    return {"workdir": str(workdir), **summary}
+
+
 def main(argv=None):
     # the flags are defined when the command runs, not when the module is imported (tests import it)
     config_flag = config_flags.DEFINE_config_file("config", str(config_files.path("demo/train.py")),
@@ -281,7 +429,8 @@ def main(argv=None):
         logs.quiet_unless_asked()
 
         compile_cache.setup(config_flag.value)
-        summary = build(config_flag.value, flags.FLAGS.workdir, export_to=flags.FLAGS.export_to)
+        run = build_ti2v if "ti2v" in config_flag.value else build
+        summary = run(config_flag.value, flags.FLAGS.workdir, export_to=flags.FLAGS.export_to)
         print(json.dumps(summary, indent=1))
 
     app.run(_main, argv=config_files.resolve_argv(argv))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -23,15 +23,21 @@ LANGUAGES = ("en", "zh")
 
 
 def generate(pipe: TextToVideo, prompts: Sequence[str], seeds: Sequence[int], *, size: VideoSize,
-             settings: SamplerSettings, batch: int = 24) -> list[np.ndarray]:
+             settings: SamplerSettings, batch: int = 24, images: Sequence[np.ndarray] | None = None,
+             motion_score: float | None = None) -> list[np.ndarray]:
     """uint8 videos (f, h, w, 3), one per (prompt, seed), generated `batch` at a time (one
-    compiled shape: the last batch is padded with its last prompt)."""
+    compiled shape: the last batch is padded with its last prompt). TI2V DiT: `images` one uint8
+    (h, w, 3) first frame per prompt and `motion_score`."""
     videos = []
     for start in range(0, len(prompts), batch):
         p, s = list(prompts[start:start + batch]), list(seeds[start:start + batch])
         n = len(p)
         p, s = p + [p[-1]] * (batch - n), s + [s[-1]] * (batch - n)
-        result = pipe(p, size=size, settings=settings, seeds=s, pos_magic="", neg_magic="", crop=False)
+        extra = {}
+        if images is not None:
+            im = list(images[start:start + batch])
+            extra = {"images": im + [im[-1]] * (batch - n), "motion_score": motion_score}
+        result = pipe(p, size=size, settings=settings, seeds=s, pos_magic="", neg_magic="", crop=False, **extra)
         videos.extend(result.frames[:n])
     return videos
 
@@ -43,12 +49,20 @@ def cases(scenes: Sequence[sm.Scene], seeds: Sequence[int] = EVAL_SEEDS,
 
 
 def evaluate(pipe: TextToVideo, scenes: Sequence[sm.Scene], *, size: VideoSize, settings: SamplerSettings,
-             seeds: Sequence[int] = EVAL_SEEDS, languages: Sequence[str] = LANGUAGES, batch: int = 48) -> dict:
+             seeds: Sequence[int] = EVAL_SEEDS, languages: Sequence[str] = LANGUAGES, batch: int = 48,
+             first_frame: Callable[[sm.Scene, int], np.ndarray] | None = None,
+             motion_score: float | None = None) -> dict:
     """{"accuracy" (colour and motion), "accuracy_with_shape" (colour, shape and motion), "by_field"
     ({field: fraction right}), "chance", "chance_with_shape", "results": [{"caption", "seed", "colour",
-    "shape", "motion", "ok", "ok_with_shape"}]} and the videos under "videos"."""
+    "shape", "motion", "ok", "ok_with_shape"}]} and the videos under "videos". TI2V DiT:
+    `first_frame(scene, seed)` the uint8 (h, w, 3) image of each case, and `motion_score`."""
     todo = cases(scenes, seeds, languages)
-    videos = generate(pipe, [c for c, _ in todo], [s for _, s in todo], size=size, settings=settings, batch=batch)
+    images = None
+    if first_frame is not None:
+        by_caption = {scene.caption(lang): scene for scene in scenes for lang in languages}
+        images = [first_frame(by_caption[c], s) for c, s in todo]
+    videos = generate(pipe, [c for c, _ in todo], [s for _, s in todo], size=size, settings=settings, batch=batch,
+                      images=images, motion_score=motion_score)
     results = []
     for (caption, seed), video in zip(todo, videos):
         reading = motion_checker.read_video(video)
