@@ -78,6 +78,7 @@ def _tiny_batch(rng, b=4, f=2, h=4, w=8, lt=6, lc=3):
             "clip": jnp.asarray(rng.normal(size=(b, lc, TINY.caption_channels[1])), jnp.float32)}
 
 
+@pytest.mark.slow
 def test_reflow_loss_matches_numpy():
     """The objective's loss (its draw, the straight path, the target z1 - z0) against numpy around
     the model's forward: x_t = (1 - t) z0 + t z1, mean (v - (z1 - z0))^2."""
@@ -86,14 +87,16 @@ def test_reflow_loss_matches_numpy():
     batch = _tiny_batch(np.random.default_rng(0))
     settings = StepSettings(timestep_distribution="u_shaped", attention_backend="xla")
     key = jax.random.key(5)
-    loss, _ = loss_and_grads(graphdef, params, batch, key, settings, draw=reflow.draw_reflow_inputs)
+    loss = jax.jit(lambda p, b: loss_and_grads(graphdef, p, b, key, settings, draw=reflow.draw_reflow_inputs)[0])(
+        params, batch)
     t = np.asarray(reflow.draw_reflow_inputs(key, batch, settings)["t"], np.float64)
     z1 = np.asarray(batch["z1"], np.float64)
     z0 = np.asarray(initial_noise([int(s) for s in batch["seed"]], batch["z1"].shape), np.float64)
     tb = t[:, None, None, None, None]
     xt = (1 - tb) * z0 + tb * z1
-    v = np.asarray(model(jnp.asarray(xt, jnp.float32), jnp.asarray(t, jnp.float32), batch["y"], batch["y_mask"],
-                         batch["clip"], backend="xla"), np.float64)
+    forward = jax.jit(lambda p, x, t: nnx.merge(graphdef, p)(x, t, batch["y"], batch["y_mask"], batch["clip"],
+                                                          backend="xla"))
+    v = np.asarray(forward(params, jnp.asarray(xt, jnp.float32), jnp.asarray(t, jnp.float32)), np.float64)
     want = np.mean((v - (z1 - z0)) ** 2)
     np.testing.assert_allclose(float(loss), want, rtol=1e-5)
 
