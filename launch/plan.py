@@ -2,7 +2,7 @@
 
     TPU_LIBRARY_PATH=/path/to/libtpu.so python launch/plan.py [--targets v5p-1,v5p-4,...]
         [--programs denoise,step_llm,clip,vae_decode] [--mesh sequence=2,tensor=2] [--layers N]
-        [--weights bf16|int8|fp8]
+        [--weights bf16|int8|fp8] [--offload none|blocks] [--cfg_sequential] [--hlo_dir DIR]
 
 Compiles ahead of time for real TPU topologies from a CPU machine (libtpu compile-only devices,
 `stepvideo_jax/parallel/aot.py`; nothing runs) and prints `memory_analysis()` per chip (arguments,
@@ -20,6 +20,11 @@ outputs, temporaries, peak) with analytic FLOPs, for:
 `--weights int8|fp8`: the DiT's and Step-LLM's block linears quantised (`models/quant.py`: one byte
 per weight plus a float32 scale per output channel, dequantised before each matmul); the abstract
 models are quantised with `quant.quantize`, so the plan holds exactly what a quantised restore holds.
+
+`--offload blocks`: the DiT's and Step-LLM's stacked layers in host memory (`models/offload.py`;
+reported apart, they leave the chip's arguments), fetched one layer ahead inside the scan.
+`--cfg_sequential`: the denoising step runs the cond and uncond rows one after the other
+(`flow_matching.denoise_step`). docs/offload.md has the one-chip rows.
 
 Each target uses one mesh for every program (parameters sharded by `parallel/rules.py`: tensor
 parallelism keeps each chip's share of the weights without FSDP gathers; attention sequence-parallel
@@ -46,6 +51,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from stepvideo_jax.models import offload as offload_mod  # noqa: E402
 from stepvideo_jax.models import quant  # noqa: E402
 from stepvideo_jax.models.dit import DiTConfig, StepVideoDiT  # noqa: E402
 from stepvideo_jax.models.flops import forward_flops  # noqa: E402
@@ -104,15 +110,20 @@ def attention_backend(mesh, heads: int):
     return SequenceParallel(mode, local_backend="splash")
 
 
-def _abstract_state(module_fn, mesh, weights="bf16"):
-    graphdef, state = nnx.split(quant.quantize(nnx.eval_shape(module_fn), weights))
-    return graphdef, state, state_shardings(state, mesh)
+def _abstract_state(module_fn, mesh, weights="bf16", offload=False):
+    model = quant.quantize(nnx.eval_shape(module_fn), weights)
+    if offload:
+        offload_mod.mark(model)
+    graphdef, state = nnx.split(model)
+    shardings = state_shardings(state, mesh)
+    return graphdef, state, offload_mod.host_shardings(model, shardings) if offload else shardings
 
 
-def build_denoise(mesh, layers, weights="bf16"):
+def build_denoise(mesh, layers, weights="bf16", offload=False, cfg_sequential=False):
     cfg = dataclasses.replace(DiTConfig.full(), num_layers=layers)
     graphdef, state, shardings = _abstract_state(
-        lambda: StepVideoDiT(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0)), mesh, weights)
+        lambda: StepVideoDiT(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0)), mesh, weights,
+        offload)
     velocity = dit_velocity_fn(graphdef, backend=attention_backend(mesh, cfg.num_heads))
     bf16 = jnp.bfloat16
     latents = aot.abstract(LATENTS, jnp.float32, mesh, None)
@@ -124,23 +135,24 @@ def build_denoise(mesh, layers, weights="bf16"):
 
     def step(state, latents, cond, t, sigma, sigma_next, guidance):
         return denoise_step(velocity, state, latents, cond, t, sigma, sigma_next, guidance, cfg=True,
-                            model_dtype=bf16)
+                            model_dtype=bf16, cfg_sequential=cfg_sequential)
 
     args = (state, latents, cond, scalar, scalar, scalar, scalar)
     shard = lambda a: jax.tree.map(lambda x: x.sharding, a)
     return step, args, (shardings, *(shard(a) for a in args[1:])), (1,)
 
 
-def build_step_llm(mesh, layers, weights="bf16"):
+def build_step_llm(mesh, layers, weights="bf16", offload=False, **_):
     cfg = dataclasses.replace(StepLLMConfig.full(), num_layers=layers)
     graphdef, state, shardings = _abstract_state(
-        lambda: StepLLM(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0)), mesh, weights)
+        lambda: StepLLM(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0)), mesh, weights,
+        offload)
     ids = aot.abstract((PROMPTS, TEXT), jnp.int32, mesh, ("batch", "text_length"))
     fn = lambda state, ids: nnx.merge(graphdef, state)(ids)
     return fn, (state, ids), (shardings, ids.sharding), ()
 
 
-def build_clip(mesh, layers, weights="bf16"):
+def build_clip(mesh, layers, weights="bf16", **_):
     cfg = dataclasses.replace(HunyuanClipConfig.full(), num_layers=layers)
     graphdef, state, shardings = _abstract_state(lambda: HunyuanClip(cfg, rngs=nnx.Rngs(0)), mesh)
     ids = aot.abstract((PROMPTS, CLIP_LEN), jnp.int32, mesh, ("batch", "text_length"))
@@ -149,7 +161,7 @@ def build_clip(mesh, layers, weights="bf16"):
     return fn, (state, ids, mask), (shardings, ids.sharding, mask.sharding), ()
 
 
-def build_vae_decode(mesh, layers, weights="bf16"):
+def build_vae_decode(mesh, layers, weights="bf16", **_):
     """The Video-VAE decode over all of `mesh` (chunks split by `spread_over_devices`)."""
     vae = nnx.eval_shape(lambda: VideoVAE(VAEConfig.full(), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
                                           rngs=nnx.Rngs(0), attention_backend="splash"))
@@ -194,12 +206,20 @@ def programs() -> dict[str, Program]:
     }
 
 
-def compile_memory(program: Program, mesh, layers: int, weights: str = "bf16") -> dict[str, int]:
-    fn, args, shardings, donate = program.build(mesh, layers, weights)
+def compile_memory(program: Program, mesh, layers: int, weights: str = "bf16", hlo_path: str = "",
+                   **levers) -> dict[str, int]:
+    """Per-chip memory of `program` (`levers`: `offload`, `cfg_sequential`; see `build_denoise`);
+    `host_argument_size_in_bytes`: the arguments held in host memory (offloaded layers). With
+    `hlo_path`, the compiled HLO text is written there."""
+    fn, args, shardings, donate = program.build(mesh, layers, weights, **levers)
     jitted = jax.jit(fn, in_shardings=shardings, donate_argnums=donate)
     with jax.set_mesh(mesh):
         compiled = jitted.lower(*args).compile()
-    return aot.memory(compiled)
+    if hlo_path:
+        pathlib.Path(hlo_path).write_text(compiled.as_text())
+    mem = aot.memory(compiled)
+    mem["host_argument_size_in_bytes"] = int(compiled.memory_analysis().host_argument_size_in_bytes)
+    return mem
 
 
 def main(argv=None) -> int:
@@ -210,6 +230,10 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=None, help="compile this many layers (default: real depth)")
     p.add_argument("--weights", default="bf16", choices=list(quant.SCHEMES),
                    help="the DiT's and Step-LLM's block linears (docs/quantization.md)")
+    p.add_argument("--offload", default="none", choices=list(offload_mod.CHOICES),
+                   help="blocks: the DiT's and Step-LLM's stacked layers in host memory (docs/offload.md)")
+    p.add_argument("--cfg_sequential", action="store_true", help="denoise: the CFG rows one after the other")
+    p.add_argument("--hlo_dir", default="", help="write each program's compiled HLO text there")
     a = p.parse_args(argv)
     progs = programs()
     unknown = [t for t in a.targets.split(",") if t not in TARGETS] + [
@@ -231,11 +255,17 @@ def main(argv=None) -> int:
             try:
                 prog = progs[prog_name]
                 layers = prog.layers if a.layers is None or prog.layers is None else a.layers
-                mem = compile_memory(prog, mesh, layers or 0, a.weights)
+                hlo = (f"{a.hlo_dir}/{name}_{prog_name}_{a.weights}_{a.offload}"
+                       f"{'_cfgseq' if a.cfg_sequential else ''}.hlo.txt") if a.hlo_dir else ""
+                mem = compile_memory(prog, mesh, layers or 0, a.weights, hlo, offload=a.offload == "blocks",
+                                     cfg_sequential=a.cfg_sequential)
                 how = f"{layers} layers" if layers else (
                     vae_chunk_split(mesh.size) if prog_name == "vae_decode" else "compiled")
                 how += "" if layers == prog.layers else f" of {prog.layers} (partial)"
                 how += f", weights {a.weights}" if a.weights != "bf16" and prog_name in ("denoise", "step_llm") else ""
+                how += (f", offload blocks ({mem['host_argument_size_in_bytes'] / GIB:.2f} GiB in host memory)"
+                        if a.offload == "blocks" and prog_name in ("denoise", "step_llm") else "")
+                how += ", CFG rows sequential" if a.cfg_sequential and prog_name == "denoise" else ""
             except Exception as e:  # noqa: BLE001 - one failed program must not hide the others
                 print(f"| {name} | {mesh_text} | {prog_name} | failed: {type(e).__name__}: "
                       f"{str(e).splitlines()[0][:200]} | | | | | | | |", flush=True)

@@ -1,7 +1,8 @@
 """Host offload of the stacked transformer layers: `--config.offload=blocks`.
 
 The DiT's `blocks` and the Step-LLM's `layers` (`models/stack.py`: one module, leading layer axis)
-are ~99% of either model's parameters. Offloaded, they live in host memory (the `pinned_host` memory
+are ~99% of either model's parameters, nearly all of it the linear layers' kernels. Offloaded, those
+kernels live in host memory (the `pinned_host` memory
 kind, which TPU, GPU and CPU devices all have) in the same shardings as on the device, and the
 scan copies each layer's variables to the device one iteration ahead of its use
 (`stack._scan_offloaded`): at most two layers' weights are on the device at once, and the copy of
@@ -73,16 +74,23 @@ def host_sharding(sharding):
 
 
 def host_shardings(model: nnx.Module, shardings):
-    """`shardings` (a tree like `nnx.state(model)`) with the stacked layers' entries moved to host
-    memory; the rest unchanged."""
+    """`shardings` (a tree like `nnx.state(model)`) with the stacked layers' linear kernels moved to
+    host memory; the rest unchanged."""
     name = stacked_name(model)
     return jax.tree_util.tree_map_with_path(
-        lambda path, s: host_sharding(s) if _head(path) == name else s, shardings)
+        lambda path, s: host_sharding(s) if is_offloaded_path(path, name) else s, shardings)
 
 
-def _head(path) -> str:
-    key = path[0]
-    return str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key))))
+def is_offloaded_path(path, stacked: str) -> bool:
+    """Whether the state entry at key `path` is offloaded: a linear layer's `kernel` (its (in, out)
+    weights, float or quantised values) inside the stacked module `stacked`.
+
+    Only the kernels: they are the bulk (99.9% of a DiT block's bytes), and the TPU compiler
+    rejects host-memory slices of the small per-layer tensors (libtpu 0.0.42.1: a RET_CHECK on the
+    tiling of the (1, 6, d) modulation table), so biases, norms, scales and tables stay on the device."""
+    keys = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+    keys = [k for k in keys if k != "value"]
+    return len(keys) > 1 and keys[0] == stacked and keys[-1] == "kernel"
 
 
 def placement(model: nnx.Module, mesh: Optional[jax.sharding.Mesh] = None):
@@ -109,9 +117,9 @@ def mark(model: nnx.Module) -> nnx.Module:
 def offload(model: nnx.Module) -> nnx.Module:
     """Move a built model's stacked layers to host memory, keeping their shardings, and set the
     prefetching scan on (in place; returns `model`)."""
-    layers = getattr(model, stacked_name(model))
-    state = nnx.state(layers)
-    nnx.update(layers, jax.tree.map(lambda a: jax.device_put(a, host_sharding(a.sharding)), state))
+    state = nnx.state(model)
+    targets = host_shardings(model, jax.tree.map(lambda a: a.sharding, state))
+    nnx.update(model, jax.device_put(state, targets))
     return mark(model)
 
 
@@ -119,5 +127,7 @@ def is_offloaded(model: nnx.Module) -> bool:
     """Whether `model` runs the prefetching scan with its stacked variables in host memory."""
     if not getattr(model, "offload_layers", False):
         return False
-    leaves = jax.tree.leaves(nnx.state(getattr(model, stacked_name(model))))
-    return all(getattr(getattr(a, "sharding", None), "memory_kind", None) == HOST for a in leaves)
+    name = stacked_name(model)
+    kinds = [getattr(a.sharding, "memory_kind", None) == HOST
+             for path, a in jax.tree_util.tree_flatten_with_path(nnx.state(model))[0] if is_offloaded_path(path, name)]
+    return bool(kinds) and all(kinds)
