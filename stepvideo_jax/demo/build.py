@@ -319,11 +319,14 @@ def first_frames(scenes, seeds, *, frames: int, height: int, width: int) -> list
     return [sm.render(s, frames=frames, height=height, width=width, seed=seed)[0] for s, seed in zip(scenes, seeds)]
 
 
-def evaluate_ti2v(config, checkpoint_dir, *, dit=None, printer=print) -> dict:
+def evaluate_ti2v(config, checkpoint_dir, *, dit=None, printer=print, baselines: bool = True) -> dict:
     """Checker accuracy of the TI2V demo DiT (`dit`, default `<checkpoint_dir>/transformer`) and of
     a randomly initialised TI2V DiT, with the T2V demo's VAE and text encoders
     (`config.ti2v.base`), on the held-out scenes: every (scene, language, seed) gets frame 0 of a
-    render of that scene drawn with that seed as its first-frame image, and the caption."""
+    render of that scene drawn with that seed as its first-frame image, and the caption. Also the T2V
+    demo (the base DiT) on the same captions without the image ("t2v_demo_no_image"): where a model
+    starts unconditioned, against the TI2V demo's start offset (`evaluate.start_summary`).
+    `baselines=False`: the TI2V demo alone."""
     e, t, v = config.eval, config.ti2v, config.video
     models = demo_models(t.base)
     dit = dit if dit is not None else checkpoints.load_component(checkpoint_dir, "transformer", dtype=jnp.float32)
@@ -331,9 +334,10 @@ def evaluate_ti2v(config, checkpoint_dir, *, dit=None, printer=print) -> dict:
     random_dit = StepVideoDiT(dit.cfg, rngs=nnx.Rngs(e.random_dit_seed))
     out = {"chance": evaluate.motion_checker.CHANCE, "chance_with_shape": evaluate.motion_checker.CHANCE_ALL,
            "seeds": list(e.seeds), "languages": list(e.languages), "motion_score": float(t.motion_score)}
-    for name, model in (("demo_ti2v", dit), ("random_dit", random_dit)):
+    runs = [("demo_ti2v", dit), ("random_dit", random_dit), ("t2v_demo_no_image", models.dit)]
+    for name, model in runs if baselines else runs[:1]:
         pipe = TextToVideo(encode_text=models.text, dit=model, decode=components.vae_decoder(models.vae, stream_frames=32),
-                           encode_image=components.vae_image_encoder(models.vae))
+                           encode_image=components.vae_image_encoder(models.vae) if model.cfg.ti2v else None)
         result = evaluate.evaluate(pipe, sm.HELD_OUT, size=size, settings=settings, seeds=tuple(e.seeds),
                                    languages=tuple(e.languages), batch=e.batch, motion_score=float(t.motion_score),
                                    first_frame=lambda scene, seed: first_frames([scene], [seed], frames=v.frames,
@@ -345,7 +349,8 @@ def evaluate_ti2v(config, checkpoint_dir, *, dit=None, printer=print) -> dict:
         per_seed = ", ".join(f"{s}: {r['accuracy']:.3f}/{r['accuracy_with_shape']:.3f}"
                              for s, r in result["by_seed"].items())
         printer(f"{name} on held-out scenes: colour+motion {result['accuracy']:.3f}, with shape "
-                f"{result['accuracy_with_shape']:.3f} ({len(result['results'])} videos; by seed {per_seed})")
+                f"{result['accuracy_with_shape']:.3f} ({len(result['results'])} videos; by seed {per_seed}); "
+                f"start {result['start']}")
     return out
 
 

@@ -55,27 +55,44 @@ def evaluate(pipe: TextToVideo, scenes: Sequence[sm.Scene], *, size: VideoSize, 
     """{"accuracy" (colour and motion), "accuracy_with_shape" (colour, shape and motion), "by_field"
     ({field: fraction right}), "chance", "chance_with_shape", "results": [{"caption", "seed", "colour",
     "shape", "motion", "ok", "ok_with_shape"}]} and the videos under "videos". TI2V DiT:
-    `first_frame(scene, seed)` the uint8 (h, w, 3) image of each case, and `motion_score`."""
+    `first_frame(scene, seed)` the uint8 (h, w, 3) image of each case, and `motion_score`. With
+    `first_frame`, every row also gets "start_offset_px" (`motion_checker.start_offset`: its frame 0
+    against its image) and the summary "start" (`start_summary`); a text-to-video `pipe` is not given
+    the images, only compared with them (where it starts on its own)."""
     todo = cases(scenes, seeds, languages)
     images = None
     if first_frame is not None:
         by_caption = {scene.caption(lang): scene for scene in scenes for lang in languages}
         images = [first_frame(by_caption[c], s) for c, s in todo]
+    conditioned = images is not None and getattr(pipe, "ti2v", True)   # a TextToVideo says; others take them
     videos = generate(pipe, [c for c, _ in todo], [s for _, s in todo], size=size, settings=settings, batch=batch,
-                      images=images, motion_score=motion_score)
+                      images=images if conditioned else None, motion_score=motion_score if conditioned else None)
     results = []
     for (caption, seed), video in zip(todo, videos):
         reading = motion_checker.read_video(video)
         results.append({"caption": caption, "seed": seed, **dataclasses.asdict(reading),
                         "ok": motion_checker.matches(reading, caption, motion_checker.COLOUR_MOTION),
                         "ok_with_shape": motion_checker.matches(reading, caption, motion_checker.FIELDS)})
+    if images is not None:
+        for row, video, image in zip(results, videos, images):
+            row["start_offset_px"] = motion_checker.start_offset(video, image)
     return {**summarise(results), "results": results, "videos": videos}
+
+
+def start_summary(offsets: Sequence[float | None]) -> dict:
+    """{"mean_px" (over videos with an object), "within_2px" (fraction of all videos), "no_object"}."""
+    found = [o for o in offsets if o is not None]
+    return {"mean_px": float(np.mean(found)) if found else None,
+            "within_2px": float(np.mean([o is not None and o <= 2.0 for o in offsets])),
+            "no_object": len(offsets) - len(found)}
 
 
 def summarise(results: Sequence[dict]) -> dict:
     """Accuracies of `evaluate`'s result rows (any subset of them, e.g. one seed's)."""
     wanted = [sm.parse_caption(r["caption"]) for r in results]
-    return {"accuracy": float(np.mean([r["ok"] for r in results])),
+    start = {"start": start_summary([r["start_offset_px"] for r in results])} if all(
+        "start_offset_px" in r for r in results) else {}
+    return {**start, "accuracy": float(np.mean([r["ok"] for r in results])),
             "accuracy_with_shape": float(np.mean([r["ok_with_shape"] for r in results])),
             "by_field": {f: float(np.mean([r[f] == getattr(w, f) for r, w in zip(results, wanted)]))
                          for f in motion_checker.FIELDS},

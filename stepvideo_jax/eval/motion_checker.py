@@ -117,6 +117,24 @@ def read_video(video: np.ndarray, *, min_pixels: int = 4) -> Reading:
     return Reading(colour, shape, motion)
 
 
+def centroid(frame: np.ndarray, *, min_pixels: int = 4) -> np.ndarray | None:
+    """(row, column) of the object in one (h, w, 3) frame (uint8, or float in [-1, 1]): the mean of
+    the pixels `read_video` counts as object; None with fewer than `min_pixels`."""
+    frame = _as_uint8_fhwc(np.asarray(frame)[None])[0].astype(np.float32)
+    mask = np.linalg.norm(frame - np.array(BACKGROUND, np.float32), axis=-1) > 60.0
+    if mask.sum() < min_pixels:
+        return None
+    return np.argwhere(mask).mean(axis=0)
+
+
+def start_offset(video: np.ndarray, image: np.ndarray) -> float | None:
+    """Pixels between the object's centroid in the video's frame 0 and in `image` (a first frame
+    given to an image-to-video model); None when either shows no object. The fields above do not see
+    where the object is; this reads whether a video starts from its image."""
+    a, b = centroid(np.asarray(video)[0]), centroid(image)
+    return None if a is None or b is None else float(np.hypot(*(a - b)))
+
+
 def matches(reading: Reading, prompt: str, fields=COLOUR_MOTION) -> bool:
     """True when `reading` agrees with the prompt's scene on every one of `fields` (of `FIELDS`)."""
     unknown = set(fields) - set(FIELDS)
