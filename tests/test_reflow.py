@@ -235,7 +235,7 @@ def test_pair_job_resumes_and_refuses_another_job(pairs):
     assert not (out / "pairs" / ".000002.npz.partial").exists()
     hidden = out / "pairs" / "hidden.npz"
     (out / reflow_data.pair_name(1)).rename(hidden)
-    with pytest.raises(DatasetError, match="000001.npz is missing"):
+    with pytest.raises(DatasetError, match=r"000001.npz \(index.jsonl line \d+\) is missing"):
         again.check()
     hidden.rename(out / reflow_data.pair_name(1))
     with pytest.raises(ValueError, match="num_steps"):

@@ -135,28 +135,53 @@ class Writer:
 
 
 class Dataset:
-    """Read side: `meta`, `records` (index lines), `load(i)` -> sample dict, `negative()`."""
+    """Read side: `meta`, `records` (index lines), `load(i)` -> sample dict, `negative()`.
+
+    A subclass reads another record format of the same directory layout (meta.json, index.jsonl,
+    one .npz per record, negative.npz) by its class attributes and the `_record_shapes` /
+    `_finish` / `_record_problems` hooks (`data.reflow.ReflowDataset`)."""
+
+    FORMAT = FORMAT
+    KEYS = SAMPLE_KEYS
+    WRITTEN_BY = "stepvideo_jax.data.precompute"
 
     def __init__(self, root: str | os.PathLike):
         self.root = paths.as_path(root)     # local or a URI (gs://...): files are read through epath
         meta_path = self.root / "meta.json"
         if not meta_path.is_file():
-            raise DatasetError(f"{meta_path} not found: not a {FORMAT} dataset (write one with "
-                               "stepvideo_jax.data.precompute)")
+            raise DatasetError(f"{meta_path} not found: not a complete {self.FORMAT} dataset (write one with "
+                               f"{self.WRITTEN_BY})")
         try:
             self.meta = json.loads(meta_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise DatasetError(f"{meta_path}: not JSON ({e})") from None
-        if not isinstance(self.meta, dict) or self.meta.get("format") != FORMAT:
+        if not isinstance(self.meta, dict) or self.meta.get("format") != self.FORMAT:
             got = self.meta.get("format") if isinstance(self.meta, dict) else self.meta
-            raise DatasetError(f"{meta_path}: format {got!r}, expected {FORMAT!r}")
+            raise DatasetError(f"{meta_path}: format {got!r}, expected {self.FORMAT!r}" + self._format_hint(got))
         missing = [k for k in META_KEYS if k not in self.meta]
         if missing:
             raise DatasetError(f"{meta_path}: missing fields {missing}")
         self.records = read_index(self.root / "index.jsonl")
         if len(self.records) != self.meta["num_samples"]:
             raise DatasetError(f"{self.root}: index.jsonl has {len(self.records)} lines, meta.json says "
-                               f"{self.meta['num_samples']} samples")
+                               f"{self.meta['num_samples']} records")
+
+    def _format_hint(self, got) -> str:
+        """Appended to the wrong-format error: where a folder of format `got` belongs."""
+        return ""
+
+    def _record_shapes(self, frames: int, height: int, width: int) -> dict[str, tuple[int, ...]]:
+        """The latent arrays of one record (beside its conditioning) and their shapes."""
+        c = self.meta["latent_channels"]
+        return {"mean": (frames, c, height, width), "logvar": (frames, c, height, width)}
+
+    def _finish(self, record: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The arrays of one record as `load` returns them."""
+        return record
+
+    def _record_problems(self, path) -> list[str]:
+        """What else is wrong with one record file whose arrays have the expected shapes."""
+        return []
 
     def __len__(self) -> int:
         return len(self.records)
@@ -169,10 +194,11 @@ class Dataset:
         path = self.root / self.records[i]["file"]
         try:
             with path.open("rb") as f, np.load(f, allow_pickle=False) as z:
-                return {k: z[k] for k in SAMPLE_KEYS}
+                record = {k: z[k] for k in self.KEYS}
         except (OSError, KeyError, ValueError, zipfile.BadZipFile) as e:
             raise DatasetError(f"{path} (index.jsonl line {self.records[i]['line']}): cannot be read "
                                f"({type(e).__name__}: {e})") from None
+        return self._finish(record)
 
     def negative(self) -> dict[str, np.ndarray]:
         """The negative prompt's conditioning with a leading batch axis of 1."""
@@ -189,8 +215,7 @@ class Dataset:
         lt, lc, (dl, dc) = m["text_length"], m["clip_length"], m["caption_channels"]
         out = {"y": (lt, dl), "y_mask": (lc + lt,), "clip": (lc, dc)}
         if i is not None:
-            f, h, w = self.bucket(i)
-            out = {"mean": (f, m["latent_channels"], h, w), "logvar": (f, m["latent_channels"], h, w), **out}
+            out = {**self._record_shapes(*self.bucket(i)), **out}
         return out
 
     def check(self, *, headers: bool = True, arrays: bool = False, limit: int = 5) -> None:
@@ -206,7 +231,10 @@ class Dataset:
             if not path.is_file():
                 return [f"{path} ({where}) is missing"]
             if headers or arrays:
-                return [f"{path} ({where}): {p}" for p in _file_problems(path, self.expected_shapes(i), arrays=arrays)]
+                found = _file_problems(path, self.expected_shapes(i), arrays=arrays)
+                if i is not None and not found:
+                    found = self._record_problems(path)
+                return [f"{path} ({where}): {p}" for p in found]
             return []
 
         # threads: on network filesystems each file costs a round trip

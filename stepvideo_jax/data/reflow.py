@@ -33,9 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from stepvideo_jax import paths
 from stepvideo_jax.data import format as latents_format
-from stepvideo_jax.data.format import COND_KEYS, DatasetError
+from stepvideo_jax.data.format import DatasetError
 
 FORMAT = "stepvideo-reflow-v1"
 PAIR_KEYS = ("z1", "seed", "y", "y_mask", "clip")
@@ -77,90 +76,31 @@ def check_pair(pair: Mapping[str, np.ndarray], meta: Mapping) -> None:
             raise DatasetError(f"{k} has shape {tuple(pair[k].shape)}, meta says {shape}")
 
 
-class ReflowDataset:
-    """Read side: `meta`, `records`, `teacher`, `len`, `bucket(i)`, `load(i)` -> {z1, seed, y, y_mask,
-    clip} (z1 float32, seed int32 scalar), `negative()` (batch 1), `check()`: the interface of
-    `data.format.Dataset` that the training loop and the grain pipeline use."""
+class ReflowDataset(latents_format.Dataset):
+    """Read side of a reflow folder, with the interface of `data.format.Dataset` that the training
+    loop and the grain pipeline use: `meta`, `records`, `teacher` (the job), `len`, `bucket(i)`,
+    `load(i)` -> {z1, seed, y, y_mask, clip} (z1 float32, seed int32 scalar), `negative()` (batch
+    1), `check()` (also requires each pair's `seed`)."""
+
+    FORMAT = FORMAT
+    KEYS = PAIR_KEYS
+    WRITTEN_BY = "python -m stepvideo_jax.data.reflow_job (it also finishes an interrupted one)"
 
     def __init__(self, root: str | os.PathLike):
-        self.root = paths.as_path(root)
-        meta_path = self.root / "meta.json"
-        if not meta_path.is_file():
-            raise DatasetError(f"{meta_path} not found: not a complete {FORMAT} dataset (write or finish one with "
-                               "python -m stepvideo_jax.data.reflow_job)")
-        try:
-            self.meta = json.loads(meta_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise DatasetError(f"{meta_path}: not JSON ({e})") from None
-        got = self.meta.get("format") if isinstance(self.meta, dict) else self.meta
-        if got != FORMAT:
-            raise DatasetError(f"{meta_path}: format {got!r}, expected {FORMAT!r}"
-                               + (" (a latents dataset: train it with flow matching, configs/train/)"
-                                  if got == latents_format.FORMAT else ""))
-        missing = [k for k in latents_format.META_KEYS if k not in self.meta]
-        if missing:
-            raise DatasetError(f"{meta_path}: missing fields {missing}")
-        self.records = latents_format.read_index(self.root / "index.jsonl")
-        if len(self.records) != self.meta["num_samples"]:
-            raise DatasetError(f"{self.root}: index.jsonl has {len(self.records)} lines, meta.json says "
-                               f"{self.meta['num_samples']} pairs")
+        super().__init__(root)
         self.teacher = json.loads((self.root / TEACHER).read_text())
 
-    def __len__(self) -> int:
-        return len(self.records)
+    def _format_hint(self, got) -> str:
+        return " (a latents dataset: train it with flow matching, configs/train/)" if got == latents_format.FORMAT else ""
 
-    def bucket(self, i: int) -> tuple[int, int, int]:
-        r = self.records[i]
-        return r["frames"], r["height"], r["width"]
+    def _record_shapes(self, frames: int, height: int, width: int) -> dict[str, tuple[int, ...]]:
+        return {"z1": (frames, self.meta["latent_channels"], height, width)}
 
-    def load(self, i: int) -> dict[str, np.ndarray]:
-        path = self.root / self.records[i]["file"]
-        try:
-            with path.open("rb") as f, np.load(f, allow_pickle=False) as z:
-                out = {k: z[k] for k in PAIR_KEYS}
-        except (OSError, KeyError, ValueError, zipfile.BadZipFile) as e:
-            raise DatasetError(f"{path} (index.jsonl line {self.records[i]['line']}): cannot be read "
-                               f"({type(e).__name__}: {e})") from None
-        out["z1"] = out["z1"].astype(np.float32)
-        out["seed"] = np.asarray(out["seed"], np.int32)
-        return out
+    def _finish(self, record: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {**record, "z1": record["z1"].astype(np.float32), "seed": np.asarray(record["seed"], np.int32)}
 
-    def negative(self) -> dict[str, np.ndarray]:
-        """The teacher's unconditional prompt's conditioning with a leading batch axis of 1."""
-        path = self.root / "negative.npz"
-        try:
-            with path.open("rb") as f, np.load(f, allow_pickle=False) as z:
-                return {k: z[k][None] for k in COND_KEYS}
-        except (OSError, KeyError, ValueError, zipfile.BadZipFile) as e:
-            raise DatasetError(f"{path}: cannot be read ({type(e).__name__}: {e})") from None
+    def _record_problems(self, path) -> list[str]:
+        with path.open("rb") as fh, zipfile.ZipFile(fh) as z:
+            return [] if "seed.npy" in z.namelist() else ["lacks array 'seed'"]
 
-    def expected_shapes(self, i: int | None = None) -> dict[str, tuple[int, ...]]:
-        """Shapes of pair `i`'s floating arrays from the index and meta.json (`i=None`: negative.npz)."""
-        m = self.meta
-        lt, lc, (dl, dc) = m["text_length"], m["clip_length"], m["caption_channels"]
-        out = {"y": (lt, dl), "y_mask": (lc + lt,), "clip": (lc, dc)}
-        if i is not None:
-            f, h, w = self.bucket(i)
-            out = {"z1": (f, m["latent_channels"], h, w), **out}
-        return out
 
-    def check(self, *, headers: bool = True, arrays: bool = False, limit: int = 5) -> None:
-        """As `data.format.Dataset.check` (the training loop's start-up check): every pair file and
-        negative.npz exist and, with `headers`, hold the arrays of the index/meta.json shapes and a
-        `seed`; `arrays` reads them in full and requires finite values."""
-        problems = []
-        for i, path in [(None, self.root / "negative.npz")] + [(i, self.root / r["file"])
-                                                                for i, r in enumerate(self.records)]:
-            if not path.is_file():
-                problems.append(f"{path} is missing")
-            elif headers or arrays:
-                found = latents_format._file_problems(path, self.expected_shapes(i), arrays=arrays)
-                if i is not None and not found:
-                    with path.open("rb") as fh, zipfile.ZipFile(fh) as z:
-                        if "seed.npy" not in z.namelist():
-                            found.append("lacks array 'seed'")
-                problems += [f"{path}: {p}" for p in found]
-            if len(problems) > limit:
-                break
-        if problems:
-            raise DatasetError(f"{self.root}: problem(s): " + "; ".join(problems[:limit]))

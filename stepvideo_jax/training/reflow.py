@@ -30,8 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from stepvideo_jax.data import reflow as reflow_data
-from stepvideo_jax.training import flow_loss
-from stepvideo_jax.training.train_step import COND_KEYS, StepSettings, make_train_step
+from stepvideo_jax.training.train_step import COND_KEYS, StepSettings, draw_timesteps_and_conditioning, make_train_step
 
 def draw_reflow_inputs(key: jax.Array, batch: dict, settings: StepSettings, negative: Optional[dict] = None) -> dict:
     """The loss inputs of a reflow batch: `x` = z1, `noise` = z0 (regenerated from `seed`), `t` from
@@ -40,14 +39,7 @@ def draw_reflow_inputs(key: jax.Array, batch: dict, settings: StepSettings, nega
     k_t, k_drop = jax.random.split(key)
     z1 = batch["z1"].astype(jnp.float32)
     z0 = reflow_data.regenerate_noise(batch["seed"].astype(jnp.int32), z1.shape[1:])
-    t = flow_loss.sample_timesteps(k_t, z1.shape[0], settings.timestep_distribution,
-                                   logit_mean=settings.logit_mean, logit_std=settings.logit_std,
-                                   shift=settings.timestep_shift, u_shape_a=settings.u_shape_a)
-    cond = {k: batch[k] for k in COND_KEYS}
-    if settings.cond_dropout > 0:
-        if negative is None:
-            raise ValueError("cond_dropout > 0 needs the negative prompt's conditioning")
-        cond = flow_loss.drop_conditioning(k_drop, cond, negative, settings.cond_dropout)
+    t, cond = draw_timesteps_and_conditioning(k_t, k_drop, batch, settings, negative)
     return {"x": z1, "noise": z0, "t": t, **cond}
 
 

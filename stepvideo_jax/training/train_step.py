@@ -66,12 +66,11 @@ class StepSettings:
     motion_score: Optional[float] = None  # TI2V: for batches without a per-sample `motion_score`
 
 
-def draw_inputs(key: jax.Array, batch: dict, settings: StepSettings, negative: Optional[dict] = None) -> dict:
-    """The step's random draws for the whole batch: latent sample `x`, `noise`, `t`, and the
-    conditioning after dropout. Drawn before any micro-batching, so accumulation does not change them."""
-    k_latent, k_noise, k_t, k_drop = jax.random.split(key, 4)
-    x = flow_loss.sample_posterior(k_latent, batch["mean"], batch["logvar"])
-    t = flow_loss.sample_timesteps(k_t, x.shape[0], settings.timestep_distribution,
+def draw_timesteps_and_conditioning(k_t: jax.Array, k_drop: jax.Array, batch: dict, settings: StepSettings,
+                                     negative: Optional[dict] = None) -> tuple[jax.Array, dict]:
+    """`t` (b,) from `settings.timestep_distribution` and the batch's conditioning after CFG dropout:
+    the draws every objective on latents shares (flow matching, reflow)."""
+    t = flow_loss.sample_timesteps(k_t, batch["y"].shape[0], settings.timestep_distribution,
                                    logit_mean=settings.logit_mean, logit_std=settings.logit_std,
                                    shift=settings.timestep_shift, u_shape_a=settings.u_shape_a)
     cond = {k: batch[k] for k in COND_KEYS}
@@ -79,6 +78,15 @@ def draw_inputs(key: jax.Array, batch: dict, settings: StepSettings, negative: O
         if negative is None:
             raise ValueError("cond_dropout > 0 needs the negative prompt's conditioning")
         cond = flow_loss.drop_conditioning(k_drop, cond, negative, settings.cond_dropout)
+    return t, cond
+
+
+def draw_inputs(key: jax.Array, batch: dict, settings: StepSettings, negative: Optional[dict] = None) -> dict:
+    """The step's random draws for the whole batch: latent sample `x`, `noise`, `t`, and the
+    conditioning after dropout. Drawn before any micro-batching, so accumulation does not change them."""
+    k_latent, k_noise, k_t, k_drop = jax.random.split(key, 4)
+    x = flow_loss.sample_posterior(k_latent, batch["mean"], batch["logvar"])
+    t, cond = draw_timesteps_and_conditioning(k_t, k_drop, batch, settings, negative)
     extra = {"motion_score": batch["motion_score"]} if "motion_score" in batch else {}
     return {"x": x, "noise": jax.random.normal(k_noise, x.shape, jnp.float32), "t": t, **cond, **extra}
 
