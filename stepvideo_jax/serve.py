@@ -128,8 +128,8 @@ class Studio:
         self.presets = size_presets(self.config)
         vocabulary.prompt_warnings(self.config.vocabulary, [])   # an unknown vocabulary fails now
         probe = self._request_config(self.default_request())
-        probe.ti2v, probe.image = False, ""   # the start-up check needs no image; requests bring theirs
-        job = generation.resolve(probe)
+        probe.image = ""   # requests bring their own first frames
+        job = generation.resolve(probe, image_per_request=True)
         start = time.perf_counter()
         self.pipe = generation.build_pipeline(self.config, dataclasses.replace(job, images=[] if self.ti2v else None))
         self.tokenizer = job.models.llm_tokenizer()

@@ -56,14 +56,16 @@ class Job:
     cfg_sequential: bool = False             # CFG rows one after the other (flow_matching.denoise_step)
 
 
-def resolve(config: ml_collections.ConfigDict, *, prompts=None, outputs=None, images=None) -> Job:
+def resolve(config: ml_collections.ConfigDict, *, prompts=None, outputs=None, images=None,
+            image_per_request: bool = False) -> Job:
     """Validate a config; every problem raises a ValueError naming the value and the valid choices.
 
     `prompts` / `outputs` replace the config's prompts and the file names derived from `output`.
     TI2V configs (`ti2v`, or an `image` given): `images` (one file per prompt) replaces `config.image`
     (one file for every prompt); each is read and its crop checked here, before any model loads. Last,
     the models' configs are read and checked against each other (`build_loader`): a checkpoint whose
-    components do not fit is named before any weight loads.
+    components do not fit is named before any weight loads. `image_per_request` (a server): no image
+    is read now, each request brings its own; the DiT's task is checked against `config.ti2v`.
     """
     if prompts is None:
         prompts = config.prompts if config.prompts else config.prompt
@@ -97,10 +99,10 @@ def resolve(config: ml_collections.ConfigDict, *, prompts=None, outputs=None, im
             raise ValueError(f"output {path} must end in .mp4")
         video_io.check_writable(path)
     loaded, motion_score = None, None
-    if config.ti2v or config.image or images is not None:
+    if not image_per_request and (config.ti2v or config.image or images is not None):
         loaded, motion_score = resolve_images(config, images, len(prompts), size)
     models = build_loader(config, checkpoint_dir, dtypes, mesh)
-    check_task(models.dit_cfg.ti2v, image_config=loaded is not None,
+    check_task(models.dit_cfg.ti2v, image_config=bool(config.ti2v) if image_per_request else loaded is not None,
                where=config.dit_from or config.checkpoint_dir or "the tiny random models")
     return Job(prompts=prompts, seeds=seeds, size=size, settings=settings, outputs=outputs,
                checkpoint_dir=checkpoint_dir, dtypes=dtypes, models=models,
