@@ -36,8 +36,8 @@ from stepvideo_jax.models.dit import StepVideoDiT  # noqa: E402
 from stepvideo_jax.parallel import aot  # noqa: E402
 from stepvideo_jax.parallel.rules import STATE_RULES, state_shardings  # noqa: E402
 from stepvideo_jax.parallel.sequence_parallel import SequenceParallel  # noqa: E402
-from stepvideo_jax.training import train_state  # noqa: E402
-from stepvideo_jax.training.loop import dit_config, optimizer_of, step_settings  # noqa: E402
+from stepvideo_jax.training import optimizer, train_state  # noqa: E402
+from stepvideo_jax.training.settings import dit_config, optim_settings, step_settings  # noqa: E402
 from stepvideo_jax.training.train_step import make_train_step  # noqa: E402
 
 GIB = 2**30
@@ -59,7 +59,7 @@ def compile_step(config, name: str, slice_name: str, layers: int) -> dict[str, i
     (devices: the slice's topology; init: abstract model and training state, shardings; lower; compile)."""
     phases = aot.CpuPhases()
     cfg = dataclasses.replace(dit_config(config.model), num_layers=layers)
-    settings = step_settings(config)
+    settings = step_settings(config.step)
     devices = aot.tpu_devices(slice_name)
     sizes = {k: int(v) for k, v in config.mesh.items()}
     if sizes["fsdp"] == -1:
@@ -70,12 +70,12 @@ def compile_step(config, name: str, slice_name: str, layers: int) -> dict[str, i
     if backend in ("ulysses", "ring", "ulysses_ring"):
         backend = SequenceParallel(backend, local_backend="splash")
     settings = dataclasses.replace(settings, attention_backend=backend or "splash")
-    schedule, optimizer = optimizer_of(config)
+    schedule, tx = optimizer.build(optim_settings(config.optim, config.total_steps))
     dtype = jnp.dtype(config.compute_dtype)
     graphdef = nnx.graphdef(nnx.eval_shape(
         lambda: StepVideoDiT(cfg, dtype=dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(0))))
     abstract_state = jax.eval_shape(lambda: train_state.create(
-        nnx.state(StepVideoDiT(cfg, dtype=dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(0))), optimizer,
+        nnx.state(StepVideoDiT(cfg, dtype=dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(0))), tx,
         seed=0, use_ema=settings.ema_decay > 0))
     state_sh = state_shardings(abstract_state, mesh, STATE_RULES)   # ZeRO-style, as training/loop.py
     b = config.data.global_batch
@@ -89,7 +89,7 @@ def compile_step(config, name: str, slice_name: str, layers: int) -> dict[str, i
     negative = {"y": aot.abstract((1, TEXT, c0), jnp.float16, mesh, None),
                 "y_mask": aot.abstract((1, CLIP + TEXT), jnp.int32, mesh, None),
                 "clip": aot.abstract((1, CLIP, c1), jnp.float16, mesh, None)}
-    step = make_train_step(graphdef, optimizer, schedule, settings)
+    step = make_train_step(graphdef, tx, schedule, settings)
     state_args = jax.tree.map(lambda s, x: jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), x), state_sh, abstract_state,
         is_leaf=lambda s: isinstance(s, jax.sharding.Sharding))

@@ -17,9 +17,9 @@ from stepvideo_jax import checkpoints
 from stepvideo_jax.data.preferences import PairDataset
 from stepvideo_jax.models import lora
 from stepvideo_jax.models.dit import StepVideoDiT
-from stepvideo_jax.training.dpo import dpo_objective, dpo_settings, load_weights, train_dpo
+from stepvideo_jax.training.dpo import dpo_settings, load_weights, resolve, train_dpo
 from stepvideo_jax.training.dpo_step import draw_pair_inputs, pair_metrics
-from stepvideo_jax.training.loop import dit_config, step_settings
+from stepvideo_jax.training.settings import dit_config, step_settings
 from stepvideo_jax.training.metrics import read_jsonl
 from tests.fixtures import load_config
 
@@ -39,7 +39,7 @@ def _fixed_eval(config, dataset, params_list, draws=2):
     frozen = {"reference": jax.tree.map(lambda a: a.astype(jnp.bfloat16), init), "base": None}
     pairs = [dataset.load(i) for i in range(len(dataset))]
     batch = {k: jnp.asarray(np.stack([p[k] for p in pairs])) for k in pairs[0]}
-    settings, dpo = step_settings(config), dpo_settings(config)
+    settings, dpo = step_settings(config.step), dpo_settings(config.dpo)
 
     @jax.jit
     def evaluate(params):
@@ -115,11 +115,13 @@ def test_a_lora_run_loads_as_its_base_with_the_adapters_folded_in(tmp_path, comp
 
 def test_config_errors_are_named():
     with pytest.raises(ValueError, match="eval_every"):
-        dpo_objective(dpo_config(eval_every=10))
+        resolve(dpo_config(eval_every=10))
     with pytest.raises(ValueError, match="cond_dropout"):
-        dpo_objective(dpo_config(**{"step.cond_dropout": 0.1}))
+        resolve(dpo_config(**{"step.cond_dropout": 0.1}))
     with pytest.raises(ValueError, match="policy_from"):
-        dpo_objective(dpo_config(**{"model.init_from": "/some/release/transformer"}))
+        resolve(dpo_config(**{"model.init_from": "/some/release/transformer"}))
+    with pytest.raises(ValueError, match="samples.every = 5: sample videos are written by flow-matching runs only"):
+        resolve(dpo_config(**{"samples.every": 5}))
     with pytest.raises(ValueError, match="training workdir"):
         load_weights("/nonexistent", dit_config(dpo_config().model), dtype=jnp.float32,
                      param_dtype=jnp.float32, seed=0)

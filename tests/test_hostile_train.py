@@ -26,7 +26,8 @@ from stepvideo_jax.data import format as data_format
 from stepvideo_jax.data import precompute as pc
 from stepvideo_jax.data import preferences, synthetic
 from stepvideo_jax.models.dit import StepVideoDiT
-from stepvideo_jax.training.loop import dit_config, train
+from stepvideo_jax.training.loop import train
+from stepvideo_jax.training.settings import dit_config
 from stepvideo_jax.training.metrics import read_jsonl
 from stepvideo_jax.training.startup import StartupError
 from tests.fixtures import load_config

@@ -246,9 +246,9 @@ def test_pair_job_resumes_and_refuses_another_job(pairs):
 
 def test_unknown_objective_is_refused():
     with pytest.raises(ValueError, match="reflow"):
-        objective_of(load_config("configs/distill/demo.py", objective="distill"))
+        objective_of(load_config("configs/distill/demo.py", objective="distill").objective)
     with pytest.raises(ValueError, match="train_dpo"):
-        objective_of(load_config("configs/dpo/tiny_cpu.py"))
+        objective_of(load_config("configs/dpo/tiny_cpu.py").objective)
 
 
 def test_reflow_dataset_refuses_latents_dataset(tmp_path):
@@ -401,16 +401,17 @@ def test_shipped_demo_turbo_meets_the_target_and_generates():
 def test_full_size_distill_configs(arg, chips):
     """The pod recipe: reflow objective, U-shaped t (a = 5), the flow-matching pod layout (one pair
     per fsdp group of 4 sequence shards, remat full, bf16 compute)."""
-    from stepvideo_jax.training.loop import dit_config, optimizer_of, step_settings
+    from stepvideo_jax.training import optimizer
+    from stepvideo_jax.training.settings import dit_config, optim_settings, step_settings
 
     c = load_config(f"configs/distill/pod.py:{arg}")
-    assert objective_of(c).latents_key == "z1"
+    assert objective_of(c.objective).latents_key == "z1"
     assert dit_config(c.model) == DiTConfig.full()
-    s = step_settings(c)
+    s = step_settings(c.step)
     assert (s.timestep_distribution, s.u_shape_a, s.remat, c.compute_dtype) == ("u_shaped", 5.0, "full", "bfloat16")
     mesh = dict(c.mesh)
     fsdp = chips // (mesh["data"] * mesh["sequence"] * mesh["tensor"])
     assert c.data.global_batch % (mesh["data"] * fsdp) == 0 and c.data.global_batch // fsdp == 1
-    optimizer_of(c)
+    optimizer.build(optim_settings(c.optim, c.total_steps))
     with pytest.raises(ValueError, match="v5p-128"):
         load_config("configs/distill/pod.py:v4-8")

@@ -11,8 +11,8 @@ from stepvideo_jax.convert import conversion
 from stepvideo_jax.models.dit import DiTConfig, StepVideoDiT
 from stepvideo_jax.parallel.mesh import make_mesh
 from stepvideo_jax.parallel.rules import state_shardings
-from stepvideo_jax.training import train_state
-from stepvideo_jax.training.loop import dit_config, optimizer_of, step_settings
+from stepvideo_jax.training import optimizer, train_state
+from stepvideo_jax.training.settings import resolve
 from stepvideo_jax.training.train_step import remat_policy
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -29,8 +29,9 @@ def _config(name, *args):
                                             ("pod_192x320", "v5p-128", 64), ("pod_192x320", "v5p-256", 128)])
 def test_pod_configs(name, arg, chips):
     c = _config(name, arg)
-    assert dit_config(c.model) == DiTConfig.full()
-    s = step_settings(c)
+    run = resolve(c)
+    assert run.model == DiTConfig.full()
+    s = run.step
     remat_policy(s.remat)
     assert s.remat == "full" and c.compute_dtype == "bfloat16"
     mesh = {k: v for k, v in c.mesh.items()}
@@ -38,15 +39,16 @@ def test_pod_configs(name, arg, chips):
     micro = c.data.global_batch // s.accum_steps
     assert micro * s.accum_steps == c.data.global_batch
     assert micro % (mesh["data"] * fsdp) == 0  # micro-batch rows over (data, fsdp)
-    optimizer_of(c)
+    optimizer.build(run.optim)
 
 
 @pytest.mark.sharding
 def test_full_size_state_shards_over_a_mesh():
     """The whole full-size train state (f32 params, Adam moments, EMA) has a sharding from the rules."""
     c = _config("pod_544x992", "v5p-128")
-    cfg = dit_config(c.model)
-    _, opt = optimizer_of(c)
+    run = resolve(c)
+    cfg = run.model
+    _, opt = optimizer.build(run.optim)
     abstract = jax.eval_shape(lambda: train_state.create(
         nnx.state(StepVideoDiT(cfg, rngs=nnx.Rngs(0))), opt, seed=0, use_ema=True))
     mesh = make_mesh({"fsdp": 2, "sequence": 4}, subset=True)
@@ -73,7 +75,7 @@ def test_init_from_release_and_converted_checkpoint(tmp_path):
     for source in (release / "transformer", tmp_path / "ckpt"):
         cfg = source_dit_config(source)
         assert cfg == dit_convert.read_config(release / "transformer")
-        _, opt = optimizer_of(_config("tiny_cpu"))
+        _, opt = optimizer.build(resolve(_config("tiny_cpu")).optim)
         fresh = train_state.create(nnx.state(StepVideoDiT(cfg, rngs=nnx.Rngs(0))), opt, seed=0, use_ema=True)
         sh = state_shardings(jax.eval_shape(lambda: fresh), mesh)
         state = _with_initial_weights(fresh, source, jax.numpy.float32, sh, mesh)

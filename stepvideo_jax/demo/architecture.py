@@ -16,7 +16,7 @@ from stepvideo_jax.models.vae import VAEConfig
 from stepvideo_jax.text.conditioning import LLM_LENGTH, TextConditioner
 from stepvideo_jax.text.sentencepiece_tokenizer import StepLLMTokenizer
 from stepvideo_jax.text.wordpiece_tokenizer import WordPieceTokenizer
-from stepvideo_jax.training.loop import dit_config as train_dit_config
+from stepvideo_jax.training.settings import dit_config as train_dit_config
 
 
 def vae_config(config) -> VAEConfig:

@@ -23,8 +23,10 @@ Weight sources (`config.dpo.policy_from`, `config.dpo.reference_from`):
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import pathlib
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -32,33 +34,70 @@ from flax import nnx
 
 from stepvideo_jax import checkpoints
 from stepvideo_jax.data import preferences
+from stepvideo_jax.dtypes import dtype_of
 from stepvideo_jax.models import lora
 from stepvideo_jax.models.dit import DiTConfig, StepVideoDiT
 from stepvideo_jax.parallel.rules import state_shardings
+from stepvideo_jax.training import settings
 from stepvideo_jax.training.dpo_step import DPOSettings, make_dpo_step
-from stepvideo_jax.training.loop import Objective, TrainResult, dit_config, train
+from stepvideo_jax.training.loop import Objective, TrainResult, fit
+from stepvideo_jax.training.settings import TrainSettings
 
 
-def dpo_settings(config) -> DPOSettings:
+@dataclasses.dataclass(frozen=True)
+class DPOSpec:
+    """`config.dpo` checked: the loss, the weight sources of the policy and of the frozen reference
+    (the initial policy's when the config leaves `reference_from` empty), the reference's storage
+    dtype, and LoRA (`lora_rank > 0`) or full fine-tuning."""
+
+    loss: DPOSettings
+    policy_from: str
+    reference_from: str
+    reference_dtype: Any
+    lora_rank: int
+    lora_alpha: float
+    lora_targets: tuple[str, ...]
+
+
+def dpo_settings(dpo) -> DPOSettings:
+    """DPOSettings from `config.dpo`."""
+    return DPOSettings(beta=dpo.beta, beta_schedule=dpo.beta_schedule, sft_weight=dpo.sft_weight)
+
+
+def resolve(config, workdir=None) -> tuple[TrainSettings, DPOSpec]:
+    """Check a DPO config: the training family's fields (`settings.resolve`) and the `dpo` block,
+    with the fields that do not apply to DPO refused by name."""
+    if config.model.init_from:
+        raise ValueError("DPO configs take the policy from config.dpo.policy_from; leave model.init_from empty")
+    if config.eval_every:
+        raise ValueError("the flow-matching held-out loss does not apply to DPO: set eval_every = 0")
+    if config.step.cond_dropout:
+        raise ValueError("DPO compares two videos of one prompt: set step.cond_dropout = 0")
+    if config.samples.every:
+        raise ValueError(f"samples.every = {config.samples.every}: sample videos are written by flow-matching "
+                         "runs only; set samples.every = 0 for this objective")
     d = config.dpo
-    return DPOSettings(beta=d.beta, beta_schedule=d.beta_schedule, sft_weight=d.sft_weight)
+    loss = dpo_settings(d)
+    run = settings.resolve(config, workdir)
+    return run, DPOSpec(loss=loss, policy_from=d.policy_from, reference_from=d.reference_from or d.policy_from,
+                        lora_rank=d.lora_rank, lora_alpha=d.lora_alpha, lora_targets=tuple(d.lora_targets),
+                        reference_dtype=jnp.dtype(dtype_of(d.reference_dtype, what="dpo.reference_dtype")))
 
 
-def open_preferences(config, workdir: pathlib.Path) -> preferences.PairDataset:
-    """`config.data.path` when set (it wins over a config's default synthetic set), else the
-    synthetic pairs written into the workdir."""
-    d = config.data
+def open_preferences(d: settings.Data, workdir: pathlib.Path) -> preferences.PairDataset:
+    """`data.path` when set (it wins over a config's default synthetic set), else the synthetic
+    pairs written into the workdir."""
     if d.path:
         return preferences.PairDataset(d.path)
     if d.synthetic:
         root = workdir / "synthetic_preferences"
         if not (root / preferences.PAIRS_FILE).exists():
             s = d.synthetic
-            preferences.write_synthetic(root, num_pairs=s.num_pairs, frames=s.frames, height=s.height,
-                                        width=s.width, channels=s.channels, time_factor=s.time_factor,
-                                        space_factor=s.space_factor, text_length=s.text_length,
-                                        clip_length=s.clip_length, caption_channels=tuple(s.caption_channels),
-                                        seed=s.seed)
+            preferences.write_synthetic(root, num_pairs=s["num_pairs"], frames=s["frames"], height=s["height"],
+                                        width=s["width"], channels=s["channels"], time_factor=s["time_factor"],
+                                        space_factor=s["space_factor"], text_length=s["text_length"],
+                                        clip_length=s["clip_length"], caption_channels=tuple(s["caption_channels"]),
+                                        seed=s["seed"])
         return preferences.PairDataset(root)
     raise ValueError("config.data needs `path` (a stepvideo-preferences-v1 directory) or `synthetic`")
 
@@ -88,53 +127,44 @@ def _cast_place(params: nnx.State, dtype, mesh) -> nnx.State:
     return jax.jit(lambda p: jax.tree.map(lambda a: a.astype(dtype), p), out_shardings=sh)(params)
 
 
-def dpo_objective(config) -> Objective:
-    """The `Objective` of a DPO config (see the module docstring)."""
-    d = config.dpo
-    if config.model.init_from:
-        raise ValueError("DPO configs take the policy from config.dpo.policy_from; leave model.init_from empty")
-    if config.eval_every:
-        raise ValueError("the flow-matching held-out loss does not apply to DPO: set eval_every = 0")
-    if config.step.cond_dropout:
-        raise ValueError("DPO compares two videos of one prompt: set step.cond_dropout = 0")
-    cfg = dit_config(config.model)
-    dtype = jnp.dtype(config.compute_dtype)
-    ref_dtype = jnp.dtype(d.reference_dtype)
-    use_lora = d.lora_rank > 0
+def dpo_objective(run: TrainSettings, spec: DPOSpec) -> Objective:
+    """The `Objective` of a DPO run (see the module docstring)."""
+    cfg, dtype, ref_dtype = run.model, run.dtype, spec.reference_dtype
+    use_lora = spec.lora_rank > 0
     ref_graphdef = nnx.graphdef(nnx.eval_shape(
         lambda: StepVideoDiT(cfg, dtype=dtype, param_dtype=ref_dtype, rngs=nnx.Rngs(0))))
-    weights = functools.partial(load_weights, cfg=cfg, dtype=dtype, seed=config.seed)
+    weights = functools.partial(load_weights, cfg=cfg, dtype=dtype, seed=run.seed)
 
-    def aux(config, dataset, mesh):
-        policy_src, ref_src = d.policy_from, d.reference_from or d.policy_from
-        reference = _cast_place(weights(ref_src, param_dtype=ref_dtype, mesh=mesh), ref_dtype, mesh)
+    def aux(dataset, mesh):
+        reference = _cast_place(weights(spec.reference_from, param_dtype=ref_dtype, mesh=mesh), ref_dtype, mesh)
         base = None
         if use_lora:
-            base = reference if ref_src == policy_src else _cast_place(
-                weights(policy_src, param_dtype=dtype, mesh=mesh), dtype, mesh)
+            base = reference if spec.reference_from == spec.policy_from else _cast_place(
+                weights(spec.policy_from, param_dtype=dtype, mesh=mesh), dtype, mesh)
         frozen = {"reference": reference, "base": base}
         return frozen, jax.tree.map(lambda a: a.sharding, frozen)
 
-    def init_params(config, state, state_sh):
-        if use_lora or not d.policy_from:
+    def init_params(state, state_sh):
+        if use_lora or not spec.policy_from:
             return state
-        params = weights(d.policy_from, param_dtype=jnp.float32)
+        params = weights(spec.policy_from, param_dtype=jnp.float32)
         params = jax.device_put(jax.tree.map(lambda a: a.astype(jnp.float32), params), state_sh.params)
         ema = jax.tree.map(jnp.copy, params) if state.ema is not None else None
         return state.replace(params=params, ema=ema)
 
-    prepare = (lambda m: lora.apply_lora(m, rank=d.lora_rank, alpha=d.lora_alpha, targets=tuple(d.lora_targets),
-                                         seed=config.seed + 1)) if use_lora else (lambda m: m)
-    records = {checkpoints.LORA_RECORD: checkpoints.lora_record(
-        d.policy_from, rank=d.lora_rank, alpha=d.lora_alpha, targets=d.lora_targets, seed=config.seed)} if use_lora else {}
+    lora_kw = dict(rank=spec.lora_rank, alpha=spec.lora_alpha, targets=spec.lora_targets)
+    prepare = (lambda m: lora.apply_lora(m, **lora_kw, seed=run.seed + 1)) if use_lora else (lambda m: m)
+    records = {checkpoints.LORA_RECORD: checkpoints.lora_record(spec.policy_from, **lora_kw, seed=run.seed)
+               } if use_lora else {}
     return Objective(open_dataset=open_preferences, prepare=prepare,
                      trainable=lora.LoRAParam if use_lora else nnx.Param,
-                     make_step=functools.partial(make_dpo_step, ref_graphdef=ref_graphdef, dpo=dpo_settings(config)),
+                     make_step=functools.partial(make_dpo_step, ref_graphdef=ref_graphdef, dpo=spec.loss),
                      aux=aux, init_params=init_params, latents_key="mean_w",
                      forwards_per_sample=8.0,   # policy forward + backward of 2 videos, reference forward of 2
                      records=records)
 
 
-
 def train_dpo(config, workdir=None, *, printer=print) -> TrainResult:
-    return train(config, workdir, printer=printer, objective=dpo_objective(config))
+    """Run or resume the DPO run of `config` in `workdir` (default `config.workdir`)."""
+    run, spec = resolve(config, workdir)
+    return fit(run, dpo_objective(run, spec), printer=printer)

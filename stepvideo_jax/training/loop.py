@@ -1,7 +1,9 @@
-"""The training loop: config -> mesh, model, state, data, jitted step, metrics, checkpoints.
+"""The training loop: settings -> mesh, model, state, data, jitted step, metrics, checkpoints.
 
 `train(config, workdir)` runs (or resumes) a run described by an ml_collections config (see
-`configs/train/`). The step is jitted once per bucket shape with explicit shardings from the
+`configs/train/`): the config is read and checked once (`settings.resolve`), and `fit` runs the
+checked `TrainSettings` with an `Objective` (`setup`, `restore`, then `train_step` and `log_step`
+per step). The step is jitted once per bucket shape with explicit shardings from the
 logical-axis rules, the state donated. The loop checks the loss of every step on the host before
 anything else happens, so a NaN/inf stops the run before a bad state can be saved.
 
@@ -24,10 +26,9 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from stepvideo_jax import checkpoints, paths
-from stepvideo_jax.convert import config_records
 from stepvideo_jax.data import format as data_format
 from stepvideo_jax.data import pipeline, synthetic
-from stepvideo_jax.models.dit import DiTConfig, StepVideoDiT
+from stepvideo_jax.models.dit import StepVideoDiT
 from stepvideo_jax.parallel.mesh import make_mesh
 from stepvideo_jax.parallel.rules import STATE_RULES, logical_to_spec, state_shardings
 from stepvideo_jax.sampling.components import vae_decoder
@@ -35,12 +36,11 @@ from stepvideo_jax.sampling.flow_matching import FlowMatchSampler, SamplerSettin
 from stepvideo_jax.sampling.image_condition import condition_frames
 from stepvideo_jax.sampling.pipeline import dit_velocity_fn, postprocess
 from stepvideo_jax.sampling.video_io import write_mp4
-from stepvideo_jax.training import optimizer as optim
-from stepvideo_jax.training import reflow
-from stepvideo_jax.training import startup, train_state
+from stepvideo_jax.training import optimizer, reflow, settings, startup, train_state
 from stepvideo_jax.training.checkpoint import Checkpointer, abstract_with_shardings
 from stepvideo_jax.training.metrics import MetricsWriter, peak_flops_per_device, train_flops
-from stepvideo_jax.training.train_step import StepSettings, heldout_loss, make_train_step
+from stepvideo_jax.training.settings import TrainSettings
+from stepvideo_jax.training.train_step import heldout_loss, make_train_step
 
 
 class NonFiniteLoss(RuntimeError):
@@ -51,15 +51,16 @@ class NonFiniteLoss(RuntimeError):
 class Objective:
     """The parts of `train` that depend on what is optimised; the defaults are flow matching.
 
-    - `open_dataset(config, workdir)`: a dataset (`len`, `bucket(i)`, `load(i)`, `meta`, `negative()`).
+    - `open_dataset(data, workdir)`: the dataset of `data` (`settings.Data`): `len`, `bucket(i)`, `load(i)`,
+      `meta`, `negative()`.
     - `prepare(model)`: the module to train, made from the freshly built DiT (e.g. with adapters).
     - `trainable`: nnx filter of the trained (optimised, checkpointed) variables of that module.
     - `make_step(graphdef, optimizer, schedule, settings)` -> `step(state, batch, aux) -> (state,
       metrics)`; metrics hold at least `loss`, `grad_norm`, `learning_rate`, `finite`; all are logged.
-    - `aux(config, dataset, mesh)` -> (aux, its shardings): the step's third argument, never donated
+    - `aux(dataset, mesh)` -> (aux, its shardings): the step's third argument, never donated
       and never checkpointed (None: the negative prompt's conditioning, replicated).
-    - `init_params(config, state, state_shardings)` -> state with the trained variables of a fresh
-      run (None: `config.model.init_from` or the seed's init).
+    - `init_params(state, state_shardings)` -> state with the trained variables of a fresh
+      run (None: `model.init_from` or the seed's init).
     - `make_heldout(dataset, size, seed)` -> the held-out set of `eval_fn` (None: `make_heldout`).
     - `latents_key`: the batch array whose (f, h, w) sizes the FLOP count.
     - `forwards_per_sample`: cost of one batch row in DiT forwards (3: forward + backward).
@@ -79,14 +80,14 @@ class Objective:
     records: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
-# `config.objective` of `train` (DPO has its own entry point and passes its objective itself)
+# `config.objective` of `train` (DPO has its own entry point and passes its objective to `fit`)
 OBJECTIVES = ("flow_matching", "reflow")
 
 
-def objective_of(config) -> Objective:
-    """The `Objective` named by `config.objective`: flow matching on latents (`configs/train/`) or
-    reflow step distillation on teacher pairs (`training/reflow.py`, `configs/distill/`)."""
-    name = config.objective
+def objective_of(name: str) -> Objective:
+    """The `Objective` called `name` (`config.objective`): flow matching on latents
+    (`configs/train/`) or reflow step distillation on teacher pairs (`training/reflow.py`,
+    `configs/distill/`)."""
     if name == "flow_matching":
         return Objective()
     if name == "reflow":
@@ -103,57 +104,27 @@ class TrainResult:
     heldout: list[tuple[int, float]]     # (step, held-out loss), step 0 = before training
 
 
-def dit_config(model_cfg) -> DiTConfig:
-    """DiTConfig from `config.model` (fields of DiTConfig; `preset="full"` for the official size)."""
-    raw = dict(model_cfg)
-    raw.pop("init_from", None)
-    base = DiTConfig.full() if raw.pop("preset", "") == "full" else DiTConfig()
-    fields = {f.name for f in dataclasses.fields(DiTConfig)}
-    unknown = sorted(set(raw) - fields)
-    if unknown:
-        raise ValueError(f"config.model has unknown keys {unknown}; DiTConfig fields are {sorted(fields)}")
-    return config_records.config_from_values(DiTConfig, {**dataclasses.asdict(base), **raw})
-
-
-def step_settings(config) -> StepSettings:
-    """StepSettings from `config.step` ("" as attention backend means the platform default)."""
-    raw = dict(config.step)
-    raw["attention_backend"] = raw.get("attention_backend") or None
-    return StepSettings(**raw)
-
-
-def optimizer_of(config):
-    o = config.optim
-    schedule = optim.learning_rate_schedule(o.learning_rate, warmup_steps=o.warmup_steps,
-                                            total_steps=config.total_steps, kind=o.schedule,
-                                            end_fraction=o.end_fraction)
-    return schedule, optim.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
-                                 clip_norm=o.clip_norm or None)
-
-
-def open_dataset(config, workdir: epath.Path) -> data_format.Dataset:
-    """`config.data.path` when set (it wins over a config's default synthetic set), else the
-    synthetic set written into the workdir."""
-    d = config.data
+def open_dataset(d: settings.Data, workdir: epath.Path) -> data_format.Dataset:
+    """`data.path` when set (it wins over a config's default synthetic set), else the synthetic set
+    written into the workdir."""
     if d.path:
         return data_format.Dataset(d.path)
     if d.synthetic:
         root = workdir / "synthetic_data"
         if not (root / "meta.json").exists():
             s = d.synthetic
-            synthetic.write(root, num_samples=s.num_samples, buckets=tuple(tuple(b) for b in s.buckets),
-                            channels=s.channels, text_length=s.text_length, clip_length=s.clip_length,
-                            caption_channels=tuple(s.caption_channels), seed=s.seed)
+            synthetic.write(root, num_samples=s["num_samples"], buckets=tuple(tuple(b) for b in s["buckets"]),
+                            channels=s["channels"], text_length=s["text_length"], clip_length=s["clip_length"],
+                            caption_channels=tuple(s["caption_channels"]), seed=s["seed"])
         return data_format.Dataset(root)
     raise ValueError("config.data needs `path` (a stepvideo-latents-v1 directory) or `synthetic`")
 
 
-def _resume(ckpt: Checkpointer, abstract_state, config, writer: MetricsWriter, printer):
-    """(state, data_state) of the newest checkpoint that restores (`config.checkpoint.fallback`,
-    default True: an unreadable newest step is set aside, see `Checkpointer.restore_latest`); the
-    metrics of the steps the run will replay are dropped from `metrics.jsonl`."""
-    step, state, data_state = ckpt.restore_latest(abstract_state, fallback=config.checkpoint.fallback,
-                                                  printer=printer)
+def _resume(ckpt: Checkpointer, abstract_state, fallback: bool, writer: MetricsWriter, printer):
+    """(state, data_state) of the newest checkpoint that restores (`fallback`: an unreadable newest
+    step is set aside, see `Checkpointer.restore_latest`); the metrics of the steps the run will
+    replay are dropped from `metrics.jsonl`."""
+    step, state, data_state = ckpt.restore_latest(abstract_state, fallback=fallback, printer=printer)
     writer.discard_after(step)
     if printer:
         printer(f"resumed from {ckpt.directory}/{step}")
@@ -188,16 +159,13 @@ def make_heldout(dataset: data_format.Dataset, size: int, seed: int) -> dict:
 
 @dataclasses.dataclass
 class Run:
-    """Everything a run builds before its first step (`setup`): the model config, mesh, shardings,
-    data, the jitted step and held-out loss, the checkpointer and the metrics writer."""
+    """Everything a run builds before its first step (`setup`): its settings and objective, the
+    mesh, shardings, data, the jitted step and held-out loss, the checkpointer and the metrics writer."""
 
-    config: Any
+    settings: TrainSettings
     objective: Objective
-    workdir: epath.Path
     printer: Optional[Callable[[str], Any]]
     mesh: Mesh
-    cfg: DiTConfig
-    dtype: Any
     init_state: Callable             # () -> a fresh TrainState (the seed's init)
     abstract_state: Any
     state_sh: Any
@@ -213,70 +181,66 @@ class Run:
     writer: MetricsWriter
 
 
-def setup(config, workdir=None, *, printer: Optional[Callable[[str], Any]] = print,
-          objective: Optional[Objective] = None) -> Run:
-    """Check the run's directories and data, and build everything `train` needs; nothing is trained
-    and no parameter is initialised yet (`restore` does that)."""
-    objective = objective or objective_of(config)
-    workdir = paths.absolute(workdir or config.workdir)
-    startup.check_run_directories(workdir, workdir / "checkpoints")
-    dataset = (objective.open_dataset or open_dataset)(config, workdir)
-    startup.check_dataset(dataset, config.data.path or workdir, headers=config.data.check_headers)
-    mesh = make_mesh(dict(config.mesh), subset=True)
-    init_from = config.model.init_from
-    cfg = checkpoints.dit_config(init_from) if init_from else dit_config(config.model)
+def open_data(s: TrainSettings, objective: Objective):
+    """The run's directories checked (made when missing), its dataset opened and checked."""
+    startup.check_run_directories(s.workdir, s.workdir / "checkpoints")
+    dataset = (objective.open_dataset or open_dataset)(s.data, s.workdir)
+    startup.check_dataset(dataset, s.data.path or s.workdir, headers=s.data.check_headers)
+    return dataset
+
+
+def write_records(s: TrainSettings, objective: Objective) -> None:
+    """`dit_config.json` (read back by `checkpoints.load_dit` and the exporter) and the objective's
+    records, into the workdir (process 0)."""
     if paths.writes_shared_files():
-        paths.write_text(workdir / checkpoints.WORKDIR_DIT_CONFIG, json.dumps(dataclasses.asdict(cfg), indent=1))
+        paths.write_text(s.workdir / checkpoints.WORKDIR_DIT_CONFIG, json.dumps(dataclasses.asdict(s.model), indent=1))
         for name, record in objective.records.items():
-            paths.write_text(workdir / name, json.dumps(record, indent=1))
-    dtype = jnp.dtype(config.compute_dtype)
-    settings = step_settings(config)
-    schedule, optimizer = optimizer_of(config)
-    if cfg.ti2v and settings.motion_score is None:
-        raise ValueError("this DiT is Step-Video-TI2V: training conditions on each sample's first latent frame "
-                         "and a motion score; set step.motion_score (e.g. 5, the TI2V default)")
+            paths.write_text(s.workdir / name, json.dumps(record, indent=1))
+
+
+def setup(s: TrainSettings, objective: Objective, *, printer: Optional[Callable[[str], Any]] = print) -> Run:
+    """Check the run's directories and data, and build everything `fit` needs; nothing is trained
+    and no parameter is initialised yet (`restore` does that)."""
+    dataset = open_data(s, objective)
+    mesh = make_mesh(s.mesh, subset=True)
+    write_records(s, objective)
+    schedule, tx = optimizer.build(s.optim)
+
+    def model(seed: int):
+        return objective.prepare(StepVideoDiT(s.model, dtype=s.dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(seed)))
 
     def init_state():
-        model = objective.prepare(StepVideoDiT(cfg, dtype=dtype, param_dtype=jnp.float32,
-                                               rngs=nnx.Rngs(config.seed)))
-        return train_state.create(nnx.state(model, objective.trainable), optimizer, seed=config.seed,
-                                  use_ema=settings.ema_decay > 0)
+        return train_state.create(nnx.state(model(s.seed), objective.trainable), tx, seed=s.seed,
+                                  use_ema=s.step.ema_decay > 0)
 
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: objective.prepare(
-        StepVideoDiT(cfg, dtype=dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(0)))))
-    sampler = None
-    if config.samples.every:
-        if objective.aux is not None:
-            raise ValueError(f"samples.every = {config.samples.every}: sample videos are written by flow-matching "
-                             "runs only; set samples.every = 0 for this objective")
-        sampler = TrainingSampler(graphdef, config.samples, backend=settings.attention_backend, dtype=dtype,
-                                  in_channels=cfg.in_channels,
-                                  motion_score=settings.motion_score if cfg.ti2v else None)
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: model(0)))
+    sampler = TrainingSampler(graphdef, s.samples, backend=s.step.attention_backend, dtype=s.dtype,
+                              in_channels=s.model.in_channels,
+                              motion_score=s.step.motion_score if s.model.ti2v else None) if s.samples.every else None
     abstract_state = jax.eval_shape(init_state)
     state_sh = state_shardings(abstract_state, mesh, STATE_RULES)   # ZeRO-style: over fsdp x sequence
 
-    data_iter = pipeline.batches(dataset, config.data.global_batch, seed=config.data.seed,
-                                 process_index=jax.process_index(), process_count=jax.process_count(),
-                                 num_threads=config.data.num_threads, prefetch=config.data.prefetch)
+    d = s.data
+    data_iter = pipeline.batches(dataset, d.global_batch, seed=d.seed, process_index=jax.process_index(),
+                                 process_count=jax.process_count(), num_threads=d.num_threads, prefetch=d.prefetch)
     replicated = NamedSharding(mesh, PartitionSpec())
     if objective.aux is None:
         aux_sh = replicated
         aux = jax.device_put({k: jnp.asarray(v) for k, v in dataset.negative().items()}, replicated)
     else:
-        aux, aux_sh = objective.aux(config, dataset, mesh)
+        aux, aux_sh = objective.aux(dataset, mesh)
     batch_sh = batch_shardings({k: v[None] for k, v in dataset.load(0).items()}, mesh)
 
-    step_fn = jax.jit(objective.make_step(graphdef, optimizer, schedule, settings),
+    step_fn = jax.jit(objective.make_step(graphdef, tx, schedule, s.step),
                       in_shardings=(state_sh, batch_sh, aux_sh), out_shardings=(state_sh, replicated),
                       donate_argnums=0)
-    eval_fn = jax.jit(lambda params, held: heldout_loss(graphdef, params, held,
-                                                        backend=settings.attention_backend,
-                                                        motion_score=settings.motion_score))
-    ckpt = Checkpointer(workdir / "checkpoints", save_every=config.checkpoint.every,
-                        keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
-    writer = MetricsWriter(workdir, tensorboard=config.metrics.tensorboard, printer=printer)
-    return Run(config, objective, workdir, printer, mesh, cfg, dtype, init_state, abstract_state, state_sh,
-               dataset, data_iter, aux, batch_sh, replicated, step_fn, eval_fn, sampler, ckpt, writer)
+    eval_fn = jax.jit(lambda params, held: heldout_loss(graphdef, params, held, backend=s.step.attention_backend,
+                                                        motion_score=s.step.motion_score))
+    c = s.checkpoint
+    ckpt = Checkpointer(s.workdir / "checkpoints", save_every=c.every, keep=c.keep, async_save=c.async_save)
+    writer = MetricsWriter(s.workdir, tensorboard=s.logging.tensorboard, printer=printer)
+    return Run(s, objective, printer, mesh, init_state, abstract_state, state_sh, dataset, data_iter, aux, batch_sh,
+               replicated, step_fn, eval_fn, sampler, ckpt, writer)
 
 
 def restore(run: Run):
@@ -284,16 +248,26 @@ def restore(run: Run):
     a fresh state with the objective's, `model.init_from`'s or the seed's weights."""
     if run.ckpt.latest_step() is not None:
         state, data_state = _resume(run.ckpt, abstract_with_shardings(run.abstract_state, run.state_sh),
-                                    run.config, run.writer, run.printer)
+                                    run.settings.checkpoint.fallback, run.writer, run.printer)
         run.data_iter.set_state(data_state)
         return state
     run.writer.discard_after(-1)  # records of an earlier attempt that saved no checkpoint
     state = jax.jit(run.init_state, out_shardings=run.state_sh)()
     if run.objective.init_params is not None:
-        return run.objective.init_params(run.config, state, run.state_sh)
-    if run.config.model.init_from:
-        return _with_initial_weights(state, run.config.model.init_from, run.dtype, run.state_sh, run.mesh)
+        return run.objective.init_params(state, run.state_sh)
+    if run.settings.init_from:
+        return _with_initial_weights(state, run.settings.init_from, run.settings.dtype, run.state_sh, run.mesh)
     return state
+
+
+def heldout_set(run: Run) -> Optional[dict]:
+    """The fixed held-out set, replicated (`eval_size` samples; for the held-out loss and the
+    samples' prompts), or None when neither is asked for."""
+    s = run.settings
+    if not (s.logging.eval_every or run.sampler is not None):
+        return None
+    make = run.objective.make_heldout or make_heldout
+    return jax.device_put(make(run.dataset, s.logging.eval_size, s.seed + 1), run.replicated)
 
 
 def train_step(run: Run, state, step: int):
@@ -316,7 +290,7 @@ class Throughput:
 
     def __init__(self, run: Run):
         self.run = run
-        self.peak = peak_flops_per_device(jax.devices()[0].device_kind, run.config.metrics.peak_flops)
+        self.peak = peak_flops_per_device(jax.devices()[0].device_kind, run.settings.logging.peak_flops)
         self.lengths = dict(text_length=run.dataset.meta["text_length"],
                             clip_length=run.dataset.meta["clip_length"])
         self.reset()
@@ -326,7 +300,7 @@ class Throughput:
 
     def add(self, latents_shape) -> None:
         f, _, h, w = latents_shape
-        b, cfg = self.run.config.data.global_batch, self.run.cfg
+        b, cfg = self.run.settings.data.global_batch, self.run.settings.model
         self.samples += b
         self.tokens += b * f * (h // cfg.patch_size) * (w // cfg.patch_size)
         self.flops += b * self.run.objective.forwards_per_sample / 3.0 * train_flops(
@@ -345,50 +319,52 @@ class Throughput:
         return out
 
 
-def log_step(run: Run, state, step: int, stop: int, metrics: dict, heldout, throughput: Throughput,
+def log_step(run: Run, state, step: int, metrics: dict, heldout, throughput: Throughput,
              heldout_curve: list) -> None:
     """After step `step`: the held-out loss (`eval_every`), the metrics and throughput (`log_every`,
     and the last step), sample videos (`samples.every`)."""
-    config, scalars = run.config, dict(metrics)
-    if config.eval_every and step % config.eval_every == 0:
+    s, scalars = run.settings, dict(metrics)
+    if s.logging.eval_every and step % s.logging.eval_every == 0:
         t_eval = time.perf_counter()
         scalars["heldout_loss"] = float(run.eval_fn(state.params, heldout))
         heldout_curve.append((step, scalars["heldout_loss"]))
         throughput.exclude(time.perf_counter() - t_eval)  # throughput counts training only
-    if step % config.log_every == 0 or step == stop:
+    if step % s.logging.log_every == 0 or step == s.stop:
         scalars.update(throughput.scalars())
         run.writer.write(step, scalars)
-    if run.sampler is not None and step % config.samples.every == 0:
+    if run.sampler is not None and step % s.samples.every == 0:
         t_samples = time.perf_counter()
-        run.sampler(run.workdir, step, state.ema if state.ema is not None else state.params, heldout, run.aux)
+        run.sampler(s.workdir, step, state.ema if state.ema is not None else state.params, heldout, run.aux)
         throughput.exclude(time.perf_counter() - t_samples)
 
 
-def train(config, workdir=None, *, printer: Optional[Callable[[str], Any]] = print,
-          objective: Optional[Objective] = None) -> TrainResult:
-    """Run or resume the run of `config` in `workdir` (default `config.workdir`); `objective`
-    replaces the parts of `config.objective` (`objective_of`; see `Objective`)."""
-    run = setup(config, workdir, printer=printer, objective=objective)
+def train(config, workdir=None, *, printer: Optional[Callable[[str], Any]] = print) -> TrainResult:
+    """Run or resume the run of `config` (its objective: `config.objective`, `objective_of`) in
+    `workdir` (default `config.workdir`)."""
+    s = settings.resolve(config, workdir)
+    return fit(s, objective_of(s.objective), printer=printer)
+
+
+def fit(s: TrainSettings, objective: Objective, *, printer: Optional[Callable[[str], Any]] = print) -> TrainResult:
+    """Run or resume the run of `s` with `objective` (see `Objective`) up to step `s.stop`."""
+    run = setup(s, objective, printer=printer)
     history: list[dict] = []
     heldout_curve: list[tuple[int, float]] = []
     try:
         with jax.set_mesh(run.mesh):
             state = restore(run)
             step = int(state.step)
-            heldout_of = run.objective.make_heldout or make_heldout
-            heldout = (jax.device_put(heldout_of(run.dataset, config.eval_size, config.seed + 1), run.replicated)
-                       if config.eval_every or run.sampler is not None else None)
-            if config.eval_every and step == 0:
+            heldout = heldout_set(run)
+            if s.logging.eval_every and step == 0:
                 heldout_curve.append((0, float(run.eval_fn(state.params, heldout))))
                 run.writer.write(0, {"heldout_loss": heldout_curve[0][1]})
-            stop = min(config.total_steps, config.stop_at_step or config.total_steps)
             throughput = Throughput(run)
-            while step < stop:
+            while step < s.stop:
                 state, metrics, latents_shape = train_step(run, state, step)
                 step += 1
                 history.append({"step": step, **metrics})
                 throughput.add(latents_shape)
-                log_step(run, state, step, stop, metrics, heldout, throughput, heldout_curve)
+                log_step(run, state, step, metrics, heldout, throughput, heldout_curve)
                 run.ckpt.save(step, state, run.data_iter.get_state())
                 run.ckpt.poll()
             run.ckpt.save(step, state, run.data_iter.get_state(), force=step not in run.ckpt.all_steps())
@@ -406,11 +382,8 @@ class TrainingSampler:
     `samples/step_<n>_<i>.mp4`. The sampler step and the VAE decoder are built once, so they
     compile once per run, not at every sampled step."""
 
-    def __init__(self, graphdef, sample_cfg, *, backend, dtype, in_channels: int,
+    def __init__(self, graphdef, sample_cfg: settings.Samples, *, backend, dtype, in_channels: int,
                  motion_score: Optional[float] = None):
-        if sample_cfg.count < 1 or sample_cfg.num_steps < 1:
-            raise ValueError(f"samples.count ({sample_cfg.count}) and samples.num_steps "
-                             f"({sample_cfg.num_steps}) must be >= 1")
         self.cfg, self.motion_score = sample_cfg, motion_score
         self.settings = SamplerSettings(num_steps=sample_cfg.num_steps, guidance_scale=sample_cfg.guidance,
                                         shift=sample_cfg.shift)
