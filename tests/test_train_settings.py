@@ -34,11 +34,23 @@ def test_settings_are_plain_and_frozen(tmp_path):
     ({"mesh.pipeline": 2}, r"unknown mesh axes \['pipeline'\]"),
     ({"model.depth": 2}, r"config.model has unknown keys \['depth'\]"),
     ({"samples.every": 5, "samples.count": 0}, r"samples.count \(0\) and samples.num_steps \(\d+\) must be >= 1"),
+    ({"step.remat": "all"}, r"unknown remat policy 'all'; choose one of"),
+    ({"step.timestep_distribution": "beta"}, r"unknown timestep distribution 'beta'; choose one of"),
+    ({"step.timestep_distribution": "shifted", "step.timestep_shift": 0.0}, r"shifted timesteps need shift > 0"),
+    ({"step.accum_steps": 0}, r"accum_steps 0 must be >= 1"),
 ])
+
 def test_bad_values_are_named_before_anything_is_made(tmp_path, override, message):
     with pytest.raises(ValueError, match=message):
         resolve(tiny(**override), tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_accumulation_must_divide_the_batch(tmp_path):
+    config = tiny()
+    n = config.data.global_batch + 1
+    with pytest.raises(ValueError, match=rf"step.accum_steps {n} must divide data.global_batch {n - 1}"):
+        resolve(tiny(**{"step.accum_steps": n}), tmp_path / "run")
 
 
 def test_the_model_of_init_from_wins_over_the_config_fields(tmp_path):

@@ -46,22 +46,29 @@ def sample_u_shaped(key: jax.Array, batch: int, a: float = 5.0) -> jax.Array:
     return jnp.where(jax.random.bernoulli(k_coin, 0.5, (batch,)), 1.0 - t, t)
 
 
+def check_timesteps(distribution: str, *, shift: float = 1.0, u_shape_a: float = 5.0) -> None:
+    """A ValueError naming an unknown distribution (and the valid ones) or its bad parameter."""
+    if distribution not in TIMESTEP_DISTRIBUTIONS:
+        raise ValueError(f"unknown timestep distribution {distribution!r}; choose one of {TIMESTEP_DISTRIBUTIONS}")
+    if distribution == "shifted" and not shift > 0:
+        raise ValueError(f"shifted timesteps need shift > 0, got {shift!r}")
+    if distribution == "u_shaped" and not u_shape_a > 0:
+        raise ValueError(f"u_shaped timesteps need u_shape_a > 0, got {u_shape_a!r}")
+
+
 def sample_timesteps(key: jax.Array, batch: int, distribution: str = "uniform", *,
                      logit_mean: float = 0.0, logit_std: float = 1.0, shift: float = 1.0,
                      u_shape_a: float = 5.0) -> jax.Array:
     """(batch,) float32 training timesteps in [0, 1] (t = 1 data); see the module docstring."""
+    check_timesteps(distribution, shift=shift, u_shape_a=u_shape_a)
     if distribution == "uniform":
         return jax.random.uniform(key, (batch,), jnp.float32)
     if distribution == "logit_normal":
         return jax.nn.sigmoid(logit_mean + logit_std * jax.random.normal(key, (batch,), jnp.float32))
     if distribution == "shifted":
-        if not shift > 0:
-            raise ValueError(f"shifted timesteps need shift > 0, got {shift!r}")
         u = jax.random.uniform(key, (batch,), jnp.float32)
         return 1.0 - shift * u / (1.0 + (shift - 1.0) * u)
-    if distribution == "u_shaped":
-        return sample_u_shaped(key, batch, u_shape_a)
-    raise ValueError(f"unknown timestep distribution {distribution!r}; choose one of {TIMESTEP_DISTRIBUTIONS}")
+    return sample_u_shaped(key, batch, u_shape_a)
 
 
 def sample_posterior(key: jax.Array, mean: jax.Array, logvar: jax.Array) -> jax.Array:

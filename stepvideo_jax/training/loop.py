@@ -49,7 +49,7 @@ class NonFiniteLoss(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class Objective:
-    """The parts of `train` that depend on what is optimised; the defaults are flow matching.
+    """The parts of a run (`fit`) that depend on what is optimised; the defaults are flow matching.
 
     - `open_dataset(data, workdir)`: the dataset of `data` (`settings.Data`): `len`, `bucket(i)`, `load(i)`,
       `meta`, `negative()`.

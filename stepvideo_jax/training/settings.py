@@ -134,6 +134,8 @@ def resolve(config, workdir=None) -> TrainSettings:
     source that is not a DiT is named here), then the dtype, the mesh and the workdir.
     """
     step, s, d, c = step_settings(config.step), config.samples, config.data, config.checkpoint
+    if d.global_batch % step.accum_steps:
+        raise ValueError(f"step.accum_steps {step.accum_steps} must divide data.global_batch {d.global_batch}")
     if s.every and (s.count < 1 or s.num_steps < 1):
         raise ValueError(f"samples.count ({s.count}) and samples.num_steps ({s.num_steps}) must be >= 1")
     sections = dict(

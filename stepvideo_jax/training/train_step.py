@@ -65,6 +65,14 @@ class StepSettings:
     attention_backend: Optional[str] = None
     motion_score: Optional[float] = None  # TI2V: for batches without a per-sample `motion_score`
 
+    def __post_init__(self):
+        """Names a bad remat policy, timestep distribution or accumulation count when the settings are
+        made, not when the step is first traced."""
+        remat_policy(self.remat)
+        flow_loss.check_timesteps(self.timestep_distribution, shift=self.timestep_shift, u_shape_a=self.u_shape_a)
+        if self.accum_steps < 1:
+            raise ValueError(f"accum_steps {self.accum_steps} must be >= 1")
+
 
 def draw_timesteps_and_conditioning(k_t: jax.Array, k_drop: jax.Array, batch: dict, settings: StepSettings,
                                      negative: Optional[dict] = None) -> tuple[jax.Array, dict]:
