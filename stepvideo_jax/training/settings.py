@@ -153,5 +153,6 @@ def resolve(config, workdir=None) -> TrainSettings:
     return TrainSettings(
         objective=config.objective, seed=config.seed, total_steps=config.total_steps,
         stop=min(config.total_steps, config.stop_at_step or config.total_steps), **sections,
-        model=model, init_from=config.model.init_from, dtype=jnp.dtype(dtype_of(config.compute_dtype, what="compute_dtype")),
+        model=model, init_from=config.model.init_from,
+        dtype=jnp.dtype(dtype_of(config.compute_dtype, what="compute_dtype")),
         mesh=MeshConfig.from_mapping(dict(config.mesh)), workdir=paths.absolute(workdir or config.workdir))
