@@ -113,6 +113,13 @@ def test_a_lora_run_loads_as_its_base_with_the_adapters_folded_in(tmp_path, comp
     assert changed and all(p[-1] == "kernel" and p[-2] in "qkvo" for p in changed), changed
 
 
+def test_a_wrong_weight_source_is_named_before_the_run_starts(tmp_path):
+    for field in ("dpo.policy_from", "dpo.reference_from"):
+        with pytest.raises(ValueError, match=r"weight source .*nowhere' is none of"):
+            resolve(dpo_config(**{field: str(tmp_path / "nowhere")}), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 def test_config_errors_are_named():
     with pytest.raises(ValueError, match="eval_every"):
         resolve(dpo_config(eval_every=10))

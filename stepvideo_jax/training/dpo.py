@@ -66,7 +66,8 @@ def dpo_settings(dpo) -> DPOSettings:
 
 def resolve(config, workdir=None) -> tuple[TrainSettings, DPOSpec]:
     """Check a DPO config: the training family's fields (`settings.resolve`) and the `dpo` block,
-    with the fields that do not apply to DPO refused by name."""
+    with the fields that do not apply to DPO refused by name. The kind of each weight source is
+    detected here (`checkpoints.dit_source`), so a wrong path is named before the run starts."""
     if config.model.init_from:
         raise ValueError("DPO configs take the policy from config.dpo.policy_from; leave model.init_from empty")
     if config.eval_every:
@@ -79,6 +80,8 @@ def resolve(config, workdir=None) -> tuple[TrainSettings, DPOSpec]:
     d = config.dpo
     loss = dpo_settings(d)
     run = settings.resolve(config, workdir)
+    for source in dict.fromkeys(filter(None, (d.policy_from, d.reference_from))):
+        checkpoints.dit_source(source)
     return run, DPOSpec(loss=loss, policy_from=d.policy_from, reference_from=d.reference_from or d.policy_from,
                         lora_rank=d.lora_rank, lora_alpha=d.lora_alpha, lora_targets=tuple(d.lora_targets),
                         reference_dtype=jnp.dtype(dtype_of(d.reference_dtype, what="dpo.reference_dtype")))
