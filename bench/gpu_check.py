@@ -448,7 +448,7 @@ def part_demo(ctx: Context, rep: Report):
     from stepvideo_jax.eval import motion_checker
     from stepvideo_jax.sampling import components
     from stepvideo_jax.sampling.flow_matching import SamplerSettings
-    from stepvideo_jax.sampling.pipeline import TextToVideo, VideoSize
+    from stepvideo_jax.sampling.pipeline import VideoSize
 
     cond_path = ctx.args.demo_cond
     with jax.default_device(ctx.dev):
@@ -465,9 +465,8 @@ def part_demo(ctx: Context, rep: Report):
                         "clip": np.asarray(jax.random.normal(ks[1], (2, 77, c_clip))),
                         "y_mask": np.ones((2, 397), np.int32)}
                 source = "random embeddings"
-            pipe = TextToVideo(encode_text=None, dit=dit, decode=components.vae_decoder(vae, stream_frames=32),
-                               dtype=dtype)
-            run = lambda: pipe([DEMO_PROMPT], size=VideoSize(17, 32, 32),
+            pipe = components.text_to_video(None, dit, vae, stream_frames=32, dtype=dtype)
+            run = lambda: pipe([DEMO_PROMPT], size=VideoSize(17, 32, 32, vae.cfg.spatial_factor),
                                settings=SamplerSettings(20, 4.0, 3.0), seeds=[1234], pos_magic="",
                                neg_magic="", crop=False, cond=cond)
             start = time.perf_counter()
@@ -486,7 +485,7 @@ def part_demo(ctx: Context, rep: Report):
 
 
 def write_demo_cond(path):
-    from stepvideo_jax.sampling import components
+    from stepvideo_jax import checkpoints
     from stepvideo_jax.sampling.pipeline import encode_prompts
 
     text = checkpoints.loader(DEMO_DIR).text_encoder()

@@ -46,6 +46,7 @@ from stepvideo_jax.dtypes import dtype_of
 from stepvideo_jax.models import lora, quant, stack
 from stepvideo_jax.models import offload as offload_mod
 from stepvideo_jax.models.dit import DiTConfig, StepVideoDiT
+from stepvideo_jax.models.vae import VAEConfig
 from stepvideo_jax.text.conditioning import TextConditioner
 from stepvideo_jax.text.sentencepiece_tokenizer import StepLLMTokenizer
 from stepvideo_jax.text.wordpiece_tokenizer import WordPieceTokenizer
@@ -271,6 +272,7 @@ class Loader(abc.ABC):
 
     mesh = None
     dit_cfg: DiTConfig   # the DiT's config, read when the loader is made (no weights)
+    vae_cfg: VAEConfig   # the VAE's, likewise
 
     @abc.abstractmethod
     def text_encoder(self):
@@ -320,7 +322,7 @@ class CheckpointLoader(Loader):
         cfgs = {c: component_config(self.path, c) for c in COMPONENTS if c != "transformer" or not dit_from}
         if self.dit_from is not None:
             cfgs["transformer"] = dit_config(self.dit_from)
-        self.dit_cfg = cfgs["transformer"]
+        self.dit_cfg, self.vae_cfg = cfgs["transformer"], cfgs["vae"]
         check_fit(cfgs["transformer"], cfgs["step_llm"].hidden_size, cfgs["hunyuan_clip"].hidden_size,
                   cfgs["vae"].z_channels)
         if is_converted(self.path) and self.weights is not None:

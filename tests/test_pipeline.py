@@ -216,3 +216,29 @@ def test_sharded_dit_under_a_mesh_matches_one_device(toy_pipeline):
     got = sharded(["a cat", "a dog"], size=SIZE, settings=SETTINGS, seeds=[1, 2])
     want = toy_pipeline(["a cat", "a dog"], size=SIZE, settings=SETTINGS, seeds=[1, 2])
     np.testing.assert_allclose(got.latents, want.latents, atol=5e-5, rtol=1e-5)
+
+
+def test_a_vae_with_fewer_levels_sets_the_spatial_factor():
+    """A VAE with 3 levels (the demo's) has 8 x 8 pixels per latent pixel: sizes are multiples of 8,
+    the latents are h/8 x w/8, the pipeline over it (`components.text_to_video`) decodes the requested
+    size, and a size made for another factor is refused before denoising."""
+    from stepvideo_jax.models.vae import VAEConfig, VideoVAE
+    from stepvideo_jax.sampling import components
+
+    size = P.VideoSize(17, 24, 40, spatial_factor=8)
+    assert size.latent_shape(2, 4) == (2, 3, 4, 3, 5)
+    with pytest.raises(ValueError, match="height=20 must be a positive multiple of 8 .one latent pixel is 8 x 8"):
+        P.VideoSize(17, 20, 40, spatial_factor=8)
+    with pytest.raises(ValueError, match="spatial_factor=0 must be a positive integer"):
+        P.VideoSize(17, 32, 32, spatial_factor=0)
+    cfg = VAEConfig(z_channels=TOY.in_channels, encoder_stem=8, encoder_widths=(8, 8, 4 * TOY.in_channels),
+                    decoder_widths=(8, 8, 4 * TOY.in_channels), encoder_temporal_levels=(0, 1),
+                    decoder_temporal_levels=(1, 2), num_res_blocks=1, groups=1)
+    assert cfg.spatial_factor == 8
+    pipe = components.text_to_video(toy_text_encoder, StepVideoDiT(TOY, rngs=nnx.Rngs(0)),
+                                    VideoVAE(cfg, rngs=nnx.Rngs(1)))
+    out = pipe(["a cat"], size=size, settings=SamplerSettings(2, 1.0, 3.0), seeds=[0], crop=False)
+    assert out.latents.shape == size.latent_shape(1, TOY.in_channels)
+    assert out.video.shape == (1, 17, 3, 24, 40)
+    with pytest.raises(ValueError, match="spatial_factor 16, but this pipeline's VAE turns 8 x 8 pixels"):
+        pipe(["a cat"], size=P.VideoSize(17, 32, 48), settings=SamplerSettings(2, 1.0, 3.0), seeds=[0])

@@ -17,6 +17,7 @@ any model loads. On several hosts every process runs the same command; process 0
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import hashlib
 import json
@@ -210,7 +211,8 @@ def run_job(config, prompts: Sequence[str], out, *, seeds_per_prompt: int = 1, s
         graphdef, state = nnx.split(dit)
         sampler = FlowMatchSampler(dit_velocity_fn(graphdef, backend=config.attention_backend or None),
                                    model_dtype=dtypes["dit"])
-        row_shape = size.latent_shape(1, dit.cfg.in_channels)[1:]
+        row_shape = dataclasses.replace(size, spatial_factor=loader.vae_cfg.spatial_factor).latent_shape(
+            1, dit.cfg.in_channels)[1:]
         for s in range(0, len(todo), batch_size):
             part = todo[s:s + batch_size]
             idx = part + [part[-1]] * (batch_size - len(part))

@@ -45,7 +45,7 @@ from stepvideo_jax.sampling.pipeline import TextToVideo, VideoSize, initial_nois
 from stepvideo_jax.training.reflow import make_reflow_heldout
 from stepvideo_jax.training.train_step import heldout_loss
 
-DEMO_SIZE = VideoSize(17, 32, 32)
+DEMO_VIDEO = (17, 32, 32)   # frames, height, width: the demo's training size
 # (name, DiT, steps, CFG, shift, cfg schedule): the teacher's own setting first
 # (the best shifts of the few-step teacher and the student's settings were chosen on seed 2000,
 # outside the evaluation seeds: docs/turbo.md)
@@ -61,8 +61,12 @@ DEFAULT_ROWS = (("teacher", "teacher", 20, 4.0, 3.0, "constant"),
                 ("teacher, no CFG", "teacher", 2, 1.0, 1.0, "constant"))
 
 
+def demo_size(pipe: TextToVideo) -> VideoSize:
+    return VideoSize(*DEMO_VIDEO, spatial_factor=pipe.spatial_factor)
+
+
 def pipeline(models, dit) -> TextToVideo:
-    return TextToVideo(encode_text=models.text, dit=dit, decode=components.vae_decoder(models.vae, stream_frames=32))
+    return components.text_to_video(models.text, dit, models.vae, stream_frames=32)
 
 
 def psnr(videos: Sequence[np.ndarray], reference: Sequence[np.ndarray]) -> float:
@@ -79,7 +83,7 @@ def score_row(pipe: TextToVideo, settings: SamplerSettings, seeds: Sequence[int]
     videos of another row, e.g. the teacher's 20 steps) "psnr_to_reference" (agreement with it). Returns (the row, seed -> its videos)."""
     out, videos = [], {}
     for seed in seeds:
-        result = evaluate.evaluate(pipe, sm.HELD_OUT, size=DEMO_SIZE, settings=settings, seeds=(seed,), batch=batch)
+        result = evaluate.evaluate(pipe, sm.HELD_OUT, size=demo_size(pipe), settings=settings, seeds=(seed,), batch=batch)
         motion = [r["motion"] == sm.parse_caption(r["caption"]).motion for r in result["results"]]
         videos[seed] = result["videos"]
         out.append({"seed": seed, "accuracy": result["accuracy"], "motion_accuracy": float(np.mean(motion)),
@@ -95,9 +99,9 @@ def straightness(pipe: TextToVideo, settings: SamplerSettings, prompts: Sequence
     each: `seed + i`). An Euler step moves the latents by velocity x dt with dt > 0, so consecutive
     latent differences have the velocities' cosines."""
     seeds = [seed + i for i in range(len(prompts))]
-    shape = DEMO_SIZE.latent_shape(len(prompts), pipe.latent_channels)
+    shape = demo_size(pipe).latent_shape(len(prompts), pipe.latent_channels)
     states = [np.asarray(initial_noise(seeds, shape))]
-    pipe(list(prompts), size=DEMO_SIZE, settings=settings, seeds=seeds, pos_magic="", neg_magic="", crop=False,
+    pipe(list(prompts), size=demo_size(pipe), settings=settings, seeds=seeds, pos_magic="", neg_magic="", crop=False,
          on_step=lambda i, x: states.append(np.array(x)))
     deltas = np.diff(np.stack(states), axis=0).reshape(len(states) - 1, len(prompts), -1)
     a, b = deltas[:-1], deltas[1:]

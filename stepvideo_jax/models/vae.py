@@ -291,7 +291,7 @@ def _sow(module: nnx.Module, capture: bool, taps: dict) -> None:
 
 
 class Encoder(nnx.Module):
-    """One chunk of video (b t h w c_in), t <= frame_len -> moments (b t' h/16 w/16 2z)."""
+    """One chunk of video (b t h w c_in), t <= frame_len -> moments (b t' h/s w/s 2z)."""
 
     def __init__(self, cfg: VAEConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
                  rngs: nnx.Rngs, attention_backend: Optional[str] = None):
@@ -500,7 +500,7 @@ class VideoVAE(nnx.Module):
 
     def encode_moments(self, video: jax.Array, *, stream_frames: int = 1,
                        chunks_per_step: int = 1) -> jax.Array:
-        """video (b f c h w) -> moments (b f' 2z h/16 w/16), chunks of `frame_len` frames."""
+        """video (b f c h w) -> moments (b f' 2z h/s w/s), chunks of `frame_len` frames."""
         check_video(self.cfg, video.shape)
 
         def one(chunk):

@@ -1,4 +1,5 @@
-"""Tiny random models for a text-to-video run, and the jitted VAE decoder of a run.
+"""Tiny random models for a text-to-video run, the jitted VAE decoder of a run, and the pipeline
+over a VAE module (`text_to_video`).
 
 Checkpoints (release directories and converted checkpoints) load through
 `stepvideo_jax.checkpoints` (`checkpoints.loader`); this module adds the tiny random set, which needs
@@ -26,6 +27,7 @@ from stepvideo_jax.models.step_llm import StepLLM, StepLLMConfig
 from stepvideo_jax.models.vae import VAEConfig, VideoVAE
 from stepvideo_jax.parallel.mesh import shard_model
 from stepvideo_jax.sampling.image_condition import encode_condition
+from stepvideo_jax.sampling.pipeline import TextToVideo
 from stepvideo_jax.text.conditioning import TextConditioner
 from stepvideo_jax.text.sentencepiece_tokenizer import StepLLMTokenizer
 from stepvideo_jax.text.wordpiece_tokenizer import WordPieceTokenizer
@@ -43,7 +45,7 @@ def vae_decoder(vae: nnx.Module, **decode_kw) -> Callable[[jax.Array], jax.Array
 
 
 def vae_image_encoder(vae: nnx.Module) -> Callable[[jax.Array, jax.Array], jax.Array]:
-    """(video (1, 1, 3, h, w), posterior noise (1, 1, z, h/16, w/16)) -> the posterior sample, float32
+    """(video (1, 1, 3, h, w), posterior noise (1, 1, z, h/s, w/s)) -> the posterior sample, float32
     (`image_condition.encode_condition`, the TI2V image condition), jitted once per size."""
     graphdef, state = nnx.split(vae)
 
@@ -52,6 +54,17 @@ def vae_image_encoder(vae: nnx.Module) -> Callable[[jax.Array, jax.Array], jax.A
         return encode_condition(nnx.merge(graphdef, state), video, noise)
 
     return lambda video, noise: encode(state, video, noise)
+
+
+def text_to_video(encode_text, dit: nnx.Module, vae: VideoVAE, *, stream_frames: int | None = None,
+                  **kw) -> TextToVideo:
+    """The pipeline of `dit` over `vae`: its jitted decoder (`stream_frames` per decoder slab; None:
+    the decoder's default), its image encoder where the DiT is TI2V, and its spatial factor. `kw`:
+    the rest of `TextToVideo`'s options."""
+    decode_kw = {} if stream_frames is None else {"stream_frames": stream_frames}
+    return TextToVideo(encode_text=encode_text, dit=dit, decode=vae_decoder(vae, **decode_kw),
+                       encode_image=vae_image_encoder(vae) if dit.cfg.ti2v else None,
+                       spatial_factor=vae.cfg.spatial_factor, **kw)
 
 
 class TinyRandomLoader(Loader):

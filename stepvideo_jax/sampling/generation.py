@@ -62,16 +62,16 @@ def resolve(config: ml_collections.ConfigDict, *, prompts=None, outputs=None, im
 
     `prompts` / `outputs` replace the config's prompts and the file names derived from `output`.
     TI2V configs (`ti2v`, or an `image` given): `images` (one file per prompt) replaces `config.image`
-    (one file for every prompt); each is read and its crop checked here, before any model loads. Last,
-    the models' configs are read and checked against each other (`build_loader`): a checkpoint whose
-    components do not fit is named before any weight loads. `image_per_request` (a server): no image
+    (one file for every prompt); each is read and its crop checked here, before any model loads. The
+    models' configs are read and checked against each other (`build_loader`) before the size and the
+    images: a checkpoint whose components do not fit is named before any weight loads, and the size's
+    spatial factor is the VAE's. `image_per_request` (a server): no image
     is read now, each request brings its own; the DiT's task is checked against `config.ti2v`.
     """
     if prompts is None:
         prompts = config.prompts if config.prompts else config.prompt
     prompts = check_prompts(prompts)
     seeds = [int(config.seed) + i for i in range(len(prompts))]
-    size = VideoSize(config.num_frames, config.height, config.width)
     settings = SamplerSettings(config.num_steps, float(config.guidance_scale), float(config.time_shift),
                                config.cfg_schedule)
     dtypes = {name: dtype_of(value, what=f"dtypes.{name}") for name, value in config.dtypes.items()}
@@ -98,10 +98,11 @@ def resolve(config: ml_collections.ConfigDict, *, prompts=None, outputs=None, im
         if path.suffix.lower() != ".mp4":
             raise ValueError(f"output {path} must end in .mp4")
         video_io.check_writable(path)
+    models = build_loader(config, checkpoint_dir, dtypes, mesh)
+    size = VideoSize(config.num_frames, config.height, config.width, models.vae_cfg.spatial_factor)
     loaded, motion_score = None, None
     if not image_per_request and (config.ti2v or config.image or images is not None):
         loaded, motion_score = resolve_images(config, images, len(prompts), size)
-    models = build_loader(config, checkpoint_dir, dtypes, mesh)
     check_task(models.dit_cfg.ti2v, image_config=bool(config.ti2v) if image_per_request else loaded is not None,
                where=config.dit_from or config.checkpoint_dir or "the tiny random models")
     return Job(prompts=prompts, seeds=seeds, size=size, settings=settings, outputs=outputs,
@@ -161,11 +162,9 @@ def build_pipeline(config: ml_collections.ConfigDict, job: Job, *, text_encoder:
     dit, vae = loader.dit(), loader.vae()
     ti2v = bool(dit.cfg.ti2v)
     check_task(ti2v, image_config=job.images is not None, where=str(job.checkpoint_dir or "the tiny random models"))
-    return TextToVideo(encode_text=loader.text_encoder() if text_encoder else None, dit=dit,
-                       decode=components.vae_decoder(vae), dtype=job.dtypes["dit"],
-                       attention_backend=config.attention_backend or None, mesh=loader.mesh,
-                       encode_image=components.vae_image_encoder(vae) if ti2v else None,
-                       cfg_sequential=job.cfg_sequential)
+    return components.text_to_video(loader.text_encoder() if text_encoder else None, dit, vae,
+                                    dtype=job.dtypes["dit"], attention_backend=config.attention_backend or None,
+                                    mesh=loader.mesh, cfg_sequential=job.cfg_sequential)
 
 
 def report_long_prompts(config: ml_collections.ConfigDict, loader: checkpoints.Loader, prompts: list[str],

@@ -14,9 +14,9 @@ As the official `StepVideoPipeline.prepare_condition_hidden_states`:
    pixel), separable, width first.
 5. `encode_condition`: VAE encode of that one frame (1, 1, 3, h, w) -> the posterior SAMPLE
    `mean + std * noise` (the official server's `vae.encode`; its noise is the caller's, seeded
-   separately from the initial noise) -> (1, 1, z, h/16, w/16).
+   separately from the initial noise) -> (1, 1, z, h/s, w/s).
 6. `condition_frames`: latent frame 0 = that sample, frames 1.. = zeros, rounded to bfloat16 values
-   whatever the DiT dtype (the official code hard-codes bf16), (1, F, z, h/16, w/16) float32.
+   whatever the DiT dtype (the official code hard-codes bf16), (1, F, z, h/s, w/s) float32.
    Both CFG rows get the same condition (and the same motion score): only the text differs.
 """
 from __future__ import annotations
@@ -131,7 +131,7 @@ def preprocess(image: np.ndarray, height: int, width: int) -> np.ndarray:
 
 def encode_condition(vae, video: jax.Array, noise: jax.Array) -> jax.Array:
     """The VAE posterior sample of one frame (pure, jittable): `video` (1, 1, 3, h, w) and N(0, 1)
-    `noise` (1, 1, z, h/16, w/16) -> `mean + std * noise` (1, 1, z, h/16, w/16) float32. `vae`: a
+    `noise` (1, 1, z, h/s, w/s) -> `mean + std * noise` (1, 1, z, h/s, w/s) float32. `vae`: a
     `VideoVAE`."""
     post = vae.posterior(vae.encode_moments(jnp.asarray(video, jnp.float32)))
     if tuple(noise.shape) != tuple(post.mean.shape):

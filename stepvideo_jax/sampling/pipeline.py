@@ -18,7 +18,8 @@ image is preprocessed, VAE-encoded (a posterior sample with its own noise) and l
 latents (`image_condition`); every CFG row of a prompt gets the same condition and motion score, which
 ride in the conditioning pytree (`"condition"` (n, f, c, h, w), `"motion_score"` (n,)).
 
-Sizes: each 17 video frames are 3 latent frames and 16 x 16 pixels one latent pixel. The official
+Sizes: each 17 video frames are 3 latent frames and 16 x 16 pixels one latent pixel (the release VAE's
+`spatial_factor`; a VAE with fewer levels, as the demo's, has a smaller one). The official
 code silently floors other sizes; here they are rejected before anything is compiled, naming the
 nearest valid values.
 """
@@ -39,7 +40,7 @@ from stepvideo_jax.sampling.flow_matching import FlowMatchSampler, SamplerSettin
 
 FRAMES_PER_CHUNK = 17          # video frames decoded from one chunk of latents
 LATENT_FRAMES_PER_CHUNK = 3
-SPATIAL_FACTOR = 16            # pixels per latent pixel along height and width
+SPATIAL_FACTOR = 16            # pixels per latent pixel along height and width, the release VAE's
 # Upper bounds, checked before anything is allocated (a typo such as num_frames=2040 fails at once
 # instead of in the allocator): twice the release's largest output, 204 frames at 544 x 992
 # (36 x 34 x 62 = 75,888 latent positions), per axis and in latent positions. The DiT's attention
@@ -62,19 +63,25 @@ def _nearest_multiples(value: int, step: int) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class VideoSize:
-    """Requested video size: frames a multiple of 17, height and width multiples of 16."""
+    """Requested video size: frames a multiple of 17, height and width multiples of the VAE's
+    `spatial_factor` (`VAEConfig.spatial_factor`: 16 for the release VAE)."""
 
     num_frames: int
     height: int
     width: int
+    spatial_factor: int = SPATIAL_FACTOR
 
     def __post_init__(self):
         problems = []
+        f = self.spatial_factor
+        if not isinstance(f, (int, np.integer)) or isinstance(f, bool) or f < 1:
+            raise ValueError(f"spatial_factor={f!r} must be a positive integer (the VAE's pixels per latent pixel)")
+        pixel = f"one latent pixel is {f} x {f} pixels"
         for name, value, step, limit, why in (
                 ("num_frames", self.num_frames, FRAMES_PER_CHUNK, MAX_FRAMES,
                  f"the VAE decodes each {LATENT_FRAMES_PER_CHUNK} latent frames into {FRAMES_PER_CHUNK} video frames"),
-                ("height", self.height, SPATIAL_FACTOR, MAX_SIDE, "one latent pixel is 16 x 16 pixels"),
-                ("width", self.width, SPATIAL_FACTOR, MAX_SIDE, "one latent pixel is 16 x 16 pixels")):
+                ("height", self.height, f, MAX_SIDE, pixel),
+                ("width", self.width, f, MAX_SIDE, pixel)):
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
                 problems.append(f"{name}={value!r} must be an integer")
             elif value > limit:
@@ -95,7 +102,7 @@ class VideoSize:
     def latent_shape(self, batch: int, channels: int) -> tuple[int, int, int, int, int]:
         """(b, f, c, h, w) of the latents that decode to this size."""
         return (batch, self.num_frames // FRAMES_PER_CHUNK * LATENT_FRAMES_PER_CHUNK, channels,
-                self.height // SPATIAL_FACTOR, self.width // SPATIAL_FACTOR)
+                self.height // self.spatial_factor, self.width // self.spatial_factor)
 
 
 def initial_noise(seeds: Sequence[int], shape: tuple[int, ...]) -> jax.Array:
@@ -257,14 +264,16 @@ class TextToVideo:
     needs to be held while denoising. `dtype` is the DiT compute dtype the latents and t are cast
     to. With `mesh` (the models' parameters already placed on it) every phase runs under that mesh,
     so the models' logical-axis activation constraints apply. `cfg_sequential`: the CFG rows one
-    after the other within a step (`flow_matching.denoise_step`).
+    after the other within a step (`flow_matching.denoise_step`). `spatial_factor`: the VAE's pixels
+    per latent pixel (`VAEConfig.spatial_factor`); every call's `VideoSize` must have the same.
     """
 
     def __init__(self, *, encode_text: TextEncoder | None, dit: nnx.Module, decode: VideoDecoder,
                  dtype=jnp.float32, attention_backend: str | None = None,
                  mesh: jax.sharding.Mesh | None = None, encode_image: ImageEncoder | None = None,
-                 cfg_sequential: bool = False):
+                 cfg_sequential: bool = False, spatial_factor: int = SPATIAL_FACTOR):
         self.mesh = mesh
+        self.spatial_factor = spatial_factor
         self.dit_graphdef, self.dit_state = nnx.split(dit)
         self.latent_channels = dit.cfg.in_channels
         self.ti2v = bool(getattr(dit.cfg, "ti2v", False))
@@ -335,6 +344,9 @@ class TextToVideo:
         prompts = check_prompts(prompts)
         if len(seeds) != len(prompts):
             raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts: give one seed per prompt")
+        if size.spatial_factor != self.spatial_factor:
+            raise ValueError(f"{size} has spatial_factor {size.spatial_factor}, but this pipeline's VAE turns "
+                             f"{self.spatial_factor} x {self.spatial_factor} pixels into one latent pixel")
         shape = size.latent_shape(len(prompts), self.latent_channels)
         if noise is not None and tuple(noise.shape) != shape:
             raise ValueError(f"noise {tuple(noise.shape)} does not match the latent shape {shape} of {size}")
