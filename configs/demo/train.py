@@ -50,13 +50,16 @@ def get_config():
     c.vae_phases = ("vae_train", "vae_finetune", "vae_finetune2")
     c.vae_train = ml_collections.ConfigDict(dict(
         steps=600, batch=4, render_size=32, crop=0, learning_rate=2e-3, warmup_steps=20, schedule="cosine",
-        end_fraction=0.05, clip_norm=1.0, kl_weight=1e-4, pool=192, seed=0, log_every=25))
+        end_fraction=0.05, clip_norm=1.0, kl_weight=1e-4, foreground_weight=0.0, foreground_threshold=0.1, pool=192,
+        seed=0, log_every=25))
     c.vae_finetune = ml_collections.ConfigDict(dict(
         steps=400, batch=4, render_size=32, crop=0, learning_rate=1e-3, warmup_steps=0, schedule="cosine",
-        end_fraction=0.05, clip_norm=1.0, kl_weight=1e-4, pool=192, seed=2, log_every=25))
+        end_fraction=0.05, clip_norm=1.0, kl_weight=1e-4, foreground_weight=0.0, foreground_threshold=0.1, pool=192,
+        seed=2, log_every=25))
     c.vae_finetune2 = ml_collections.ConfigDict(dict(
         steps=400, batch=4, render_size=32, crop=0, learning_rate=1e-3, warmup_steps=0, schedule="cosine",
-        end_fraction=0.05, clip_norm=1.0, kl_weight=1e-4, pool=192, seed=3, log_every=25))
+        end_fraction=0.05, clip_norm=1.0, kl_weight=1e-4, foreground_weight=0.0, foreground_threshold=0.1, pool=192,
+        seed=3, log_every=25))
 
     # llm_length: Step-LLM positions stored per caption (captions fit; see `demo.architecture.conditioner`)
     c.latents = ml_collections.ConfigDict(dict(renders_per_scene=8, seed=1, llm_length=24))

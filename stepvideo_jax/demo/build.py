@@ -36,7 +36,7 @@ from stepvideo_jax.models.dit import StepVideoDiT
 from stepvideo_jax.models.vae import VideoVAE
 from stepvideo_jax.sampling import components
 from stepvideo_jax.sampling.flow_matching import SamplerSettings
-from stepvideo_jax.sampling.pipeline import TextToVideo, VideoSize
+from stepvideo_jax.sampling.pipeline import VideoSize
 from stepvideo_jax.training import loop
 from stepvideo_jax.training import optimizer as optim
 from stepvideo_jax.training import train_state, vae_train
@@ -76,8 +76,8 @@ def train_vae(config, printer=print, num_steps: int | None = None, *, phase: str
                                             total_steps=t.steps, kind=t.schedule, end_fraction=t.end_fraction)
     optimizer = optim.adamw(schedule, clip_norm=t.clip_norm or None)
     state = train_state.create(params, optimizer, seed=t.seed, use_ema=False)
-    step = jax.jit(vae_train.make_vae_train_step(graphdef, optimizer, schedule,
-                                                 vae_train.VAELossSettings(t.kl_weight)), donate_argnums=0)
+    loss = vae_train.VAELossSettings(t.kl_weight, t.foreground_weight, t.foreground_threshold)
+    step = jax.jit(vae_train.make_vae_train_step(graphdef, optimizer, schedule, loss), donate_argnums=0)
     pool = render_pool(latents.TRAINING_SCENES, t.pool, frames=v.frames, height=t.render_size,
                        width=t.render_size, seed=t.seed)
     batches = crop_batches(pool, t.batch, t.crop, seed=t.seed + 1)
@@ -129,8 +129,7 @@ def demo_models(checkpoint_dir, *, dtype=jnp.float32, weights: str = "bf16"):
 
 
 def pipeline_of(models, dit=None):
-    return TextToVideo(encode_text=models.text, dit=models.dit if dit is None else dit,
-                       decode=components.vae_decoder(models.vae, stream_frames=32))
+    return components.text_to_video(models.text, models.dit if dit is None else dit, models.vae, stream_frames=32)
 
 
 def reconstruct(vae: VideoVAE, videos: np.ndarray) -> jax.Array:
@@ -172,7 +171,7 @@ def vae_ceiling(vae: VideoVAE, *, frames: int, height: int, width: int, render_s
 
 def sampling_settings(config):
     s, v = config.sample, config.video
-    return (VideoSize(v.frames, v.height, v.width),
+    return (VideoSize(v.frames, v.height, v.width, architecture.vae_config(config).spatial_factor),
             SamplerSettings(s.num_steps, float(s.guidance_scale), float(s.time_shift)))
 
 
@@ -336,8 +335,7 @@ def evaluate_ti2v(config, checkpoint_dir, *, dit=None, printer=print, baselines:
            "seeds": list(e.seeds), "languages": list(e.languages), "motion_score": float(t.motion_score)}
     runs = [("demo_ti2v", dit), ("random_dit", random_dit), ("t2v_demo_no_image", models.dit)]
     for name, model in runs if baselines else runs[:1]:
-        pipe = TextToVideo(encode_text=models.text, dit=model, decode=components.vae_decoder(models.vae, stream_frames=32),
-                           encode_image=components.vae_image_encoder(models.vae) if model.cfg.ti2v else None)
+        pipe = pipeline_of(models, model)
         result = evaluate.evaluate(pipe, sm.HELD_OUT, size=size, settings=settings, seeds=tuple(e.seeds),
                                    languages=tuple(e.languages), batch=e.batch, motion_score=float(t.motion_score),
                                    first_frame=lambda scene, seed: first_frames([scene], [seed], frames=v.frames,
