@@ -60,3 +60,23 @@ def test_the_model_of_init_from_wins_over_the_config_fields(tmp_path):
     want = dit_convert.read_config(source)
     s = resolve(tiny(**{"model.init_from": str(source), "model.num_layers": want.num_layers + 1}), tmp_path / "run")
     assert s.model == want == checkpoints.dit_config(source) and s.init_from == str(source)
+
+
+@pytest.mark.parametrize("config_file,message", [
+    ("configs/train/tiny_cpu.py", r"config.data needs `path` \(a stepvideo-latents-v1 directory\) or `synthetic`"),
+    ("configs/dpo/tiny_cpu.py", r"config.data needs `path` \(a stepvideo-preferences-v1 directory\) or `synthetic`"),
+    ("configs/distill/demo.py", r"config.data needs `path` \(a stepvideo-reflow-v1 directory, written by "
+                                r"python -m stepvideo_jax.data.reflow_job\)$"),
+])
+def test_a_run_without_data_is_refused_before_anything_is_made(tmp_path, config_file, message):
+    """Neither `data.path` nor (where the objective has one) `data.synthetic`: the run stops before
+    its workdir is made (each objective's `Objective.check_data`, asked first by `fit`)."""
+    from stepvideo_jax.training import dpo, loop
+
+    config = load_config(config_file, **{"data.path": "", "data.synthetic": None})
+    with pytest.raises(ValueError, match=message):
+        if config_file.startswith("configs/dpo"):
+            dpo.train_dpo(config, tmp_path / "run", printer=None)
+        else:
+            loop.train(config, tmp_path / "run", printer=None)
+    assert not (tmp_path / "run").exists()

@@ -89,20 +89,18 @@ def resolve(config, workdir=None) -> tuple[TrainSettings, DPOSpec]:
 
 def open_preferences(d: settings.Data, workdir: pathlib.Path) -> preferences.PairDataset:
     """`data.path` when set (it wins over a config's default synthetic set), else the synthetic
-    pairs written into the workdir."""
+    pairs written into the workdir (`Objective.check_data` has made sure one of them is given)."""
     if d.path:
         return preferences.PairDataset(d.path)
-    if d.synthetic:
-        root = workdir / "synthetic_preferences"
-        if not (root / preferences.PAIRS_FILE).exists():
-            s = d.synthetic
-            preferences.write_synthetic(root, num_pairs=s["num_pairs"], frames=s["frames"], height=s["height"],
-                                        width=s["width"], channels=s["channels"], time_factor=s["time_factor"],
-                                        space_factor=s["space_factor"], text_length=s["text_length"],
-                                        clip_length=s["clip_length"], caption_channels=tuple(s["caption_channels"]),
-                                        seed=s["seed"])
-        return preferences.PairDataset(root)
-    raise ValueError("config.data needs `path` (a stepvideo-preferences-v1 directory) or `synthetic`")
+    root = workdir / "synthetic_preferences"
+    if not (root / preferences.PAIRS_FILE).exists():
+        s = d.synthetic
+        preferences.write_synthetic(root, num_pairs=s["num_pairs"], frames=s["frames"], height=s["height"],
+                                    width=s["width"], channels=s["channels"], time_factor=s["time_factor"],
+                                    space_factor=s["space_factor"], text_length=s["text_length"],
+                                    clip_length=s["clip_length"], caption_channels=tuple(s["caption_channels"]),
+                                    seed=s["seed"])
+    return preferences.PairDataset(root)
 
 
 def load_weights(source: str, cfg: DiTConfig, *, dtype, param_dtype, seed: int, mesh=None) -> nnx.State:
@@ -164,7 +162,7 @@ def dpo_objective(run: TrainSettings, spec: DPOSpec) -> Objective:
                      make_step=functools.partial(make_dpo_step, ref_graphdef=ref_graphdef, dpo=spec.loss),
                      aux=aux, init_params=init_params, latents_key="mean_w",
                      forwards_per_sample=8.0,   # policy forward + backward of 2 videos, reference forward of 2
-                     records=records)
+                     records=records, data_path=f"a {preferences.FORMAT} directory")
 
 
 def train_dpo(config, workdir=None, *, printer=print) -> TrainResult:

@@ -66,6 +66,8 @@ class Objective:
     - `forwards_per_sample`: cost of one batch row in DiT forwards (3: forward + backward).
     - `records`: JSON files written into the workdir beside `dit_config.json`, {name: object} (e.g.
       `checkpoints.LORA_RECORD`, which `checkpoints.load_dit` needs to rebuild a LoRA run's DiT).
+    - `data_path`: what `data.path` names (for the error of a config without data); `synthetic`:
+      whether `data.synthetic` can stand in for it.
     """
 
     open_dataset: Optional[Callable] = None
@@ -78,6 +80,15 @@ class Objective:
     latents_key: str = "mean"
     forwards_per_sample: float = 3.0
     records: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    data_path: str = f"a {data_format.FORMAT} directory"
+    synthetic: bool = True
+
+    def check_data(self, data: settings.Data) -> None:
+        """A ValueError unless `data` names a dataset this objective opens (`fit` asks before
+        anything is made on disk)."""
+        if not (data.path or (self.synthetic and data.synthetic)):
+            raise ValueError(f"config.data needs `path` ({self.data_path})"
+                             + (" or `synthetic`" if self.synthetic else ""))
 
 
 # `config.objective` of `train` (DPO has its own entry point and passes its objective to `fit`)
@@ -92,7 +103,7 @@ def objective_of(name: str) -> Objective:
         return Objective()
     if name == "reflow":
         return Objective(open_dataset=reflow.open_pairs, make_step=reflow.make_reflow_step, latents_key="z1",
-                         make_heldout=reflow.make_reflow_heldout)
+                         make_heldout=reflow.make_reflow_heldout, data_path=reflow.PAIRS, synthetic=False)
     hint = " (Video-DPO runs with python -m stepvideo_jax.train_dpo)" if name == "dpo" else ""
     raise ValueError(f"unknown objective {name!r}; choose one of {OBJECTIVES}{hint}")
 
@@ -106,18 +117,16 @@ class TrainResult:
 
 def open_dataset(d: settings.Data, workdir: epath.Path) -> data_format.Dataset:
     """`data.path` when set (it wins over a config's default synthetic set), else the synthetic set
-    written into the workdir."""
+    written into the workdir (`Objective.check_data` has made sure one of them is given)."""
     if d.path:
         return data_format.Dataset(d.path)
-    if d.synthetic:
-        root = workdir / "synthetic_data"
-        if not (root / "meta.json").exists():
-            s = d.synthetic
-            synthetic.write(root, num_samples=s["num_samples"], buckets=tuple(tuple(b) for b in s["buckets"]),
-                            channels=s["channels"], text_length=s["text_length"], clip_length=s["clip_length"],
-                            caption_channels=tuple(s["caption_channels"]), seed=s["seed"])
-        return data_format.Dataset(root)
-    raise ValueError("config.data needs `path` (a stepvideo-latents-v1 directory) or `synthetic`")
+    root = workdir / "synthetic_data"
+    if not (root / "meta.json").exists():
+        s = d.synthetic
+        synthetic.write(root, num_samples=s["num_samples"], buckets=tuple(tuple(b) for b in s["buckets"]),
+                        channels=s["channels"], text_length=s["text_length"], clip_length=s["clip_length"],
+                        caption_channels=tuple(s["caption_channels"]), seed=s["seed"])
+    return data_format.Dataset(root)
 
 
 def _resume(ckpt: Checkpointer, abstract_state, fallback: bool, writer: MetricsWriter, printer):
@@ -347,6 +356,7 @@ def train(config, workdir=None, *, printer: Optional[Callable[[str], Any]] = pri
 
 def fit(s: TrainSettings, objective: Objective, *, printer: Optional[Callable[[str], Any]] = print) -> TrainResult:
     """Run or resume the run of `s` with `objective` (see `Objective`) up to step `s.stop`."""
+    objective.check_data(s.data)
     run = setup(s, objective, printer=printer)
     history: list[dict] = []
     heldout_curve: list[tuple[int, float]] = []

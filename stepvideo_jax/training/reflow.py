@@ -64,11 +64,11 @@ def make_reflow_heldout(dataset: reflow_data.ReflowDataset, size: int, seed: int
     return out
 
 
+PAIRS = f"a {reflow_data.FORMAT} directory, written by python -m stepvideo_jax.data.reflow_job"
+
+
 def open_pairs(data, workdir) -> reflow_data.ReflowDataset:
     """The reflow pairs of `data.path` (`settings.Data`); there is no synthetic set."""
     del workdir
-    if not data.path:
-        raise ValueError(f"config.data.path must name a {reflow_data.FORMAT} directory "
-                         "(written by python -m stepvideo_jax.data.reflow_job)")
     return reflow_data.ReflowDataset(data.path)
 
