@@ -290,6 +290,38 @@ def _sow(module: nnx.Module, capture: bool, taps: dict) -> None:
             module.sow(nnx.Intermediate, f"tap_{name}", value)
 
 
+def level_steps(levels, order) -> list[tuple[int, str]]:
+    """The steps of `levels` taken in `order`: (level, "blocks"), then (level, "resample") where the
+    level resamples."""
+    out = []
+    for level in order:
+        out.append((level, "blocks"))
+        if levels[level].resample is not None:
+            out.append((level, "resample"))
+    return out
+
+
+def run_levels(levels, name: str, h: jax.Array, steps, history, taps: dict) -> jax.Array:
+    """Runs `steps` (`level_steps`) of `levels` on h; each step's output goes into `taps` under the
+    official intermediate names (`{name}{level}`, `{name}{level}_blocks` before a resample,
+    `{name}{level}_interp` between a 3-D upsample's interpolation and its refining conv)."""
+    for level, kind in steps:
+        lv = levels[level]
+        if kind == "blocks":
+            for block in lv.blocks:
+                h = block(h, history)
+            taps[f"{name}{level}_blocks" if lv.resample is not None else f"{name}{level}"] = h
+        elif isinstance(lv.resample, Upsample3D):
+            h = lv.resample.interpolate(h)
+            taps[f"{name}{level}_interp"] = h
+            h = lv.resample.refine(h, history)
+            taps[f"{name}{level}"] = h
+        else:
+            h = lv.resample(h)
+            taps[f"{name}{level}"] = h
+    return h
+
+
 class Encoder(nnx.Module):
     """One chunk of video (b t h w c_in), t <= frame_len -> moments (b t' h/s w/s 2z)."""
 
@@ -320,25 +352,10 @@ class Encoder(nnx.Module):
         self.dtype = dtype
 
     def _steps(self) -> list[tuple[int, str]]:
-        """Level steps in execution order: (level, "blocks") and (level, "resample")."""
-        out = []
-        for level, lv in enumerate(self.down):
-            out.append((level, "blocks"))
-            if lv.resample is not None:
-                out.append((level, "resample"))
-        return out
+        return level_steps(self.down, range(len(self.down)))
 
     def _run(self, h, steps, history, taps):
-        for level, kind in steps:
-            lv = self.down[level]
-            if kind == "blocks":
-                for block in lv.blocks:
-                    h = block(h, history)
-                taps[f"down{level}_blocks" if lv.resample is not None else f"down{level}"] = h
-            else:
-                h = lv.resample(h)
-                taps[f"down{level}"] = h
-        return h
+        return run_levels(self.down, "down", h, steps, history, taps)
 
     def __call__(self, x: jax.Array, *, stream_frames: int = 1, capture: bool = False) -> jax.Array:
         """`stream_frames`: frames per slab of the full-resolution section (input to the first
@@ -411,29 +428,10 @@ class Decoder(nnx.Module):
         self.dtype = dtype
 
     def _steps(self) -> list[tuple[int, str]]:
-        out = []
-        for level in reversed(range(len(self.up))):
-            out.append((level, "blocks"))
-            if self.up[level].resample is not None:
-                out.append((level, "resample"))
-        return out
+        return level_steps(self.up, reversed(range(len(self.up))))
 
     def _run(self, h, steps, history, taps):
-        for level, kind in steps:
-            lv = self.up[level]
-            if kind == "blocks":
-                for block in lv.blocks:
-                    h = block(h, history)
-                taps[f"up{level}_blocks" if lv.resample is not None else f"up{level}"] = h
-            elif isinstance(lv.resample, Upsample3D):
-                h = lv.resample.interpolate(h)
-                taps[f"up{level}_interp"] = h
-                h = lv.resample.refine(h, history)
-                taps[f"up{level}"] = h
-            else:
-                h = lv.resample(h)
-                taps[f"up{level}"] = h
-        return h
+        return run_levels(self.up, "up", h, steps, history, taps)
 
     def __call__(self, z: jax.Array, *, stream_frames: int = 1, capture: bool = False) -> jax.Array:
         """`stream_frames`: frames per slab of the high-resolution section, counted at its input
