@@ -155,7 +155,7 @@ def test_eval_encodes_every_prompt_before_denoising_and_resumes(tmp_path, monkey
 
     class Recording(checkpoints.Loader):
         def __init__(self, inner):
-            self.inner, self.mesh, self.dit_cfg = inner, inner.mesh, inner.dit_cfg
+            self.inner, self.mesh, self.dit_cfg, self.vae_cfg = inner, inner.mesh, inner.dit_cfg, inner.vae_cfg
 
         def text_encoder(self):
             events.append("load text")

@@ -13,6 +13,7 @@ stage also resumes from its own checkpoints). Prints the time of every stage; wr
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import pathlib
@@ -86,17 +87,66 @@ def train_vae(config, printer=print, num_steps: int | None = None, *, phase: str
     return nnx.merge(graphdef, state.params), history
 
 
-def _stage(name: str, printer):
-    class Timer:
-        def __enter__(self):
-            self.start = time.perf_counter()
-            printer(f"== stage {name}")
-            return self
+class BuildDir:
+    """A build's workdir and its bookkeeping, shared by `build` and `build_ti2v`: `config.json`, and
+    the stage times and loss curves recorded so far (`stage_seconds.json`, `curves.json`), which a
+    resumed build reads back, so that the final summary covers every stage, resumed or not."""
 
-        def __exit__(self, *exc):
-            self.seconds = time.perf_counter() - self.start
-            printer(f"== stage {name}: {self.seconds:.1f} s")
-    return Timer()
+    def __init__(self, config, workdir, printer):
+        self.root = pathlib.Path(workdir or config.workdir).absolute()
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / "config.json").write_text(config.to_json_best_effort(indent=1))
+        self.printer = printer
+        self.times = self._read("stage_seconds.json")
+        self.curves = self._read("curves.json")
+
+    def _read(self, name: str) -> dict:
+        path = self.root / name
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        """Prints the stage's start and time; records the time once the stage has finished."""
+        start = time.perf_counter()
+        self.printer(f"== stage {name}")
+        yield
+        self.times[name] = time.perf_counter() - start
+        self.printer(f"== stage {name}: {self.times[name]:.1f} s")
+        (self.root / "stage_seconds.json").write_text(json.dumps(self.times, indent=1))
+
+    def add_curves(self, **curves) -> None:
+        self.curves.update(curves)
+        (self.root / "curves.json").write_text(json.dumps(self.curves))
+
+    def train_dit(self, dit_config) -> StepVideoDiT:
+        """The DiT stage (flow matching with `dit_config`, resuming from its own checkpoints), unless
+        a finished one is recorded; the trained DiT."""
+        if "dit" not in self.curves:
+            with self.stage("dit"):
+                result = loop.train(dit_config, printer=self.printer)
+                self.add_curves(dit=result.history, dit_heldout=result.heldout)
+        return checkpoints.load_dit(dit_config.workdir)
+
+    def finish(self, out_dir: pathlib.Path, evaluation: dict, summary: dict, export_to: str) -> dict:
+        """Writes `evaluation.json` and `summary.json` (with the stage times) into the exported
+        `out_dir`, and copies that to `export_to` when given; the summary with the workdir."""
+        summary = {**summary, "stage_seconds": self.times}
+        (self.root / "evaluation.json").write_text(json.dumps(evaluation, indent=1, ensure_ascii=False))
+        (out_dir / "evaluation.json").write_text(json.dumps(evaluation, indent=1, ensure_ascii=False))
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        if export_to:
+            export_to = pathlib.Path(export_to)
+            shutil.rmtree(export_to, ignore_errors=True)
+            shutil.copytree(out_dir, export_to)
+            self.printer(f"copied {out_dir} to {export_to}")
+        return {"workdir": str(self.root), **summary}
+
+
+def accuracies(evaluation: dict) -> dict:
+    """{"accuracy", "accuracy_with_shape"}: {run: fraction} of an evaluation's runs."""
+    runs = {k: v for k, v in evaluation.items() if isinstance(v, dict) and "accuracy" in v}
+    return {"accuracy": {k: v["accuracy"] for k, v in runs.items()},
+            "accuracy_with_shape": {k: v["accuracy_with_shape"] for k, v in runs.items()}}
 
 
 def write_training_latents(config, root, vae, step_llm, clip):
@@ -205,71 +255,36 @@ def evaluate_checkpoint(config, checkpoint_dir, printer=print) -> dict:
 
 
 def build(config, workdir, *, export_to: str = "", printer=print) -> dict:
-    workdir = pathlib.Path(workdir or config.workdir).absolute()
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
-    times_path = workdir / "stage_seconds.json"
-    times = json.loads(times_path.read_text()) if times_path.exists() else {}
-    curves_path = workdir / "curves.json"
-    curves = json.loads(curves_path.read_text()) if curves_path.exists() else {}
-
-    def record(name, timer):
-        times[name] = timer.seconds
-        times_path.write_text(json.dumps(times, indent=1))
-
+    bd = BuildDir(config, workdir, printer)
     # the VAE as shipped (bf16 weights) encodes the DiT's training set
     vae = None
     for phase in config.vae_phases:
-        phase_dir = workdir / phase
+        phase_dir = bd.root / phase
         if not checkpoints.is_converted(phase_dir):
-            with _stage(phase, printer) as timer:
+            with bd.stage(phase):
                 vae, history = train_vae(config, printer, phase=phase, init=vae)
                 export.write_checkpoint(phase_dir, {"vae": vae}, dtype="bfloat16")
-            curves[phase] = history
-            curves_path.write_text(json.dumps(curves))
-            record(phase, timer)
+                bd.add_curves(**{phase: history})
         vae = checkpoints.load_component(phase_dir, "vae")
     step_llm, clip = architecture.text_encoders(config)
 
-    latents_dir = workdir / "latents"
+    latents_dir = bd.root / "latents"
     if not (latents_dir / "meta.json").exists():
         shutil.rmtree(latents_dir, ignore_errors=True)
-        with _stage("latents", printer) as timer:
+        with bd.stage("latents"):
             write_training_latents(config, latents_dir, vae, step_llm, clip)
-        record("latents", timer)
 
-    dit_config = dit_train_config(config, workdir)
-    if "dit" not in curves:
-        with _stage("dit", printer) as timer:
-            result = loop.train(dit_config, printer=printer)
-        curves["dit"] = result.history
-        curves["dit_heldout"] = result.heldout
-        curves_path.write_text(json.dumps(curves))
-        record("dit", timer)
-    dit = checkpoints.load_dit(dit_config.workdir)
+    dit = bd.train_dit(dit_train_config(config, bd.root))
 
-    demo_dir = workdir / "demo"
-    with _stage("export", printer) as timer:
+    demo_dir = bd.root / "demo"
+    with bd.stage("export"):
         export.write_checkpoint(demo_dir, {"transformer": dit, "vae": vae, "step_llm": step_llm,
                                            "hunyuan_clip": clip}, dtype="bfloat16")
-        shutil.copyfile(curves_path, demo_dir / "curves.json")
-    record("export", timer)
+        shutil.copyfile(bd.root / "curves.json", demo_dir / "curves.json")
 
-    with _stage("evaluate", printer) as timer:
+    with bd.stage("evaluate"):
         evaluation = evaluate_checkpoint(config, demo_dir, printer)
-    record("evaluate", timer)
-    summary = {"accuracy": {k: v["accuracy"] for k, v in evaluation.items() if isinstance(v, dict)},
-               "accuracy_with_shape": {k: v["accuracy_with_shape"] for k, v in evaluation.items()
-                                       if isinstance(v, dict)},
-               "chance": evaluation["chance"], "stage_seconds": times}
-    (workdir / "evaluation.json").write_text(json.dumps(evaluation, indent=1, ensure_ascii=False))
-    (demo_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-    if export_to:
-        export_to = pathlib.Path(export_to)
-        shutil.rmtree(export_to, ignore_errors=True)
-        shutil.copytree(demo_dir, export_to)
-        printer(f"copied {demo_dir} to {export_to}")
-    return {"workdir": str(workdir), **summary}
+    return bd.finish(demo_dir, evaluation, {**accuracies(evaluation), "chance": evaluation["chance"]}, export_to)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,7 +340,8 @@ def evaluate_ti2v(config, checkpoint_dir, *, dit=None, printer=print, baselines:
     render of that scene drawn with that seed as its first-frame image, and the caption. Also the T2V
     demo (the base DiT) on the same captions without the image ("t2v_demo_no_image"): where a model
     starts unconditioned, against the TI2V demo's start offset (`evaluate.start_summary`).
-    `baselines=False`: the TI2V demo alone."""
+    `baselines=False`: the TI2V demo alone. `eval.max_scenes` (0: all) cuts the held-out scenes, as
+    in `evaluate_checkpoint`."""
     e, t, v = config.eval, config.ti2v, config.video
     models = demo_models(t.base)
     dit = dit if dit is not None else checkpoints.load_component(checkpoint_dir, "transformer", dtype=jnp.float32)
@@ -336,8 +352,9 @@ def evaluate_ti2v(config, checkpoint_dir, *, dit=None, printer=print, baselines:
     runs = [("demo_ti2v", dit), ("random_dit", random_dit), ("t2v_demo_no_image", models.dit)]
     for name, model in runs if baselines else runs[:1]:
         pipe = pipeline_of(models, model)
-        result = evaluate.evaluate(pipe, sm.HELD_OUT, size=size, settings=settings, seeds=tuple(e.seeds),
-                                   languages=tuple(e.languages), batch=e.batch, motion_score=float(t.motion_score),
+        result = evaluate.evaluate(pipe, sm.HELD_OUT[:e.max_scenes or None], size=size, settings=settings,
+                                   seeds=tuple(e.seeds), languages=tuple(e.languages), batch=e.batch,
+                                   motion_score=float(t.motion_score),
                                    first_frame=lambda scene, seed: first_frames([scene], [seed], frames=v.frames,
                                                                                height=v.height, width=v.width)[0])
         result.pop("videos")
@@ -357,68 +374,38 @@ def build_ti2v(config, workdir, *, export_to: str = "", printer=print) -> dict:
     VAE and text encoders -> `ti2v_from_t2v(base DiT)` -> flow matching with the first-frame
     condition (`config.dit_train`, `step.motion_score`) -> `<workdir>/demo_ti2v/transformer` (bf16)
     -> held-out evaluation. Stages resume like `build`'s."""
-    workdir = pathlib.Path(workdir or config.workdir).absolute()
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
-    times_path = workdir / "stage_seconds.json"
-    times = json.loads(times_path.read_text()) if times_path.exists() else {}
-    curves_path = workdir / "curves.json"
-    curves = json.loads(curves_path.read_text()) if curves_path.exists() else {}
-
-    def record(name, timer):
-        times[name] = timer.seconds
-        times_path.write_text(json.dumps(times, indent=1))
-
+    bd = BuildDir(config, workdir, printer)
     base = demo_models(config.ti2v.base)
-    latents_dir = workdir / "latents"
+    latents_dir = bd.root / "latents"
     if not (latents_dir / "meta.json").exists():
         shutil.rmtree(latents_dir, ignore_errors=True)
-        with _stage("latents", printer) as timer:
+        with bd.stage("latents"):
             write_training_latents(config, latents_dir, base.vae,
                                    checkpoints.load_component(config.ti2v.base, "step_llm"),
                                    checkpoints.load_component(config.ti2v.base, "hunyuan_clip"))
-        record("latents", timer)
 
-    init_dir = workdir / "ti2v_init"
+    init_dir = bd.root / "ti2v_init"
     if not checkpoints.is_converted(init_dir):
         export.write_checkpoint(init_dir, {"transformer": ti2v_from_t2v(base.dit, seed=config.seed)}, dtype="float32")
-    dit_config = dit_train_config(config, workdir)
+    dit_config = dit_train_config(config, bd.root)
     with dit_config.unlocked():
         dit_config.model.init_from = str(init_dir)
         dit_config.step.motion_score = float(config.ti2v.motion_score)
-    if "dit" not in curves:
-        with _stage("dit", printer) as timer:
-            result = loop.train(dit_config, printer=printer)
-        curves["dit"] = result.history
-        curves["dit_heldout"] = result.heldout
-        curves_path.write_text(json.dumps(curves))
-        record("dit", timer)
-    dit = checkpoints.load_dit(dit_config.workdir)
+    dit = bd.train_dit(dit_config)
 
-    demo_dir = workdir / "demo_ti2v"
-    with _stage("export", printer) as timer:
+    demo_dir = bd.root / "demo_ti2v"
+    with bd.stage("export"):
         export.write_checkpoint(demo_dir, {"transformer": dit}, dtype="bfloat16")
         Image.fromarray(default_first_frame(config)).save(demo_dir / FIRST_FRAME)
-        shutil.copyfile(curves_path, demo_dir / "curves.json")
-    record("export", timer)
+        shutil.copyfile(bd.root / "curves.json", demo_dir / "curves.json")
 
-    with _stage("evaluate", printer) as timer:
+    with bd.stage("evaluate"):
         evaluation = evaluate_ti2v(config, demo_dir, printer=printer)
-    record("evaluate", timer)
-    summary = {"accuracy": {k: v["accuracy"] for k, v in evaluation.items() if isinstance(v, dict)},
-               "accuracy_with_shape": {k: v["accuracy_with_shape"] for k, v in evaluation.items()
-                                       if isinstance(v, dict)},
-               "by_seed": {k: {s: [r["accuracy"], r["accuracy_with_shape"]] for s, r in v["by_seed"].items()}
-                           for k, v in evaluation.items() if isinstance(v, dict)},
-               "chance": evaluation["chance"], "motion_score": evaluation["motion_score"], "stage_seconds": times}
-    (demo_dir / "evaluation.json").write_text(json.dumps(evaluation, indent=1, ensure_ascii=False))
-    (demo_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-    if export_to:
-        export_to = pathlib.Path(export_to)
-        shutil.rmtree(export_to, ignore_errors=True)
-        shutil.copytree(demo_dir, export_to)
-        printer(f"copied {demo_dir} to {export_to}")
-    return {"workdir": str(workdir), **summary}
+    by_seed = {k: {s: [r["accuracy"], r["accuracy_with_shape"]] for s, r in v["by_seed"].items()}
+               for k, v in evaluation.items() if isinstance(v, dict) and "by_seed" in v}
+    return bd.finish(demo_dir, evaluation, {**accuracies(evaluation), "by_seed": by_seed,
+                                            "chance": evaluation["chance"],
+                                            "motion_score": evaluation["motion_score"]}, export_to)
 
 
 def main(argv=None):

@@ -395,7 +395,8 @@ class Encoder(nnx.Module):
 
 
 class Decoder(nnx.Module):
-    """One chunk of latents (b k h w z), k <= latent_len -> video (b, 8k-7, 16h, 16w, c_out)."""
+    """One chunk of latents (b k h w z), k <= latent_len -> video (b, 8k-7, s h, s w, c_out), s the
+    spatial factor (16 released)."""
 
     def __init__(self, cfg: VAEConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
                  rngs: nnx.Rngs, attention_backend: Optional[str] = None):
