@@ -4,8 +4,9 @@ Written from the set's definition (`data/synthetic_motion.py`), not from a model
 of pixels far from the background colour; its colour is the palette entry nearest to their median;
 its motion is read from the trajectory of its centroid and the change of its area between the first
 and last quarter of the clip; its shape is the set's shape whose coverage (`shape_coverage`, placed
-at the object's centroid with the object's area) differs least from the object's own soft coverage,
-summed over the frames. Chance for a random video is 1 / (colours x motions) for colour and motion,
+at the object's centroid with the object's area, and blurred by the Gaussian of `BLURS` that fits
+best) differs least from the object's own soft coverage, summed over the frames. The blur is there
+because a decoder's output is soft-edged: a sharp template reads a blurred triangle as a circle. Chance for a random video is 1 / (colours x motions) for colour and motion,
 1 / (colours x shapes x motions) for all three.
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+from scipy import ndimage
 
 from stepvideo_jax.data.synthetic_motion import BACKGROUND, COLOURS, MOTIONS, SHAPES, parse_caption, shape_coverage
 
@@ -25,6 +27,8 @@ CHANCE_ALL = CHANCE / len(SHAPES)
 # The triangle's centroid lies a third of the way from its base (at cy + r) to its apex (cy - r).
 _GEOMETRY = {"circle": (np.pi, 0.0), "square": (4.0, 0.0), "triangle": (2.0, 1.0 / 3.0)}
 assert set(_GEOMETRY) == set(SHAPES)
+# Gaussian blurs (standard deviation in pixels) tried on each shape's template, one per video.
+BLURS = (0.0, 0.5, 1.0, 1.5, 2.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,11 +61,12 @@ def _coverage(video: np.ndarray, mask: np.ndarray, median: np.ndarray) -> np.nda
 
 def read_shape(alpha: np.ndarray, *, min_pixels: float = 4.0) -> str | None:
     """The set's shape closest to a soft coverage (f, h, w): per frame with at least `min_pixels` of
-    coverage, every shape is placed at the coverage's centroid with its area, and the L1 differences
-    (relative to the area, so that every frame counts alike) are summed over frames."""
+    coverage, every shape is placed at the coverage's centroid with its area and blurred by each of
+    `BLURS`; the L1 differences (relative to the area, so that every frame counts alike) are summed
+    over frames, and the shape of the best (shape, blur) pair wins."""
     f, h, w = alpha.shape
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float64) + 0.5
-    errors = dict.fromkeys(_GEOMETRY, 0.0)
+    errors = {(shape, blur): 0.0 for shape in _GEOMETRY for blur in BLURS}
     frames = 0
     for a in alpha.astype(np.float64):
         area = a.sum()
@@ -72,10 +77,12 @@ def read_shape(alpha: np.ndarray, *, min_pixels: float = 4.0) -> str | None:
         for shape, (area_per_r2, centroid_offset) in _GEOMETRY.items():
             r = np.sqrt(area / area_per_r2)
             template = shape_coverage(shape, yy, xx, cy - centroid_offset * r, cx, r)
-            errors[shape] += np.abs(a - template).sum() / area
+            for blur in BLURS:
+                blurred = ndimage.gaussian_filter(template, blur, mode="constant") if blur else template
+                errors[shape, blur] += np.abs(a - blurred).sum() / area
     if not frames:
         return None
-    return min(errors, key=errors.get)
+    return min(errors, key=errors.get)[0]
 
 
 def read_video(video: np.ndarray, *, min_pixels: int = 4) -> Reading:
