@@ -2,8 +2,9 @@
 shipped weights (demo and random DiT), VAE reconstructions, seed determinism, and a short run of the
 demo's DiT training reproducing the beginning of the recorded loss curve.
 
-The issue's bar (>= 80% colour and motion on held-out prompts) is asserted as it is; the measured
-numbers are in `stepvideo_jax/assets/demo/summary.json` and printed here.
+The demo bars (held-out prompts, every scene x EN/ZH x the config's evaluation seeds: colour + shape +
+motion >= 90%, colour + motion >= 95%, a random DiT at chance) are asserted as they are; the measured
+numbers, per seed, are in `stepvideo_jax/assets/demo/summary.json` and printed here.
 """
 import json
 
@@ -19,7 +20,8 @@ from stepvideo_jax.eval import motion_checker
 from stepvideo_jax.models.dit import StepVideoDiT
 
 DEMO_DIR = build.DEFAULT_EXPORT
-ISSUE_ACCURACY = 0.80
+BAR_WITH_SHAPE = 0.90   # colour + shape + motion
+BAR = 0.95              # colour + motion
 
 
 @pytest.fixture(scope="module")
@@ -34,15 +36,19 @@ def models():
 
 @pytest.fixture(scope="module")
 def scores(config, models):
-    """Checker accuracy on the held-out prompts (every scene x EN/ZH x the fixed seeds) of the shipped
-    model and of a random DiT with the same VAE and text encoders."""
+    """Checker accuracy on the held-out prompts (every scene x EN/ZH x the build's evaluation seeds)
+    of the shipped model and of a random DiT with the same VAE and text encoders."""
     size, settings = build.sampling_settings(config)
-    demo = evaluate.evaluate(build.pipeline_of(models), sm.HELD_OUT, size=size, settings=settings)
+    seeds = tuple(config.eval.seeds)
     random_dit = StepVideoDiT(models.dit.cfg, rngs=nnx.Rngs(config.eval.random_dit_seed))
-    rand = evaluate.evaluate(build.pipeline_of(models, random_dit), sm.HELD_OUT, size=size, settings=settings)
-    print(f"checker accuracy on held-out prompts: demo {demo['accuracy']:.3f}, random DiT "
-          f"{rand['accuracy']:.3f}, chance {motion_checker.CHANCE:.3f} ({len(demo['results'])} videos)")
-    return {"demo": demo, "random": rand}
+    out = {}
+    for name, dit in (("demo", None), ("random", random_dit)):
+        out[name] = evaluate.evaluate(build.pipeline_of(models, dit), sm.HELD_OUT, size=size, settings=settings,
+                                      seeds=seeds)
+        out[name]["by_seed"] = evaluate.by_seed(out[name]["results"], seeds)
+        print(f"{name}: colour+motion {out[name]['accuracy']:.3f}, with shape {out[name]['accuracy_with_shape']:.3f} "
+              f"(by seed {evaluate.per_seed_line(out[name])}; {len(out[name]['results'])} videos)")
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -64,22 +70,31 @@ def test_held_out_combinations_are_absent_from_the_demo_training_set():
 
 
 @pytest.mark.slow
-def test_shipped_scores_match_the_record_and_random_weights_are_at_chance(scores):
-    recorded = json.loads((DEMO_DIR / "summary.json").read_text())["accuracy"]
-    assert scores["demo"]["accuracy"] == pytest.approx(recorded["demo/held_out"], abs=0.05)
+def test_shipped_scores_match_the_record_and_random_weights_are_at_chance(config, scores):
+    """Every recorded seed re-scored within one video (1 / 48) of the record, both measures."""
+    recorded = json.loads((DEMO_DIR / "summary.json").read_text())["by_seed"]["demo/held_out"]
+    assert list(recorded) == [str(s) for s in config.eval.seeds]
+    for seed, (accuracy, with_shape) in recorded.items():
+        got = scores["demo"]["by_seed"][seed]
+        assert got["accuracy"] == pytest.approx(accuracy, abs=1.01 / 48), seed
+        assert got["accuracy_with_shape"] == pytest.approx(with_shape, abs=1.01 / 48), seed
     assert scores["random"]["accuracy"] <= 3 * motion_checker.CHANCE
     assert scores["random"]["accuracy_with_shape"] <= 3 * motion_checker.CHANCE_ALL
 
 
 @pytest.mark.slow
-def test_shipped_demo_follows_held_out_prompts(scores):
-    assert scores["demo"]["accuracy"] >= ISSUE_ACCURACY, [r for r in scores["demo"]["results"] if not r["ok"]]
+def test_shipped_demo_follows_held_out_prompts(config, scores):
+    """The bars over all the evaluation seeds (at least 3)."""
+    demo = scores["demo"]
+    assert len(config.eval.seeds) >= 3
+    assert demo["accuracy"] >= BAR, [r for r in demo["results"] if not r["ok"]]
+    assert demo["accuracy_with_shape"] >= BAR_WITH_SHAPE, [r for r in demo["results"] if not r["ok_with_shape"]]
 
 
 def test_shipped_vae_reconstructions_score_as_recorded(reconstruction):
     recorded = json.loads((DEMO_DIR / "summary.json").read_text())["accuracy"]["vae_reconstruction"]
     assert reconstruction["accuracy"] == pytest.approx(recorded, abs=0.05)
-    assert reconstruction["accuracy"] >= 0.5, "the VAE must keep most colours (colour chance is 25%)"
+    assert reconstruction["accuracy_with_shape"] >= BAR_WITH_SHAPE, "the DiT cannot score above its VAE"
     assert reconstruction["by_field"]["motion"] >= 0.95
 
 

@@ -13,6 +13,7 @@ import sys
 import numpy as np
 import pytest
 
+from stepvideo_jax import checkpoints
 from stepvideo_jax.sampling import eval_set, generation
 from stepvideo_jax.sampling import video_io
 from tests.fixtures import PROJECT_ROOT, fixture_dir, load_npz
@@ -62,10 +63,11 @@ def test_default_command_follows_its_prompt(tmp_path):
     frames, fps = video_io.read_mp4(out)
     assert frames.shape == (config.num_frames, config.height, config.width, 3) and fps == 25
     reading = motion_checker.read_video(frames)
-    assert (reading.colour, reading.motion) == ("blue", "up"), reading
+    assert (reading.colour, reading.shape, reading.motion) == ("blue", "square", "up"), reading
     latents = np.load(out.with_suffix(".npy"))
+    factor = checkpoints.loader(config.checkpoint_dir).vae_cfg.spatial_factor
     assert latents.shape[:2] == (1, config.num_frames // 17 * 3) and latents.shape[3:] == (
-        config.height // 16, config.width // 16)
+        config.height // factor, config.width // factor)
     record = json.loads(summary.read_text())
     assert set(record["timings"]) == {"load text encoders", "tokenize+encode", "release", "load dit+vae", "denoise",
                                       "decode", "write"}

@@ -68,7 +68,7 @@ def get_config():
 
     d = train_common.base()
     d.workdir = ""                    # set by the build: <workdir>/dit
-    d.total_steps = 8000
+    d.total_steps = 16000
     d.log_every = 100
     d.eval_every = 500
     d.eval_size = 16

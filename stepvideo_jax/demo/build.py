@@ -143,10 +143,13 @@ class BuildDir:
 
 
 def accuracies(evaluation: dict) -> dict:
-    """{"accuracy", "accuracy_with_shape"}: {run: fraction} of an evaluation's runs."""
+    """{"accuracy", "accuracy_with_shape"}: {run: fraction} of an evaluation's runs; "by_seed":
+    {run: {seed: [accuracy, accuracy_with_shape]}} of the runs evaluated per seed."""
     runs = {k: v for k, v in evaluation.items() if isinstance(v, dict) and "accuracy" in v}
     return {"accuracy": {k: v["accuracy"] for k, v in runs.items()},
-            "accuracy_with_shape": {k: v["accuracy_with_shape"] for k, v in runs.items()}}
+            "accuracy_with_shape": {k: v["accuracy_with_shape"] for k, v in runs.items()},
+            "by_seed": {k: {s: [r["accuracy"], r["accuracy_with_shape"]] for s, r in v["by_seed"].items()}
+                        for k, v in runs.items() if "by_seed" in v}}
 
 
 def write_training_latents(config, root, vae, step_llm, clip):
@@ -248,9 +251,11 @@ def evaluate_checkpoint(config, checkpoint_dir, printer=print) -> dict:
             result = evaluate.evaluate(pipe, scenes[:limit], size=size, settings=settings, seeds=tuple(e.seeds),
                                        languages=tuple(e.languages), batch=e.batch)
             result.pop("videos")
+            result["by_seed"] = evaluate.by_seed(result["results"], e.seeds)
             out[f"{name}/{split}"] = result
-            printer(f"{name} on {split} scenes: accuracy {result['accuracy']:.3f} (with shape "
-                    f"{result['accuracy_with_shape']:.3f}, {len(result['results'])} videos)")
+            printer(f"{name} on {split} scenes: colour+motion {result['accuracy']:.3f}, with shape "
+                    f"{result['accuracy_with_shape']:.3f} ({len(result['results'])} videos; by seed "
+                    f"{evaluate.per_seed_line(result)})")
     return out
 
 
@@ -358,14 +363,11 @@ def evaluate_ti2v(config, checkpoint_dir, *, dit=None, printer=print, baselines:
                                    first_frame=lambda scene, seed: first_frames([scene], [seed], frames=v.frames,
                                                                                height=v.height, width=v.width)[0])
         result.pop("videos")
-        result["by_seed"] = {str(s): evaluate.summarise([r for r in result["results"] if r["seed"] == s])
-                             for s in e.seeds}
+        result["by_seed"] = evaluate.by_seed(result["results"], e.seeds)
         out[f"{name}/held_out"] = result
-        per_seed = ", ".join(f"{s}: {r['accuracy']:.3f}/{r['accuracy_with_shape']:.3f}"
-                             for s, r in result["by_seed"].items())
         printer(f"{name} on held-out scenes: colour+motion {result['accuracy']:.3f}, with shape "
-                f"{result['accuracy_with_shape']:.3f} ({len(result['results'])} videos; by seed {per_seed}); "
-                f"start {result['start']}")
+                f"{result['accuracy_with_shape']:.3f} ({len(result['results'])} videos; by seed "
+                f"{evaluate.per_seed_line(result)}); start {result['start']}")
     return out
 
 
@@ -401,10 +403,7 @@ def build_ti2v(config, workdir, *, export_to: str = "", printer=print) -> dict:
 
     with bd.stage("evaluate"):
         evaluation = evaluate_ti2v(config, demo_dir, printer=printer)
-    by_seed = {k: {s: [r["accuracy"], r["accuracy_with_shape"]] for s, r in v["by_seed"].items()}
-               for k, v in evaluation.items() if isinstance(v, dict) and "by_seed" in v}
-    return bd.finish(demo_dir, evaluation, {**accuracies(evaluation), "by_seed": by_seed,
-                                            "chance": evaluation["chance"],
+    return bd.finish(demo_dir, evaluation, {**accuracies(evaluation), "chance": evaluation["chance"],
                                             "motion_score": evaluation["motion_score"]}, export_to)
 
 

@@ -87,6 +87,16 @@ def start_summary(offsets: Sequence[float | None]) -> dict:
             "no_object": len(offsets) - len(found)}
 
 
+def by_seed(results: Sequence[dict], seeds: Sequence[int]) -> dict:
+    """{str(seed): `summarise` of that seed's rows} for every seed (the keys as JSON writes them)."""
+    return {str(s): summarise([r for r in results if r["seed"] == s]) for s in seeds}
+
+
+def per_seed_line(result: dict) -> str:
+    """"seed: colour+motion/with shape, ..." of a result with "by_seed"."""
+    return ", ".join(f"{s}: {r['accuracy']:.3f}/{r['accuracy_with_shape']:.3f}" for s, r in result["by_seed"].items())
+
+
 def summarise(results: Sequence[dict]) -> dict:
     """Accuracies of `evaluate`'s result rows (any subset of them, e.g. one seed's)."""
     wanted = [sm.parse_caption(r["caption"]) for r in results]
