@@ -209,7 +209,7 @@ def test_pair_job_writes_what_the_pipeline_reads(pairs):
     cfg = _teacher_config()
     pipe = pipeline_of(demo_models(DEMO))
     settings = SamplerSettings(cfg.num_steps, cfg.guidance_scale, cfg.time_shift)
-    gen = pipe([CAPTIONS[0]], size=VideoSize(cfg.num_frames, cfg.height, cfg.width), settings=settings,
+    gen = pipe([CAPTIONS[0]], size=VideoSize(cfg.num_frames, cfg.height, cfg.width, pipe.spatial_factor), settings=settings,
                seeds=[100], pos_magic=cfg.pos_magic, neg_magic=cfg.neg_magic, crop=False)
     np.testing.assert_allclose(gen.latents[0], pair["z1"], rtol=1e-4, atol=1e-4)
 
