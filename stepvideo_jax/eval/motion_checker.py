@@ -6,8 +6,9 @@ its motion is read from the trajectory of its centroid and the change of its are
 and last quarter of the clip; its shape is the set's shape whose coverage (`shape_coverage`, placed
 at the object's centroid with the object's area, and blurred by the Gaussian of `BLURS` that fits
 best) differs least from the object's own soft coverage, summed over the frames. The blur is there
-because a decoder's output is soft-edged: a sharp template reads a blurred triangle as a circle. Chance for a random video is 1 / (colours x motions) for colour and motion,
-1 / (colours x shapes x motions) for all three.
+because a decoder's output is soft-edged: a sharp template reads a blurred triangle as a circle.
+Chance for a random video is 1 / (colours x motions) for colour and motion, 1 / (colours x shapes x
+motions) for all three.
 """
 from __future__ import annotations
 
