@@ -9,7 +9,7 @@ prints `memory_analysis()`: per chip arguments / outputs / temporaries. The spla
 inputs already in its (b, h, s, d) layout, shows how little scratch the kernel itself needs. "xla" materialises the
 (b, h, s, s) float32 scores and is expected to fail with RESOURCE_EXHAUSTED (~258 GiB per chip with
 heads over 4 chips); splash and blockwise keep O(block) temporaries. With a `sequence` mesh axis,
-"ulysses:splash" / "ring:blockwise" run the sequence-parallel attention of `parallel/sequence_parallel.py`.
+"ulysses:splash" / "ring:blockwise" run the sequence-parallel attention of `models/sequence_parallel.py`.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from stepvideo_jax.models.dit import ACT, Block, DiTConfig  # noqa: E402
 from stepvideo_jax.parallel import aot  # noqa: E402
 from stepvideo_jax.dtypes import DTYPES  # noqa: E402
 from stepvideo_jax.parallel.rules import state_shardings  # noqa: E402
-from stepvideo_jax.parallel.sequence_parallel import parse_backend  # noqa: E402
+from stepvideo_jax.models.sequence_parallel import parse_backend  # noqa: E402
 
 def compile_attention(cfg: DiTConfig, mesh, *, batch, seq, dtype, backend):
     qkv = aot.abstract((batch, seq, cfg.num_heads, cfg.head_dim), dtype, mesh,

@@ -28,7 +28,7 @@ from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
 from stepvideo_jax.dtypes import DTYPES  # noqa: E402
-from stepvideo_jax.parallel.sequence_parallel import parse_backend  # noqa: E402
+from stepvideo_jax.models.sequence_parallel import parse_backend  # noqa: E402
 from stepvideo_jax.models.dit import DiTConfig, StepVideoDiT  # noqa: E402
 from stepvideo_jax.parallel import aot  # noqa: E402
 from stepvideo_jax.parallel.rules import STATE_RULES, state_shardings  # noqa: E402

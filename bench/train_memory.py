@@ -35,7 +35,7 @@ from flax import nnx  # noqa: E402
 from stepvideo_jax.models.dit import StepVideoDiT  # noqa: E402
 from stepvideo_jax.parallel import aot  # noqa: E402
 from stepvideo_jax.parallel.rules import STATE_RULES, state_shardings  # noqa: E402
-from stepvideo_jax.parallel.sequence_parallel import SequenceParallel  # noqa: E402
+from stepvideo_jax.models.sequence_parallel import SequenceParallel  # noqa: E402
 from stepvideo_jax.training import optimizer, train_state  # noqa: E402
 from stepvideo_jax.training.settings import dit_config, optim_settings, step_settings  # noqa: E402
 from stepvideo_jax.training.train_step import make_train_step  # noqa: E402

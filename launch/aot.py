@@ -25,7 +25,7 @@ from stepvideo_jax.models import quant  # noqa: E402
 from stepvideo_jax.models.dit import DiTConfig, StepVideoDiT  # noqa: E402
 from stepvideo_jax.parallel import aot  # noqa: E402
 from stepvideo_jax.parallel.rules import state_shardings  # noqa: E402
-from stepvideo_jax.parallel.sequence_parallel import parse_backend  # noqa: E402
+from stepvideo_jax.models.sequence_parallel import parse_backend  # noqa: E402
 
 
 def compile_forward(cfg: DiTConfig, mesh, *, batch, frames, height, width, text_len, clip_len, dtype,

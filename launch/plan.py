@@ -61,7 +61,7 @@ from stepvideo_jax.models.vae import VAEConfig, VideoVAE  # noqa: E402
 from stepvideo_jax.parallel import aot  # noqa: E402
 from stepvideo_jax.parallel.mesh import MeshConfig  # noqa: E402
 from stepvideo_jax.parallel.rules import state_shardings  # noqa: E402
-from stepvideo_jax.parallel.sequence_parallel import SequenceParallel  # noqa: E402
+from stepvideo_jax.models.sequence_parallel import SequenceParallel  # noqa: E402
 from stepvideo_jax.sampling.flow_matching import denoise_step  # noqa: E402
 from stepvideo_jax.sampling.pipeline import dit_velocity_fn  # noqa: E402
 

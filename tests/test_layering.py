@@ -15,7 +15,7 @@ LAYERS = (
     ("base", ("stepvideo_jax.compile_cache", "stepvideo_jax.config_files", "stepvideo_jax.dtypes", "stepvideo_jax.hub", "stepvideo_jax.logs",
               "stepvideo_jax.paths")),
     ("sharding", ("stepvideo_jax.parallel",)),   # mesh, logical-axis rules, AOT helpers
-    ("models", ("stepvideo_jax.models", "stepvideo_jax.parallel.sequence_parallel")),
+    ("models", ("stepvideo_jax.models",)),
     ("text", ("stepvideo_jax.text",)),
     ("convert", ("stepvideo_jax.convert",)),
     ("checkpoints", ("stepvideo_jax.checkpoints",)),

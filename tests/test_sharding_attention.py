@@ -11,7 +11,7 @@ import pytest
 
 from stepvideo_jax.models.attention import attention
 from stepvideo_jax.parallel.mesh import MeshConfig, make_mesh
-from stepvideo_jax.parallel.sequence_parallel import SequenceParallel
+from stepvideo_jax.models.sequence_parallel import SequenceParallel
 
 pytestmark = pytest.mark.sharding
 

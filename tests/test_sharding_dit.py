@@ -21,7 +21,7 @@ from stepvideo_jax.convert import dit as dit_convert
 from stepvideo_jax.convert.safetensors_io import TensorSource
 from stepvideo_jax.models.dit import DiTConfig, StepVideoDiT
 from stepvideo_jax.parallel.mesh import MeshConfig, make_mesh, shard_model
-from stepvideo_jax.parallel.sequence_parallel import SequenceParallel
+from stepvideo_jax.models.sequence_parallel import SequenceParallel
 from tests.fixtures import assert_close, fixture_dir, load_json, load_npz
 
 pytestmark = pytest.mark.sharding

@@ -12,7 +12,7 @@ Backends:
 - "splash": Pallas splash attention (TPU; `interpret=True` runs it on CPU for tests).
 
 The kernels live in `models/attention_kernels.py`, the sequence-parallel modes in
-`parallel/sequence_parallel.py`. `backend=None` asks the one selection rule,
+`models/sequence_parallel.py`. `backend=None` asks the one selection rule,
 `models/attention_backend.py` (TPU -> splash, GPU -> cudnn where cuDNN can run the case, else
 blockwise; CPU -> blockwise); an explicit "cudnn" is checked by the same rule and falls back to
 blockwise, logged once, where cuDNN cannot run the case.
@@ -24,8 +24,8 @@ from typing import Optional
 
 from stepvideo_jax.models import attention_kernels as kernels
 from stepvideo_jax.models.attention_kernels import BACKENDS, BiasFn
-from stepvideo_jax.parallel.sequence_parallel import MODES as SEQUENCE_PARALLEL_BACKENDS
-from stepvideo_jax.parallel.sequence_parallel import sequence_parallel_attention
+from stepvideo_jax.models.sequence_parallel import MODES as SEQUENCE_PARALLEL_BACKENDS
+from stepvideo_jax.models.sequence_parallel import sequence_parallel_attention
 
 
 def attention(q, k, v, *, key_mask=None, causal: bool = False, bias_fn: Optional[BiasFn] = None,
@@ -39,7 +39,7 @@ def attention(q, k, v, *, key_mask=None, causal: bool = False, bias_fn: Optional
     block (e.g. ALiBi), never as a full (h, sq, sk) tensor. `key_mask_is_prefix=True` promises that
     each row's valid keys are a prefix (e.g. the DiT's text keys), which cuDNN takes as lengths.
     backend may also be a sequence-parallel mode ("ulysses", "ring", "ulysses_ring") or a
-    `parallel.sequence_parallel.SequenceParallel`; `cross=True` tells it that k/v are a separate,
+    `models.sequence_parallel.SequenceParallel`; `cross=True` tells it that k/v are a separate,
     unsharded sequence (e.g. text keys), so only the queries are split.
     """
     b, sq, h, d = q.shape

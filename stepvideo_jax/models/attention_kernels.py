@@ -1,5 +1,5 @@
 """Single-device attention kernels and their dispatch, shared by `models/attention.py` and
-`parallel/sequence_parallel.py` (whose ring attention runs the blockwise forward and backward per
+`models/sequence_parallel.py` (whose ring attention runs the blockwise forward and backward per
 key shard).
 
 Layouts: q (b, sq, h, d), k/v (b, sk, hkv, d) with hkv dividing h; the kernels group the query heads

@@ -1,1 +1,1 @@
-"""Meshes, the logical-axis rules table, sequence parallelism."""
+"""Meshes, the logical-axis rules table, ahead-of-time compilation helpers."""
