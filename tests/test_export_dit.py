@@ -4,6 +4,7 @@ import json
 import numpy as np
 import pytest
 
+from stepvideo_jax import export
 from stepvideo_jax.convert import dit as dit_convert
 from stepvideo_jax.convert import export_dit
 from stepvideo_jax.convert.errors import CheckpointError
@@ -48,3 +49,23 @@ def test_config_the_release_cannot_express_is_refused(tmp_path):
     model.cfg = dataclasses.replace(model.cfg, rope_theta=500.0)
     with pytest.raises(CheckpointError, match="rope_theta"):
         export_dit.export(model, tmp_path / "t")
+
+
+def test_command_line_reexports_a_transformer_and_names_a_bad_source(tmp_path, capsys):
+    """`python -m stepvideo_jax.export`: a release `transformer/` re-exported bit for bit; a folder
+    that is no DiT source is one error line, exit 1, and no output folder."""
+    source = fixture_dir("release_layout") / "stepvideo-t2v" / "transformer"
+    out = tmp_path / "transformer"
+    assert export.main(["--transformer", str(source), "--out", str(out), "--dtype", "float32"]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    ours, theirs = dit_convert.tensor_source(out), dit_convert.tensor_source(source)
+    assert sorted(ours.keys()) == sorted(theirs.keys())
+    for key in theirs.keys():
+        np.testing.assert_array_equal(ours.read(key), theirs.read(key), err_msg=key)
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert export.main(["--transformer", str(empty), "--out", str(tmp_path / "bad")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(empty) in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "bad").exists()

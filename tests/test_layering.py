@@ -24,8 +24,7 @@ LAYERS = (
     ("training", ("stepvideo_jax.training",)),
     ("demo", ("stepvideo_jax.demo",)),
     ("entry points", ("stepvideo_jax.generate", "stepvideo_jax.generate_eval", "stepvideo_jax.train",
-                      "stepvideo_jax.train_dpo", "stepvideo_jax.serve", "stepvideo_jax.verify", "stepvideo_jax.convert.cli",
-                      "stepvideo_jax.convert.__main__", "stepvideo_jax.convert.export_dit")),
+                      "stepvideo_jax.train_dpo", "stepvideo_jax.serve", "stepvideo_jax.verify", "stepvideo_jax.export")),
 )
 OUTSIDE = ("bench", "launch", "tests", "configs")   # the package imports none of these
 
@@ -84,6 +83,14 @@ def test_no_import_reaches_up_a_layer():
     up = [f"{a} ({LAYERS[_layer(a)][0]}) -> {b} ({LAYERS[_layer(b)][0]})"
           for a, deps in _graph().items() for b in sorted(deps) if _layer(b) > _layer(a)]
     assert not up, "imports from a higher layer:\n" + "\n".join(up)
+
+
+def test_folders_are_layers():
+    """Folders mirror the layering: every module of a subpackage sits on the subpackage's layer, so
+    a folder never imports a higher folder (no module is placed on a layer apart from its folder)."""
+    apart = [f"{m} ({LAYERS[_layer(m)][0]}) in {m.rsplit('.', 1)[0]} ({LAYERS[_layer(m.rsplit('.', 1)[0])][0]})"
+             for m in _graph() if m.count(".") >= 2 and _layer(m) != _layer(m.rsplit(".", 1)[0])]
+    assert not apart, "modules on another layer than their folder:\n" + "\n".join(apart)
 
 
 def test_no_import_cycles():

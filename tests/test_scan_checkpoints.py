@@ -120,7 +120,7 @@ def test_old_training_workdir_is_refused_for_resume_and_its_weights_load_stacked
     ckpt.close()
     (tmp_path / "dit_config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
     ckpt = Checkpointer(tmp_path / "checkpoints", save_every=1, async_save=False)  # a resumed run's
-    with pytest.raises(UnrolledCheckpointError, match=r"(params|ema)/blocks/0.*export_dit --workdir"):
+    with pytest.raises(UnrolledCheckpointError, match=r"(params|ema)/blocks/0.*stepvideo_jax.export --workdir"):
         ckpt.restore({"step": jax.ShapeDtypeStruct((), jnp.int32)})
     ckpt.close()
     model = load_dit(tmp_path, ema=True)

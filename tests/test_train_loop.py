@@ -100,12 +100,13 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, compile_cache):
 
 @pytest.mark.slow
 def test_export_of_a_training_checkpoint_loads_back(straight, tmp_path):
+    from stepvideo_jax import export
     from stepvideo_jax.convert import dit as dit_convert
     from stepvideo_jax.convert import export_dit
 
     workdir, result = straight
-    export_dit.main(["--workdir", str(workdir), "--out", str(tmp_path / "transformer"), "--dtype", "float32",
-                     "--ema"])
+    assert export.main(["--workdir", str(workdir), "--out", str(tmp_path / "transformer"), "--dtype", "float32",
+                        "--ema"]) == 0
     back = nnx.state(dit_convert.load(tmp_path / "transformer"))
     # --release: a complete release directory around the export, as generate's checkpoint_dir
     from tests.fixtures import fixture_dir

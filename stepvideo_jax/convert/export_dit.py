@@ -11,12 +11,10 @@ which tells where every converted element came from; scattering our values back 
 positions inverts any transform that only moves elements (transpose, reshape, head
 de-interleaving). A transform that is not such a permutation is reported, never guessed.
 
-CLI: `python -m stepvideo_jax.convert.export_dit --workdir RUN --out DIR [--ema] [--step N]
-[--dtype bfloat16|float32] [--max_shard_gb 5] [--release RELEASE]` (a training run's checkpoint),
-or `--transformer DIR` (re-export a converted release). With `--release`, DIR becomes a complete
-release directory: `DIR/transformer/` is the export and every other entry of RELEASE (vae/,
-step_llm/, hunyuan_clip/, scheduler/, model_index.json) is symlinked, so `python -m
-stepvideo_jax.generate --config.checkpoint_dir=DIR` samples from the trained (raw or EMA) weights.
+`link_release(RELEASE, DIR)` makes DIR a complete release directory around an export into
+`DIR/transformer/`: every other entry of RELEASE (vae/, step_llm/, hunyuan_clip/, scheduler/,
+model_index.json) is symlinked. The command line (any weight source -> this layout) is
+`python -m stepvideo_jax.export`.
 
 Atomic: the export is written into a temporary sibling of the destination and renamed into place
 when complete; on any error the destination is untouched (absent, or the previous export). An
@@ -25,7 +23,6 @@ existing destination is replaced only if it is empty or an export this tool wrot
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import dataclasses
 import json
@@ -40,7 +37,7 @@ import numpy as np
 import safetensors.numpy
 from flax import nnx
 
-from stepvideo_jax import checkpoints, hub
+from stepvideo_jax import hub
 from stepvideo_jax.convert import dit as dit_convert
 from stepvideo_jax.convert.errors import CheckpointError
 from stepvideo_jax.convert.keymap import checkpoint_arrays, flat_shapes
@@ -218,30 +215,6 @@ def _replace(tmp: pathlib.Path, out: pathlib.Path) -> None:
     shutil.rmtree(old)
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description="Export a DiT to the official transformer/ layout.")
-    src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--workdir", help="training run directory (its checkpoints/)")
-    src.add_argument("--transformer", help="an official transformer/ directory, release or converted checkpoint "
-                     "(re-export)")
-    ap.add_argument("--out", required=True, help="output directory (becomes transformer/)")
-    ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-    ap.add_argument("--ema", action="store_true", help="export the EMA weights instead of the raw ones")
-    ap.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
-    ap.add_argument("--max_shard_gb", type=float, default=5.0)
-    ap.add_argument("--release", default=None,
-                    help="official release directory or Hugging Face repo id: make --out a full release "
-                         "(other components symlinked)")
-    args = ap.parse_args(argv)
-    model = checkpoints.load_dit(args.workdir or args.transformer, step=args.step, ema=args.ema)
-    out = pathlib.Path(args.out)
-    if args.release:
-        link_release(args.release, out)
-        out = out / dit_convert.COMPONENT
-    path = export(model, out, dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 2**30))
-    print(f"wrote {path}")
-
-
 def link_release(release: str | os.PathLike, out: pathlib.Path) -> None:
     """Symlink every entry of `release` (a release directory or Hugging Face repo id) except
     `transformer/` into `out` (created)."""
@@ -253,7 +226,3 @@ def link_release(release: str | os.PathLike, out: pathlib.Path) -> None:
     for entry in release.iterdir():
         if entry.name != dit_convert.COMPONENT and not (out / entry.name).exists():
             (out / entry.name).symlink_to(entry)
-
-
-if __name__ == "__main__":
-    main()

@@ -4,7 +4,7 @@ A release directory is shared data. Names it holds (an index's `weight_map` entr
 config files, tokenizer files, symlinks) must not make a reader open or copy a file elsewhere on the
 machine. Each component folder gets an *allowed root*: by default the folder itself after resolving
 its own symlinks (so a release whose `vae/` is a link to another release's `vae/`, as
-`export_dit --release` writes, still works), or, inside a Hugging Face hub cache
+`export --release` writes, still works), or, inside a Hugging Face hub cache
 (`.../models--org--name/snapshots/<revision>/...`), the repo folder `models--org--name/`, because the
 snapshot's files are symlinks into that repo's `blobs/`. Callers that know better (an installer)
 pass the root explicitly.

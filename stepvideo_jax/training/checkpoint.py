@@ -133,7 +133,7 @@ class Checkpointer:
             raise UnrolledCheckpointError(
                 f"{self.directory}/{step}: written with unrolled layers ({unrolled}), before the DiT blocks were "
                 "stacked into one scanned module; it cannot be resumed. Export its weights (this version reads "
-                "the old layout) and start a new run from them: `python -m stepvideo_jax.convert.export_dit "
+                "the old layout) and start a new run from them: `python -m stepvideo_jax.export "
                 f"--workdir {self.directory.parent} --out DIR [--ema]`, then `--config.init_from=DIR`")
         out = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
