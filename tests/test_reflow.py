@@ -176,6 +176,21 @@ def _teacher_config(**overrides):
 CAPTIONS = ["a red circle moves up", "一个蓝色的正方形向左移动", "a green triangle grows", "a yellow square shrinks"]
 
 
+def test_pair_job_checks_the_size_in_the_teacher_vae_factor(tmp_path):
+    """The size is checked against the teacher's own VAE (its config read, no weights) before
+    anything loads: three latent pixels of it pass (for an 8x VAE: 24, not a multiple of 16), one
+    pixel more is named with that factor; a size that fails writes nothing."""
+    factor = checkpoints.loader(DEMO).vae_cfg.spatial_factor
+    side = 3 * factor
+    job = reflow_job.check_job(_teacher_config(height=side, width=side), CAPTIONS, seeds_per_prompt=1, seed=0,
+                               batch_size=2, dtype="float32")
+    assert (job.size.height, job.size.width, job.size.spatial_factor) == (side, side, factor)
+    assert job.size.latent_shape(1, 1)[-2:] == (3, 3)
+    with pytest.raises(ValueError, match=rf"height={side + 1} must be a positive multiple of {factor}"):
+        reflow_job.run_job(_teacher_config(height=side + 1), CAPTIONS, tmp_path / "pairs")
+    assert not (tmp_path / "pairs").exists()
+
+
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory):
     out = tmp_path_factory.mktemp("pairs") / "reflow"

@@ -149,8 +149,22 @@ def finish(out, prompts: Sequence[str], *, seeds_per_prompt: int, seed: int) -> 
     return ReflowDataset(out)
 
 
-def check_job(config, prompts: Sequence[str], *, seeds_per_prompt: int, seed: int, batch_size: int, dtype: str):
-    """Everything checkable before a model loads; returns (prompts, size, sampler settings, dtypes, mesh config)."""
+@dataclasses.dataclass(frozen=True)
+class TeacherJob:
+    """A checked teacher job: everything checkable before a weight loads. `models` has read the
+    teacher's model configs (no weights), so `size` is checked in its VAE's spatial factor."""
+
+    prompts: list[str]
+    size: VideoSize
+    settings: SamplerSettings
+    dtypes: dict
+    models: checkpoints.Loader
+
+
+def check_job(config, prompts: Sequence[str], *, seeds_per_prompt: int, seed: int, batch_size: int,
+              dtype: str) -> TeacherJob:
+    """The job of `run_job` checked; every problem raises a ValueError naming the value and the
+    valid choices."""
     prompts = check_prompts(list(prompts))
     if seeds_per_prompt < 1 or batch_size < 1:
         raise ValueError(f"seeds_per_prompt ({seeds_per_prompt}) and batch_size ({batch_size}) must be >= 1")
@@ -163,35 +177,37 @@ def check_job(config, prompts: Sequence[str], *, seeds_per_prompt: int, seed: in
         raise ValueError("reflow pairs are made by a text-to-video teacher; this config is TI2V (ti2v=True)")
     if not config.checkpoint_dir and config.tiny is None:
         raise ValueError("the teacher config needs checkpoint_dir (or tiny random models)")
-    size = VideoSize(config.num_frames, config.height, config.width)
     settings = SamplerSettings(config.num_steps, float(config.guidance_scale), float(config.time_shift),
                                config.cfg_schedule)
     dtypes = {k: dtype_of(v, what=f"dtypes.{k}") for k, v in config.dtypes.items()}
     quant.check_scheme(config.weights)
-    mesh_cfg = None
+    mesh = None
     if config.mesh:
         mesh_cfg = MeshConfig.from_string(config.mesh)
         mesh_cfg.resolve(jax.device_count())
-    return prompts, size, settings, dtypes, mesh_cfg
+        mesh = make_mesh(mesh_cfg)
+    checkpoint_dir = (checkpoints.check_checkpoint_dir(hub.resolve(config.checkpoint_dir))
+                      if config.checkpoint_dir else None)
+    models = generation.build_loader(config, checkpoint_dir, dtypes, mesh)
+    size = VideoSize(config.num_frames, config.height, config.width, models.vae_cfg.spatial_factor)
+    return TeacherJob(prompts=prompts, size=size, settings=settings, dtypes=dtypes, models=models)
 
 
 def run_job(config, prompts: Sequence[str], out, *, seeds_per_prompt: int = 1, seed: int = 0, batch_size: int = 8,
             dtype: str = "float32", printer=print) -> ReflowDataset:
     """Write (or finish) the reflow pairs of `prompts` x `seeds_per_prompt` with the teacher of the
     generation `config` into `out` (see the module docstring); returns the dataset."""
-    prompts, size, settings, dtypes, mesh_cfg = check_job(config, prompts, seeds_per_prompt=seeds_per_prompt,
-                                                          seed=seed, batch_size=batch_size, dtype=dtype)
+    job = check_job(config, prompts, seeds_per_prompt=seeds_per_prompt, seed=seed, batch_size=batch_size,
+                    dtype=dtype)
+    prompts, settings, loader = job.prompts, job.settings, job.models
     n = len(prompts) * seeds_per_prompt
     record = job_record(config, prompts, seeds_per_prompt=seeds_per_prompt, seed=seed, dtype=dtype)
     out = pathlib.Path(out)
     todo = plan(out, record, n)
     printer(f"{n - len(todo)} of {n} reflow pairs already in {out}")
     if todo:
-        mesh = make_mesh(mesh_cfg) if mesh_cfg is not None else None
+        mesh = loader.mesh
         in_mesh = (lambda: jax.set_mesh(mesh)) if mesh is not None else contextlib.nullcontext
-        checkpoint_dir = (checkpoints.check_checkpoint_dir(hub.resolve(config.checkpoint_dir))
-                          if config.checkpoint_dir else None)
-        loader = generation.build_loader(config, checkpoint_dir, dtypes, mesh)
         needed = sorted({i // seeds_per_prompt for i in todo})
         start = time.perf_counter()
         text = loader.text_encoder()
@@ -210,9 +226,8 @@ def run_job(config, prompts: Sequence[str], out, *, seeds_per_prompt: int = 1, s
         dit = loader.dit()
         graphdef, state = nnx.split(dit)
         sampler = FlowMatchSampler(dit_velocity_fn(graphdef, backend=config.attention_backend or None),
-                                   model_dtype=dtypes["dit"])
-        row_shape = dataclasses.replace(size, spatial_factor=loader.vae_cfg.spatial_factor).latent_shape(
-            1, dit.cfg.in_channels)[1:]
+                                   model_dtype=job.dtypes["dit"])
+        row_shape = job.size.latent_shape(1, dit.cfg.in_channels)[1:]
         for s in range(0, len(todo), batch_size):
             part = todo[s:s + batch_size]
             idx = part + [part[-1]] * (batch_size - len(part))
