@@ -412,6 +412,20 @@ def test_shipped_demo_turbo_meets_the_target_and_generates():
         assert motion_checker.read_video(frames).motion == scene.motion
 
 
+def test_turbo_record_names_the_shipped_checkpoints_by_their_package_paths(tmp_path):
+    """The shipped record names its teacher and student as paths of the checkout (they exist
+    there), not the building machine's folders; any other path is recorded as given."""
+    from stepvideo_jax.demo import turbo
+
+    config = load_config("configs/generate/demo_turbo.py", progress=False)
+    record = json.loads((pathlib.Path(config.dit_from) / "evaluation.json").read_text())
+    assert record["teacher"] == turbo.recorded_path(DEMO) == str(DEMO.relative_to(PROJECT_ROOT))
+    assert record["student"] == turbo.recorded_path(config.dit_from)
+    for name in ("teacher", "student"):
+        assert not pathlib.Path(record[name]).is_absolute() and (PROJECT_ROOT / record[name]).is_dir()
+    assert turbo.recorded_path(tmp_path) == str(tmp_path)
+
+
 @pytest.mark.parametrize("arg,chips", [("v5p-128", 64), ("v5p-256", 128)])
 def test_full_size_distill_configs(arg, chips):
     """The pod recipe: reflow objective, U-shaped t (a = 5), the flow-matching pod layout (one pair

@@ -32,7 +32,7 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
-from stepvideo_jax import checkpoints, logs
+from stepvideo_jax import checkpoints, logs, paths
 from stepvideo_jax.data import reflow as reflow_data
 from stepvideo_jax.data import synthetic_motion as sm
 from stepvideo_jax.demo import evaluate
@@ -127,6 +127,14 @@ def reflow_loss(dit: nnx.Module, pairs: reflow_data.ReflowDataset, size: int, se
     return float(jax.jit(lambda p, h: heldout_loss(graphdef, p, h, backend="xla"))(params, held))
 
 
+def recorded_path(path) -> str:
+    """`path` as a record names it: relative to the checkout for the package's own assets (the
+    shipped demo, the shipped student), so a record does not carry the building machine's folders."""
+    resolved = pathlib.Path(path).resolve()
+    root = pathlib.Path(__file__).resolve().parents[2]
+    return str(resolved.relative_to(root)) if resolved.is_relative_to(root / "stepvideo_jax") else str(path)
+
+
 def table(teacher_dir, student, *, seeds: Sequence[int], pairs=None, loss_pairs: int = 64,
           rows=DEFAULT_ROWS, measure_straightness: bool = True, printer=print) -> dict:
     """The measurements of the module docstring as a JSON-able dict."""
@@ -137,7 +145,7 @@ def table(teacher_dir, student, *, seeds: Sequence[int], pairs=None, loss_pairs:
     if dits["student"].cfg != models.dit.cfg:
         raise ValueError(f"the student {student} is not the teacher's architecture")
     pipes = {k: pipeline(models, d) for k, d in dits.items()}
-    out = {"teacher": str(teacher_dir), "student": str(student), "seeds": list(seeds), "rows": [],
+    out = {"teacher": recorded_path(teacher_dir), "student": recorded_path(student), "seeds": list(seeds), "rows": [],
            "chance": motion_checker.CHANCE}
     prompts = [s.caption(lang) for s in sm.HELD_OUT for lang in evaluate.LANGUAGES]
     if pairs is not None:
@@ -218,8 +226,7 @@ def main(argv=None):
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        path = pathlib.Path(f.out)
-        path.write_text(json.dumps(result, indent=1) + "\n")
+        path = paths.write_text(f.out, json.dumps(result, indent=1) + "\n")
         print(f"wrote {path}")
         return 0
 
