@@ -34,11 +34,9 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from stepvideo_jax import checkpoints, compile_cache, config_files, hub, logs, paths
+from stepvideo_jax import checkpoints, compile_cache, config_files, logs, paths
 from stepvideo_jax.data.format import COND_KEYS, DatasetError
-from stepvideo_jax.dtypes import dtype_of
-from stepvideo_jax.models import quant
-from stepvideo_jax.parallel.mesh import MeshConfig, initialize_distributed, make_mesh
+from stepvideo_jax.parallel.mesh import initialize_distributed
 from stepvideo_jax.sampling import generation
 from stepvideo_jax.sampling.flow_matching import FlowMatchSampler, SamplerSettings
 from stepvideo_jax.sampling.pipeline import (VideoSize, caption_prompts, check_prompts, dit_velocity_fn,
@@ -175,20 +173,7 @@ def check_job(config, prompts: Sequence[str], *, seeds_per_prompt: int, seed: in
         raise ValueError(f"dtype {dtype!r}: choose one of {sorted(STORAGE_DTYPES)}")
     if config.ti2v:
         raise ValueError("reflow pairs are made by a text-to-video teacher; this config is TI2V (ti2v=True)")
-    if not config.checkpoint_dir and config.tiny is None:
-        raise ValueError("the teacher config needs checkpoint_dir (or tiny random models)")
-    settings = SamplerSettings(config.num_steps, float(config.guidance_scale), float(config.time_shift),
-                               config.cfg_schedule)
-    dtypes = {k: dtype_of(v, what=f"dtypes.{k}") for k, v in config.dtypes.items()}
-    quant.check_scheme(config.weights)
-    mesh = None
-    if config.mesh:
-        mesh_cfg = MeshConfig.from_string(config.mesh)
-        mesh_cfg.resolve(jax.device_count())
-        mesh = make_mesh(mesh_cfg)
-    checkpoint_dir = (checkpoints.check_checkpoint_dir(hub.resolve(config.checkpoint_dir))
-                      if config.checkpoint_dir else None)
-    models = generation.build_loader(config, checkpoint_dir, dtypes, mesh)
+    settings, dtypes, _, models = generation.check_models(config)
     size = VideoSize(config.num_frames, config.height, config.width, models.vae_cfg.spatial_factor)
     return TeacherJob(prompts=prompts, size=size, settings=settings, dtypes=dtypes, models=models)
 

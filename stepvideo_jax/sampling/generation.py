@@ -72,6 +72,33 @@ def resolve(config: ml_collections.ConfigDict, *, prompts=None, outputs=None, im
         prompts = config.prompts if config.prompts else config.prompt
     prompts = check_prompts(prompts)
     seeds = [int(config.seed) + i for i in range(len(prompts))]
+    settings, dtypes, checkpoint_dir, models = check_models(config)
+    if outputs is None:
+        output = paths.as_path(config.output)
+        outputs = [output] if len(prompts) == 1 else [
+            output.with_name(f"{output.stem}_{i}{output.suffix}") for i in range(len(prompts))]
+    outputs = [paths.as_path(p) for p in outputs]
+    for path in outputs:
+        if path.suffix.lower() != ".mp4":
+            raise ValueError(f"output {path} must end in .mp4")
+        video_io.check_writable(path)
+    size = VideoSize(config.num_frames, config.height, config.width, models.vae_cfg.spatial_factor)
+    loaded, motion_score = None, None
+    if not image_per_request and (config.ti2v or config.image or images is not None):
+        loaded, motion_score = resolve_images(config, images, len(prompts), size)
+    check_task(models.dit_cfg.ti2v, image_config=bool(config.ti2v) if image_per_request else loaded is not None,
+               where=config.dit_from or config.checkpoint_dir or "the tiny random models")
+    return Job(prompts=prompts, seeds=seeds, size=size, settings=settings, outputs=outputs,
+               checkpoint_dir=checkpoint_dir, dtypes=dtypes, models=models,
+               images=loaded, motion_score=motion_score, weights=config.weights,
+               offload=config.offload, cfg_sequential=config.cfg_sequential)
+
+
+def check_models(config: ml_collections.ConfigDict):
+    """(sampler settings, dtypes, checkpoint_dir, `build_loader`'s loader) of a generation config,
+    each checked: the schedule, dtypes, weights scheme, mesh and offload, the checkpoint (hub ids
+    resolved) and the models' configs against each other (read, no weights). Shared by `resolve` and
+    the reflow teacher job."""
     settings = SamplerSettings(config.num_steps, float(config.guidance_scale), float(config.time_shift),
                                config.cfg_schedule)
     dtypes = {name: dtype_of(value, what=f"dtypes.{name}") for name, value in config.dtypes.items()}
@@ -89,26 +116,7 @@ def resolve(config: ml_collections.ConfigDict, *, prompts=None, outputs=None, im
     elif config.tiny is None:
         raise ValueError("this config has no tiny random models: set --config.checkpoint_dir to a release "
                          "directory (transformer/, vae/, step_llm/, hunyuan_clip/) or its converted checkpoint")
-    if outputs is None:
-        output = paths.as_path(config.output)
-        outputs = [output] if len(prompts) == 1 else [
-            output.with_name(f"{output.stem}_{i}{output.suffix}") for i in range(len(prompts))]
-    outputs = [paths.as_path(p) for p in outputs]
-    for path in outputs:
-        if path.suffix.lower() != ".mp4":
-            raise ValueError(f"output {path} must end in .mp4")
-        video_io.check_writable(path)
-    models = build_loader(config, checkpoint_dir, dtypes, mesh)
-    size = VideoSize(config.num_frames, config.height, config.width, models.vae_cfg.spatial_factor)
-    loaded, motion_score = None, None
-    if not image_per_request and (config.ti2v or config.image or images is not None):
-        loaded, motion_score = resolve_images(config, images, len(prompts), size)
-    check_task(models.dit_cfg.ti2v, image_config=bool(config.ti2v) if image_per_request else loaded is not None,
-               where=config.dit_from or config.checkpoint_dir or "the tiny random models")
-    return Job(prompts=prompts, seeds=seeds, size=size, settings=settings, outputs=outputs,
-               checkpoint_dir=checkpoint_dir, dtypes=dtypes, models=models,
-               images=loaded, motion_score=motion_score, weights=config.weights,
-               offload=config.offload, cfg_sequential=config.cfg_sequential)
+    return settings, dtypes, checkpoint_dir, build_loader(config, checkpoint_dir, dtypes, mesh)
 
 
 def check_task(ti2v_dit: bool, *, image_config: bool, where: str) -> None:
