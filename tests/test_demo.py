@@ -43,11 +43,9 @@ def scores(config, models):
     random_dit = StepVideoDiT(models.dit.cfg, rngs=nnx.Rngs(config.eval.random_dit_seed))
     out = {}
     for name, dit in (("demo", None), ("random", random_dit)):
-        out[name] = evaluate.evaluate(build.pipeline_of(models, dit), sm.HELD_OUT, size=size, settings=settings,
-                                      seeds=seeds)
-        out[name]["by_seed"] = evaluate.by_seed(out[name]["results"], seeds)
-        print(f"{name}: colour+motion {out[name]['accuracy']:.3f}, with shape {out[name]['accuracy_with_shape']:.3f} "
-              f"(by seed {evaluate.per_seed_line(out[name])}; {len(out[name]['results'])} videos)")
+        out[name] = evaluate.recorded(evaluate.evaluate(build.pipeline_of(models, dit), sm.HELD_OUT, size=size,
+                                                        settings=settings, seeds=seeds), seeds)
+        print(f"{name}: {evaluate.score_line(out[name])}")
     return out
 
 

@@ -248,14 +248,11 @@ def evaluate_checkpoint(config, checkpoint_dir, printer=print) -> dict:
         if e.train_stride:
             splits.append(("train", latents.TRAINING_SCENES[::e.train_stride]))
         for split, scenes in splits:
-            result = evaluate.evaluate(pipe, scenes[:limit], size=size, settings=settings, seeds=tuple(e.seeds),
-                                       languages=tuple(e.languages), batch=e.batch)
-            result.pop("videos")
-            result["by_seed"] = evaluate.by_seed(result["results"], e.seeds)
+            result = evaluate.recorded(evaluate.evaluate(
+                pipe, scenes[:limit], size=size, settings=settings, seeds=tuple(e.seeds),
+                languages=tuple(e.languages), batch=e.batch), e.seeds)
             out[f"{name}/{split}"] = result
-            printer(f"{name} on {split} scenes: colour+motion {result['accuracy']:.3f}, with shape "
-                    f"{result['accuracy_with_shape']:.3f} ({len(result['results'])} videos; by seed "
-                    f"{evaluate.per_seed_line(result)})")
+            printer(f"{name} on {split} scenes: {evaluate.score_line(result)}")
     return out
 
 
@@ -357,17 +354,13 @@ def evaluate_ti2v(config, checkpoint_dir, *, dit=None, printer=print, baselines:
     runs = [("demo_ti2v", dit), ("random_dit", random_dit), ("t2v_demo_no_image", models.dit)]
     for name, model in runs if baselines else runs[:1]:
         pipe = pipeline_of(models, model)
-        result = evaluate.evaluate(pipe, sm.HELD_OUT[:e.max_scenes or None], size=size, settings=settings,
-                                   seeds=tuple(e.seeds), languages=tuple(e.languages), batch=e.batch,
-                                   motion_score=float(t.motion_score),
-                                   first_frame=lambda scene, seed: first_frames([scene], [seed], frames=v.frames,
-                                                                               height=v.height, width=v.width)[0])
-        result.pop("videos")
-        result["by_seed"] = evaluate.by_seed(result["results"], e.seeds)
+        result = evaluate.recorded(evaluate.evaluate(
+            pipe, sm.HELD_OUT[:e.max_scenes or None], size=size, settings=settings, seeds=tuple(e.seeds),
+            languages=tuple(e.languages), batch=e.batch, motion_score=float(t.motion_score),
+            first_frame=lambda scene, seed: first_frames([scene], [seed], frames=v.frames, height=v.height,
+                                                         width=v.width)[0]), e.seeds)
         out[f"{name}/held_out"] = result
-        printer(f"{name} on held-out scenes: colour+motion {result['accuracy']:.3f}, with shape "
-                f"{result['accuracy_with_shape']:.3f} ({len(result['results'])} videos; by seed "
-                f"{evaluate.per_seed_line(result)}); start {result['start']}")
+        printer(f"{name} on held-out scenes: {evaluate.score_line(result)}; start {result['start']}")
     return out
 
 

@@ -92,9 +92,18 @@ def by_seed(results: Sequence[dict], seeds: Sequence[int]) -> dict:
     return {str(s): summarise([r for r in results if r["seed"] == s]) for s in seeds}
 
 
-def per_seed_line(result: dict) -> str:
-    """"seed: colour+motion/with shape, ..." of a result with "by_seed"."""
-    return ", ".join(f"{s}: {r['accuracy']:.3f}/{r['accuracy_with_shape']:.3f}" for s, r in result["by_seed"].items())
+def recorded(result: dict, seeds: Sequence[int]) -> dict:
+    """`evaluate`'s result as a build records it: without the videos, with `by_seed`."""
+    out = {k: v for k, v in result.items() if k != "videos"}
+    out["by_seed"] = by_seed(out["results"], seeds)
+    return out
+
+
+def score_line(result: dict) -> str:
+    """"colour+motion a, with shape b (n videos; by seed s: a/b, ...)" of a `recorded` result."""
+    seeds = ", ".join(f"{s}: {r['accuracy']:.3f}/{r['accuracy_with_shape']:.3f}" for s, r in result["by_seed"].items())
+    return (f"colour+motion {result['accuracy']:.3f}, with shape {result['accuracy_with_shape']:.3f} "
+            f"({len(result['results'])} videos; by seed {seeds})")
 
 
 def summarise(results: Sequence[dict]) -> dict:
