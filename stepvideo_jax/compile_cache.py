@@ -23,9 +23,10 @@ def default_dir() -> pathlib.Path:
 def setup(config=None, *, enabled: Optional[bool] = None, directory: Optional[str] = None) -> Optional[pathlib.Path]:
     """Turn the cache on (or leave it off) from `config`'s `compile_cache` / `compile_cache_dir`
     fields, or the explicit arguments; returns the directory in use, or None when off."""
-    get = (lambda k, d: config.get(k, d)) if config is not None else (lambda k, d: d)
-    enabled = get("compile_cache", True) if enabled is None else enabled
-    directory = get("compile_cache_dir", "") if directory is None else directory
+    if config is not None:   # every command's config family carries both fields
+        enabled = config.compile_cache if enabled is None else enabled
+        directory = config.compile_cache_dir if directory is None else directory
+    enabled = True if enabled is None else enabled
     if not enabled:
         return None
     path = pathlib.Path(directory).expanduser() if directory else default_dir()

@@ -119,10 +119,8 @@ def settings_record(config: ml_collections.ConfigDict, prompts: list[str], image
     `cfg_schedule` when "constant" and `dit_from` when ""."""
     record = {k: (config[k].to_dict() if isinstance(config[k], ml_collections.ConfigDict) else config[k])
               for k in SETTINGS_FIELDS if config[k] is not None}
-    if config.get("weights", "bf16") != "bf16":
-        record["weights"] = config.weights
-    for k, default in (("cfg_schedule", "constant"), ("dit_from", "")):
-        if config.get(k, default) != default:
+    for k, default in (("weights", "bf16"), ("cfg_schedule", "constant"), ("dit_from", "")):
+        if config[k] != default:
             record[k] = config[k]
     record.update(prompts_sha256=prompts_digest(prompts), num_prompts=len(prompts))
     if images is not None:
