@@ -1,5 +1,7 @@
 """convert -> export reproduces the release's transformer tensors exactly (fixture release_layout)."""
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -9,7 +11,7 @@ from stepvideo_jax.convert import dit as dit_convert
 from stepvideo_jax.convert import export_dit
 from stepvideo_jax.convert.errors import CheckpointError
 from stepvideo_jax.convert.keymap import Rule
-from tests.fixtures import fixture_dir
+from tests.fixtures import PROJECT_ROOT, fixture_dir
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -69,3 +71,12 @@ def test_command_line_reexports_a_transformer_and_names_a_bad_source(tmp_path, c
     err = capsys.readouterr().err
     assert err.startswith("error: ") and str(empty) in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "bad").exists()
+
+
+def test_the_old_command_names_the_new_one(tmp_path):
+    """`python -m stepvideo_jax.convert.export_dit` (the command before it moved) exits 1 naming
+    `python -m stepvideo_jax.export`, and writes nothing."""
+    done = subprocess.run([sys.executable, "-m", "stepvideo_jax.convert.export_dit", "--workdir", str(tmp_path),
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True, cwd=PROJECT_ROOT)
+    assert done.returncode == 1 and "python -m stepvideo_jax.export" in done.stderr
+    assert not (tmp_path / "out").exists()
