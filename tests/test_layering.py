@@ -6,6 +6,7 @@ imports each other in a circle. Every import counts, also one inside a function.
 from the source with `ast` (nothing is imported), so the test is fast and needs no dependency.
 """
 import ast
+import functools
 import pathlib
 
 from tests.fixtures import PROJECT_ROOT
@@ -54,6 +55,9 @@ def _imports(name: str, path: pathlib.Path) -> set[str]:
     return found
 
 
+# parsed once for all the tests here: once, late in a full run, CPython 3.11.7's ast.parse raised
+# "SystemError: AST constructor recursion depth mismatch" on a file that parses alone
+@functools.lru_cache(maxsize=1)
 def _graph():
     modules = _modules(PROJECT_ROOT, "stepvideo_jax")
     graph = {}
