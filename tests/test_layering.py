@@ -38,10 +38,17 @@ def _modules(root: pathlib.Path, package: str) -> dict[str, pathlib.Path]:
     return out
 
 
+# each file parsed once for all the tests here: once, late in a full run, CPython 3.11.7's ast.parse
+# raised "SystemError: AST constructor recursion depth mismatch" on a file that parses alone
+@functools.lru_cache(maxsize=None)
+def _tree(path: pathlib.Path) -> ast.Module:
+    return ast.parse(path.read_text(), str(path))
+
+
 def _imports(name: str, path: pathlib.Path) -> set[str]:
     """Every module name `path` imports (absolute; `from a import b` yields `a` and `a.b`)."""
     found = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in ast.walk(_tree(path)):
         if isinstance(node, ast.Import):
             found.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -55,8 +62,6 @@ def _imports(name: str, path: pathlib.Path) -> set[str]:
     return found
 
 
-# parsed once for all the tests here: once, late in a full run, CPython 3.11.7's ast.parse raised
-# "SystemError: AST constructor recursion depth mismatch" on a file that parses alone
 @functools.lru_cache(maxsize=1)
 def _graph():
     modules = _modules(PROJECT_ROOT, "stepvideo_jax")
@@ -150,7 +155,7 @@ def test_imports_inside_functions_say_why():
     unexplained = []
     for name, path in _modules(PROJECT_ROOT, "stepvideo_jax").items():
         lines = path.read_text().splitlines()
-        for node, tries in _function_imports(ast.parse("\n".join(lines), str(path))):
+        for node, tries in _function_imports(_tree(path)):
             if any(isinstance(h.type, ast.Name) and h.type.id in ("ImportError", "ModuleNotFoundError")
                    for t in tries for h in t.handlers):
                 continue
