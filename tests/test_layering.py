@@ -9,6 +9,7 @@ import ast
 import functools
 import pathlib
 
+from tests import source_trees
 from tests.fixtures import PROJECT_ROOT
 
 # lowest first; a module may import its own layer and the layers listed before it
@@ -38,11 +39,15 @@ def _modules(root: pathlib.Path, package: str) -> dict[str, pathlib.Path]:
     return out
 
 
-# each file parsed once for all the tests here: once, late in a full run, CPython 3.11.7's ast.parse
-# raised "SystemError: AST constructor recursion depth mismatch" on a file that parses alone
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=1)
+def _trees() -> dict[pathlib.Path, ast.Module]:
+    """Every file of the package and of launch/, parsed once (in a child interpreter: see source_trees)."""
+    return source_trees.parse([*_modules(PROJECT_ROOT, "stepvideo_jax").values(),
+                               *_modules(PROJECT_ROOT, "launch").values()])
+
+
 def _tree(path: pathlib.Path) -> ast.Module:
-    return ast.parse(path.read_text(), str(path))
+    return _trees()[path]
 
 
 def _imports(name: str, path: pathlib.Path) -> set[str]:

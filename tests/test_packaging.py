@@ -1,6 +1,7 @@
 """The installable package: pyproject.toml agrees with the source tree and requirements.txt, shipped
 configs resolve from any directory, and `pip install .` of a clean copy runs README's demo command
 from an empty directory."""
+import ast
 import os
 import pathlib
 import re
@@ -13,6 +14,7 @@ import tomllib
 import pytest
 
 from stepvideo_jax import config_files
+from tests import source_trees
 from tests.fixtures import PROJECT_ROOT
 from tests.test_generate_cli import load_config
 
@@ -52,11 +54,10 @@ def test_dependencies_are_requirements_without_test_tools():
 
 def test_console_scripts_point_at_functions():
     """Read from the source, not imported (a console script module may do work at import)."""
-    import ast
-
-    for name, target in _pyproject()["project"]["scripts"].items():
-        module, _, attr = target.partition(":")
-        tree = ast.parse((PROJECT_ROOT / (module.replace(".", "/") + ".py")).read_text())
+    scripts = {name: target.partition(":") for name, target in _pyproject()["project"]["scripts"].items()}
+    trees = source_trees.parse(PROJECT_ROOT / (module.replace(".", "/") + ".py") for module, _, _ in scripts.values())
+    for name, (module, _, attr) in scripts.items():
+        tree = trees[PROJECT_ROOT / (module.replace(".", "/") + ".py")]
         assert attr in {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}, name
 
 
