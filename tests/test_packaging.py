@@ -18,7 +18,7 @@ from tests import source_trees
 from tests.fixtures import PROJECT_ROOT
 from tests.test_generate_cli import load_config
 
-TEST_TOOLS = {"pytest", "setuptools", "selenium"}
+TEST_TOOLS = {"pytest", "pytest-xdist", "setuptools", "selenium"}
 UI = {"gradio"}   # the [ui] extra
 
 
@@ -48,7 +48,7 @@ def test_dependencies_are_requirements_without_test_tools():
     jax_pin = runtime["jax"].split("==")[1]
     extras = project["optional-dependencies"]
     assert extras["tpu"] == [f"jax[tpu]=={jax_pin}"] and extras["cuda12"] == [f"jax[cuda12]=={jax_pin}"]
-    assert extras["cuda13"] == [f"jax[cuda13]=={jax_pin}"] and extras["test"] == [pinned["pytest"]]
+    assert extras["cuda13"] == [f"jax[cuda13]=={jax_pin}"] and extras["test"] == [pinned["pytest"], pinned["pytest-xdist"]]
     assert extras["ui"] == [pinned[name] for name in sorted(UI)]
 
 
