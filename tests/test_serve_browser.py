@@ -155,12 +155,18 @@ def _submit(driver):
 
 
 def _video_src(driver):
-    videos = _find(driver, "#video video")
-    return videos[0].get_attribute("src") if videos else None
+    """The video's absolute URL, read in the page in one step: Gradio replaces the element while it
+    updates, so a found element can be gone by the time its attribute is asked for (stale reference)."""
+    return driver.execute_script("const v = document.querySelector('#video video'); return v ? v.src : null;")
+
+
+def _text(driver, css) -> str:
+    """An element's rendered text, read in the page in one step (see _video_src)."""
+    return driver.execute_script("const e = document.querySelector(arguments[0]); return e ? e.innerText : '';", css)
 
 
 def _status(driver) -> str:
-    return _find(driver, "#status")[0].text
+    return _text(driver, "#status")
 
 
 def _network_hosts(driver) -> set[str]:
@@ -191,7 +197,7 @@ def test_the_page_generates_offline_and_serves_the_mp4(server, browser, tmp_path
     src = _wait(waiter, what="the video element")
     status = _status(browser)
     assert "time per phase" in status and "denoise" in status and "error" not in status, status
-    links = [a.get_attribute("href") for a in _find(browser, "#download a")]
+    links = browser.execute_script("return Array.from(document.querySelectorAll('#download a'), a => a.href);")
     assert links and links[0].endswith(".mp4"), links
     for i, url in enumerate({src, links[0]}):
         assert urllib.parse.urlparse(url).hostname in LOCAL_HOSTS, url
@@ -214,7 +220,7 @@ def test_the_page_generates_offline_and_serves_the_mp4(server, browser, tmp_path
     seen = set()
 
     def progress_or_done():
-        text = _find(browser, "#video")[0].text
+        text = _text(browser, "#video")
         if "denoise" in text:
             seen.add(text.replace("\n", " "))
         return waiter()
@@ -234,7 +240,7 @@ def test_an_invalid_size_shows_the_cli_message_in_the_page(server, browser):
     _find(browser, "#generate")[0].click()
     status = _wait(lambda: "error" in _status(browser) and _status(browser), 120, "the error message")
     assert re.search(r"invalid video size: height=30 must be a positive multiple of \d+", status), status
-    assert "Traceback" not in browser.find_element("tag name", "body").text
+    assert "Traceback" not in _text(browser, "body")
     assert _video_src(browser) is None
 
 
