@@ -3,8 +3,8 @@
 CPython 3.11 keeps `ast.parse`'s recursion count in state shared by all threads: when another thread
 parses while a garbage-collected finalizer hands it the interpreter mid-parse (Python 3.11's
 `traceback` parses source lines to place its carets), `ast.parse` raises "SystemError: AST
-constructor recursion depth mismatch". Late in a full run the test process has such threads (JAX,
-Orbax, servers), and a CI run failed this way; a fresh child interpreter has none.
+constructor recursion depth mismatch" (reproduced with two threads). Late in a full run the test
+process has other threads, and a CI run failed this way; a fresh child interpreter has none.
 """
 import ast
 import pickle
