@@ -54,10 +54,13 @@ def test_dependencies_are_requirements_without_test_tools():
 
 def test_console_scripts_point_at_functions():
     """Read from the source, not imported (a console script module may do work at import)."""
-    scripts = {name: target.partition(":") for name, target in _pyproject()["project"]["scripts"].items()}
-    trees = source_trees.parse(PROJECT_ROOT / (module.replace(".", "/") + ".py") for module, _, _ in scripts.values())
-    for name, (module, _, attr) in scripts.items():
-        tree = trees[PROJECT_ROOT / (module.replace(".", "/") + ".py")]
+    scripts = {}
+    for name, target in _pyproject()["project"]["scripts"].items():
+        module, _, attr = target.partition(":")
+        scripts[name] = (PROJECT_ROOT / (module.replace(".", "/") + ".py"), attr)
+    trees = source_trees.parse(path for path, _ in scripts.values())
+    for name, (path, attr) in scripts.items():
+        tree = trees[path]
         assert attr in {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}, name
 
 
